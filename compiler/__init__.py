@@ -1,0 +1,1 @@
+"""compiler: turns JAX / Flax programs into wafer programs (see ../shared/DESIGN.md, "The compiler")."""

@@ -1,0 +1,49 @@
+"""wafer: the Cerebras wafer-scale engine as jitted JAX state.
+
+A machine, not a model library: a spec (`WaferSpec`, presets `WSE1`, `WSE2`, `WSE3`), a state (`WaferState`:
+SRAM segmented by allocation, link and compute counters, the clock), an SRAM allocator, fabric primitives
+(shift, multicast, reduce, halo exchange), per-core programs (`map_cores`) and one set of cost rules
+(`wafer.cost`). Research code can program it directly; the `compiler` package builds on it.
+"""
+
+from wafer import cost, fabric, kernel, mesh
+from wafer.fabric import Traffic, halo_exchange, multicast, reduce, shift
+from wafer.kernel import KernelCost, UnsupportedPrimitiveError, map_cores
+from wafer.memory import Allocation, MemoryMap, Rect, SramCapacityError
+from wafer.mesh import make_mesh, shard
+from wafer.spec import WSE1, WSE2, WSE3, WaferSpec
+from wafer.state import DIRECTIONS, WaferState, init
+from wafer.step import Superstep, charge, run, step, superstep
+
+__all__ = [
+    "WSE1",
+    "WSE2",
+    "WSE3",
+    "WaferSpec",
+    "WaferState",
+    "init",
+    "DIRECTIONS",
+    "Allocation",
+    "MemoryMap",
+    "Rect",
+    "SramCapacityError",
+    "Traffic",
+    "shift",
+    "multicast",
+    "reduce",
+    "halo_exchange",
+    "KernelCost",
+    "UnsupportedPrimitiveError",
+    "map_cores",
+    "Superstep",
+    "superstep",
+    "charge",
+    "step",
+    "run",
+    "make_mesh",
+    "shard",
+    "cost",
+    "fabric",
+    "kernel",
+    "mesh",
+]

@@ -1,0 +1,349 @@
+"""Per-core programs: a function written in plain JAX for one core, run on every core of a region.
+
+`map_cores(fn, *xs)` vmaps `fn` over the two leading (core row, core column) axes of core-grid arrays and
+counts what one core executes: the jaxpr of `fn` on one core's shapes is walked and each primitive is charged to
+an instruction class (wafer/spec.py: fmac, alu, special) at the lanes its dtype gets. A multiply whose only use is
+an add is fused with it into one FMAC, as the hardware's FMAC instruction does. Operands are streamed from SRAM
+and results written back, so a kernel also moves its inputs' and outputs' bytes through SRAM. Cycles follow from
+these counts with the rules in wafer/cost.py.
+
+Data movement that the hardware's data-structure descriptors (DSDs) express for free (reshape, broadcast, slice,
+squeeze, a change of dtype width at load) is not charged as arithmetic; copies that rearrange data
+(transpose, concatenate, pad, gather, scatter, dynamic updates) are charged as ALU moves of their output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+from wafer import cost
+from wafer.memory import Rect
+
+
+class UnsupportedPrimitiveError(NotImplementedError):
+    """A per-core program uses a primitive the cost model does not know.
+
+    Attributes: primitive (name), source (the user's file:line, or "unknown").
+    """
+
+    def __init__(self, primitive: str, source: str, where: str = "per-core kernel"):
+        self.primitive, self.source = primitive, source
+        super().__init__(
+            f"{where}: primitive '{primitive}' is not supported (at {source}). Supported primitives "
+            f"are listed in wafer.kernel.SUPPORTED_PRIMITIVES."
+        )
+
+
+_FREE = {
+    "reshape",
+    "broadcast_in_dim",
+    "squeeze",
+    "expand_dims",
+    "slice",
+    "convert_element_type",
+    "copy_p",
+    "stop_gradient",
+    "iota",
+    "bitcast_convert_type",
+    "reduce_precision",
+    "rev",
+    "dynamic_slice",
+}
+_MOVE = {
+    "transpose",
+    "concatenate",
+    "pad",
+    "gather",
+    "scatter",
+    "scatter-add",
+    "scatter_add",
+    "dynamic_update_slice",
+    "copy",
+    "sort",
+    "argsort",
+    "cumsum",
+    "cumprod",
+    "cummax",
+    "cumlogsumexp",
+}
+_ALU = {
+    "add",
+    "sub",
+    "mul",
+    "neg",
+    "abs",
+    "max",
+    "min",
+    "sign",
+    "floor",
+    "ceil",
+    "round",
+    "select_n",
+    "clamp",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "and",
+    "or",
+    "not",
+    "xor",
+    "shift_left",
+    "shift_right_logical",
+    "shift_right_arithmetic",
+    "add_any",
+    "nextafter",
+    "is_finite",
+    "square",
+    "integer_pow",
+    "population_count",
+}
+_SPECIAL = {
+    "div",
+    "rem",
+    "sqrt",
+    "rsqrt",
+    "cbrt",
+    "exp",
+    "exp2",
+    "log",
+    "log1p",
+    "expm1",
+    "tanh",
+    "logistic",
+    "sin",
+    "cos",
+    "tan",
+    "atan2",
+    "asin",
+    "acos",
+    "atan",
+    "sinh",
+    "cosh",
+    "asinh",
+    "acosh",
+    "atanh",
+    "erf",
+    "erfc",
+    "erf_inv",
+    "pow",
+    "lgamma",
+    "digamma",
+}
+_REDUCE = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "argmax", "argmin"}
+_DOT = {"dot_general", "conv_general_dilated"}
+_CALLS = {
+    "pjit",
+    "jit",
+    "closed_call",
+    "core_call",
+    "custom_jvp_call",
+    "custom_vjp_call",
+    "custom_vjp_call_jaxpr",
+    "remat",
+    "checkpoint",
+    "custom_lin",
+}
+SUPPORTED_PRIMITIVES = tuple(
+    sorted(_FREE | _MOVE | _ALU | _SPECIAL | _REDUCE | _DOT | _CALLS | {"scan", "cond", "while"})
+)
+
+
+def dtype_class(dtype, accumulate=None) -> str:
+    """Storage class of an operand dtype: "fp16" (fp16/bf16), "mixed" (16-bit in, fp32 out), "fp32", "int"."""
+    dtype = np.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating):
+        if dtype.itemsize <= 2:
+            if accumulate is not None and np.dtype(accumulate).itemsize >= 4:
+                return "mixed"
+            return "fp16"
+        return "fp32"
+    return "int"
+
+
+def source_of(eqn) -> str:
+    """The user's file:line that produced a jaxpr equation, or "unknown"."""
+    try:
+        from jax._src import source_info_util
+
+        frame = source_info_util.user_frame(eqn.source_info.traceback)
+        if frame is not None:
+            return f"{frame.file_name}:{frame.start_line}"
+    except Exception:  # source info is best-effort: never fail a count on it
+        pass
+    return "unknown"
+
+
+def _size(aval) -> int:
+    return math.prod(aval.shape)
+
+
+def _sub_jaxprs(eqn):
+    for v in eqn.params.values():
+        if isinstance(v, jcore.ClosedJaxpr):
+            yield v.jaxpr
+        elif isinstance(v, jcore.Jaxpr):
+            yield v
+
+
+def count_jaxpr(jaxpr, *, where: str = "per-core kernel") -> Counter:
+    """Instruction counts {(op_class, dtype_class): elements} of one execution of `jaxpr`."""
+    counts: Counter = Counter()
+    # FMA fusion: a mul whose single use is an add/sub becomes part of that add's FMAC.
+    uses: Counter = Counter()
+    producer = {}
+    for eqn in jaxpr.eqns:
+        for v in eqn.invars:
+            if isinstance(v, jcore.Var):
+                uses[v] += 1
+        for v in eqn.outvars:
+            producer[v] = eqn
+    for v in jaxpr.outvars:
+        if isinstance(v, jcore.Var):
+            uses[v] += 1
+    fused = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("add", "sub", "add_any"):
+            for v in eqn.invars:
+                p = producer.get(v) if isinstance(v, jcore.Var) else None
+                if (
+                    p is not None
+                    and p.primitive.name == "mul"
+                    and uses[v] == 1
+                    and id(p) not in fused
+                    and p.outvars[0].aval.shape == eqn.outvars[0].aval.shape
+                ):
+                    fused.add(id(p))
+                    fused.add(id(eqn))
+                    break
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        out = eqn.outvars[0].aval if eqn.outvars else None
+        if id(eqn) in fused:
+            if name == "mul":
+                continue
+            counts[("fmac", dtype_class(out.dtype))] += _size(out)
+        elif name in _FREE:
+            continue
+        elif name in _ALU:
+            n = _size(out)
+            if name == "integer_pow":
+                n *= max(1, abs(int(eqn.params["y"])).bit_length())
+            elif name == "clamp":
+                n *= 2
+            counts[("alu", dtype_class(out.dtype))] += n
+        elif name in _MOVE:
+            counts[("alu", dtype_class(out.dtype))] += sum(_size(o.aval) for o in eqn.outvars)
+        elif name in _SPECIAL:
+            counts[("special", dtype_class(out.dtype))] += _size(out)
+        elif name in _REDUCE:
+            counts[("alu", dtype_class(eqn.invars[0].aval.dtype))] += _size(eqn.invars[0].aval)
+        elif name == "dot_general":
+            lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+            (lc, _), _ = eqn.params["dimension_numbers"]
+            k = math.prod(lhs.shape[d] for d in lc)
+            counts[("fmac", dtype_class(lhs.dtype, out.dtype))] += _size(out) * k
+        elif name == "conv_general_dilated":
+            lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+            dn = eqn.params["dimension_numbers"]
+            rhs_spec = dn.rhs_spec  # (out feature, in feature, *spatial)
+            k = rhs.shape[rhs_spec[1]] * math.prod(rhs.shape[d] for d in rhs_spec[2:])
+            counts[("fmac", dtype_class(lhs.dtype, out.dtype))] += _size(out) * k
+        elif name == "scan":
+            body = count_jaxpr(eqn.params["jaxpr"].jaxpr, where=where)
+            for key, n in body.items():
+                counts[key] += n * eqn.params["length"]
+        elif name == "cond":
+            branches = [count_jaxpr(b.jaxpr, where=where) for b in eqn.params["branches"]]
+            worst = max(branches, key=lambda c: sum(c.values()))
+            counts.update(worst)
+        elif name == "while":
+            raise UnsupportedPrimitiveError(
+                "while",
+                source_of(eqn),
+                where + " (a data-dependent loop has no static cost; use lax.scan or fori_loop with static bounds)",
+            )
+        elif name in _CALLS or any(True for _ in _sub_jaxprs(eqn)):
+            for sub in _sub_jaxprs(eqn):
+                counts.update(count_jaxpr(sub, where=where))
+        else:
+            raise UnsupportedPrimitiveError(name, source_of(eqn), where)
+    return counts
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KernelCost:
+    """What one per-core program costs on each core of its region.
+
+    Attributes:
+      rect: the region on the grid.
+      counts: {(op_class, dtype_class): elements} per core.
+      read_bytes, write_bytes: SRAM bytes streamed per core.
+      mask: optional [h, w] bool of the cores that run it (None: all of `rect`).
+    """
+
+    rect: Rect
+    counts: Mapping
+    read_bytes: float
+    write_bytes: float
+    mask: np.ndarray | None = None
+
+    def cycles(self, spec):
+        """Cycles per core on `spec` (the cost rules of wafer/cost.py)."""
+        return cost.kernel_cycles(spec, self.counts, self.read_bytes, self.write_bytes)
+
+    @property
+    def flops(self) -> float:
+        """FLOPs per core (an FMAC is two, other arithmetic one)."""
+        return float(sum(n * (2 if c == "fmac" else 1) for (c, _), n in self.counts.items()))
+
+    def at(self, row: int, col: int) -> KernelCost:
+        r = self.rect
+        return dataclasses.replace(self, rect=Rect(r.row + row, r.col + col, r.height, r.width))
+
+
+def count(fn, *per_core_args, where: str = "per-core kernel"):
+    """(counts, read_bytes, write_bytes) of `fn` on one core's arguments (arrays or ShapeDtypeStructs)."""
+    closed = jax.make_jaxpr(fn)(*per_core_args)
+    counts = count_jaxpr(closed.jaxpr, where=where)
+    read = sum(_size(v.aval) * np.dtype(v.aval.dtype).itemsize for v in closed.jaxpr.invars)
+    write = sum(_size(v.aval) * np.dtype(v.aval.dtype).itemsize for v in closed.jaxpr.outvars)
+    return dict(counts), float(read), float(write)
+
+
+def map_cores(fn, *xs, origin: tuple[int, int] = (0, 0)):
+    """Run the per-core program `fn` on every core of a region.
+
+    Args:
+      fn: a function of per-core arrays, written in plain JAX (any pytree in and out).
+      *xs: core-grid arrays [h, w, ...] (pytrees of them), all with the same h and w.
+      origin: the region's top-left core on the grid, for charging.
+    Returns:
+      (outputs, KernelCost): outputs stacked [h, w, ...] like the inputs.
+    Raises:
+      UnsupportedPrimitiveError: `fn` uses a primitive without a cost rule.
+    """
+    leaves = jax.tree_util.tree_leaves(xs)
+    if not leaves:
+        raise ValueError("map_cores needs at least one core-grid array argument")
+    hw = {tuple(jnp.shape(leaf)[:2]) for leaf in leaves}
+    if len(hw) != 1 or any(jnp.ndim(leaf) < 2 for leaf in leaves):
+        raise ValueError(
+            f"map_cores: every argument must be a core-grid array [h, w, ...] with the same h and w; "
+            f"got leading shapes {sorted(hw)}"
+        )
+    ((h, w),) = hw
+    per_core = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[2:], a.dtype), xs)
+    counts, read, write = count(fn, *per_core)
+    out = jax.vmap(jax.vmap(fn))(*xs)
+    return out, KernelCost(Rect(origin[0], origin[1], h, w), counts, read, write)
