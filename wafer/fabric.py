@@ -72,6 +72,7 @@ class Phase:
         return Phase(tuple((r0 + row, c0 + col, w) for r0, c0, w in self.parts), self.hops)
 
 
+@jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True, eq=False)
 class Traffic:
     """The communication of a step: phases that run one after another.

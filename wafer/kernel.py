@@ -56,15 +56,23 @@ _FREE = {
     "reduce_precision",
     "rev",
     "dynamic_slice",
+    "split",
+    "unstack",
 }
 _MOVE = {
     "transpose",
     "concatenate",
+    "stack",
+    "tile",
     "pad",
     "gather",
     "scatter",
     "scatter-add",
     "scatter_add",
+    "scatter-sub",
+    "scatter-mul",
+    "scatter-min",
+    "scatter-max",
     "dynamic_update_slice",
     "copy",
     "sort",
@@ -72,6 +80,7 @@ _MOVE = {
     "cumsum",
     "cumprod",
     "cummax",
+    "cummin",
     "cumlogsumexp",
 }
 _ALU = {
@@ -237,8 +246,9 @@ def count_jaxpr(jaxpr, *, where: str = "per-core kernel") -> Counter:
             continue
         elif name in _ALU:
             n = _size(out)
-            if name == "integer_pow":
-                n *= max(1, abs(int(eqn.params["y"])).bit_length())
+            if name == "integer_pow":  # square-and-multiply: x**2 is one multiply, x**3 and x**4 two
+                y = abs(int(eqn.params["y"]))
+                n *= max(1, y.bit_length() - 1 + bin(y).count("1") - 1)
             elif name == "clamp":
                 n *= 2
             counts[("alu", dtype_class(out.dtype))] += n
@@ -281,6 +291,7 @@ def count_jaxpr(jaxpr, *, where: str = "per-core kernel") -> Counter:
     return counts
 
 
+@jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True, eq=False)
 class KernelCost:
     """What one per-core program costs on each core of its region.

@@ -80,6 +80,15 @@ class WaferState:
                 ) from e
         return self.replace(sram={**self.sram, name: data}, memory=memory)
 
+    def reserve(self, name: str, rect, shape, dtype="float32", *, offset=None) -> WaferState:
+        """A new state with SRAM reserved for `name` but no data kept for it.
+
+        For buffers whose contents the emulator does not need to keep between steps (a compiled program's
+        activation buffers): they take their room in every core's SRAM, count in the occupancy map and the
+        capacity checks, and read as zeros in `sram_image()`, but cost no host memory.
+        """
+        return self.replace(memory=self.memory.allocate(name, rect, shape, dtype, offset))
+
     def free(self, name: str) -> WaferState:
         memory = self.memory.free(name)
         return self.replace(sram={k: v for k, v in self.sram.items() if k != name}, memory=memory)
@@ -87,11 +96,15 @@ class WaferState:
     def read(self, name: str) -> jax.Array:
         """The array `[h, w, *shape]` of allocation `name`."""
         self.memory[name]
+        if name not in self.sram:
+            raise KeyError(f"SRAM allocation {name!r} is reserved (a buffer) and holds no data")
         return self.sram[name]
 
     def write(self, name: str, value) -> WaferState:
         """A new state with allocation `name` replaced by `value` (same shape; cast to its dtype)."""
         alloc = self.memory[name]
+        if name not in self.sram:
+            raise KeyError(f"SRAM allocation {name!r} is reserved (a buffer) and holds no data")
         value = jnp.asarray(value)
         if tuple(value.shape) != alloc.array_shape:
             raise ValueError(
@@ -107,11 +120,14 @@ class WaferState:
 
         `words` is the highest word in use on any core. Each allocation's elements are laid out as 32-bit words
         at its offset (16-bit elements packed two to a word, little-endian) and the image is bitcast to
-        `dtype`, so float32 allocations read back as their values. Unallocated words are zero.
+        `dtype`, so float32 allocations read back as their values. Unallocated words are zero. A 16-bit
+        `dtype` gives `[rows, cols, words, 2]` (lax.bitcast_convert_type splits each word).
         """
         words = int(self.memory.high_water().max()) if self.memory.allocations else 0
         image = jnp.zeros((self.rows, self.cols, words), jnp.uint32)
         for a in self.memory.allocations:
+            if a.name not in self.sram:  # reserved buffers read as zeros
+                continue
             raw = _as_words(self.sram[a.name], a.words)
             image = image.at[a.rect.rows, a.rect.cols, a.offset : a.end].set(raw)
         return jax.lax.bitcast_convert_type(image, dtype)

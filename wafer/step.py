@@ -20,6 +20,8 @@ from wafer.kernel import KernelCost
 from wafer.state import WaferState
 
 
+# A static pytree (no leaves): a record can be returned from jit, e.g. `state, record = jit(run)(...)`.
+@jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True, eq=False)
 class Superstep:
     """The cost record of one superstep: kernels (concurrent on their regions) and their traffic."""
@@ -55,6 +57,10 @@ class Superstep:
 
     def comm_cycles(self, spec):
         return self.traffic.cycles(spec)
+
+    def link_words(self, rows: int, cols: int) -> np.ndarray:
+        """Words sent per core per direction, [4, rows, cols]."""
+        return self.traffic.link_words(rows, cols)
 
     def cycles(self, spec):
         """Cycles of the superstep on `spec`."""
@@ -92,15 +98,20 @@ def superstep(*parts) -> Superstep:
     return Superstep(tuple(kernels), traffic)
 
 
-def charge(state: WaferState, spec, record: Superstep, n=1) -> WaferState:
-    """Add `n` times a superstep's cost to the state's counters (one array update per counter)."""
+def charge(state: WaferState, spec, record, n=1) -> WaferState:
+    """Add `n` times a step's cost to the state's counters (one array update per counter).
+
+    `record` is a `Superstep` or any record with the same three methods: `link_words(rows, cols)` (static
+    words per core per direction), `compute_map(spec, rows, cols)` (compute cycles per core) and `cycles(spec)`
+    (the step's cycles); the compiler's pipeline records are charged this way.
+    """
     rows, cols = state.rows, state.cols
-    links = record.traffic.link_words(rows, cols)
+    links = record.link_words(rows, cols)
     busy = record.compute_map(spec, rows, cols)
     cycles = record.cycles(spec)
     return state.replace(
         links=state.links + (n * links).astype(np.float32) if links.any() else state.links,
-        busy=state.busy + n * busy if record.kernels else state.busy,
+        busy=state.busy + n * busy,
         clock=state.clock + n * cycles,
         steps=state.steps + n,
     )
@@ -130,8 +141,6 @@ def run(state: WaferState, spec, fn, n: int, *, unroll: int = 1) -> tuple[WaferS
         return new_state.sram, None
 
     sram, _ = jax.lax.scan(body, state.sram, None, length=int(n), unroll=unroll)
-    if not records:  # n == 0 traces nothing
-        return state, Superstep()
     return charge(state.replace(sram=sram), spec, records[0], n), records[0]
 
 

@@ -1,0 +1,254 @@
+"""Per-core programs: map_cores output, instruction counts, SRAM bytes and kernel cycles."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import wafer
+from wafer import cost
+from wafer.kernel import count
+
+SPEC = wafer.WSE2
+F32, F16, BF16 = jnp.float32, jnp.float16, jnp.bfloat16
+
+
+def rand(seed, shape, dtype=F32):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
+
+
+def sds(*shape, dtype=F32):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def counts_of(fn, *args):
+    return count(fn, *args)[0]
+
+
+# ---- map_cores ---------------------------------------------------------------------------------------------------
+
+
+def dense(x, w, b):
+    return jnp.tanh(w @ x + b)
+
+
+def test_map_cores_equals_vmapped_reference():
+    h, w, k, n = 3, 4, 5, 6
+    x, wt, b = rand(0, (h, w, k)), rand(1, (h, w, n, k)), rand(2, (h, w, n))
+    out, kc = jax.jit(lambda *a: wafer.map_cores(dense, *a))(x, wt, b)
+    ref = jnp.stack([jnp.stack([dense(x[r, c], wt[r, c], b[r, c]) for c in range(w)]) for r in range(h)])
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out, jax.vmap(jax.vmap(dense))(x, wt, b), rtol=1e-6, atol=1e-6)
+    assert kc.rect == wafer.Rect(0, 0, h, w)
+    # w @ x: n * k FMACs; + b: n ALU adds (only a mul feeding an add fuses); tanh: n special.
+    assert kc.counts == {("fmac", "fp32"): n * k, ("alu", "fp32"): n, ("special", "fp32"): n}
+
+
+def test_map_cores_pytrees_and_origin():
+    h, w = 2, 3
+    tree = {"a": rand(3, (h, w, 4)), "b": (rand(4, (h, w)), rand(5, (h, w, 2, 4)))}
+
+    def fn(t):
+        a, (s, m) = t["a"], t["b"]
+        return {"y": m @ a * s, "z": jnp.sum(a)}
+
+    out, kc = wafer.map_cores(fn, tree, origin=(5, 7))
+    ref = jax.vmap(jax.vmap(fn))(tree)
+    np.testing.assert_allclose(out["y"], ref["y"], rtol=1e-6)
+    np.testing.assert_allclose(out["z"], ref["z"], rtol=1e-6)
+    assert out["y"].shape == (h, w, 2) and out["z"].shape == (h, w)
+    assert kc.rect == wafer.Rect(5, 7, h, w) and kc.at(1, 1).rect == wafer.Rect(6, 8, h, w)
+    assert kc.read_bytes == 4 * (4 + 1 + 8) and kc.write_bytes == 4 * (2 + 1)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(jnp.ones((2, 3, 1)), jnp.ones((3, 2, 1))), (jnp.ones((2, 3)), jnp.ones(3)), ()],
+    ids=["mismatched-grid", "not-a-grid", "no-args"],
+)
+def test_map_cores_bad_arguments(args):
+    with pytest.raises(ValueError, match="map_cores"):
+        wafer.map_cores(lambda *a: a[0], *args)
+
+
+# ---- instruction counts ------------------------------------------------------------------------------------------
+
+
+def fused(x, y, z):
+    return x * y + z
+
+
+def unfused(x, y, z):
+    m = x * y  # two uses: the product must be kept, so no FMAC
+    return m + z + m
+
+
+def conv_nchw(x, k):
+    return lax.conv_general_dilated(x, k, (1, 1), "VALID")
+
+
+def conv_nhwc_same(x, k):
+    return lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def scan_body_fmac(c):
+    return lax.scan(lambda c, _: (c * 2.0 + 1.0, None), c, None, length=7)[0]
+
+
+COUNT_CASES = {
+    "add": (lambda x, y: x + y, (sds(8), sds(8)), {("alu", "fp32"): 8}),
+    "add-fp16": (lambda x, y: x + y, (sds(8, dtype=F16), sds(8, dtype=F16)), {("alu", "fp16"): 8}),
+    "add-int": (lambda x, y: x + y, (sds(8, dtype=jnp.int32), sds(8, dtype=jnp.int32)), {("alu", "int"): 8}),
+    "fmac": (fused, (sds(8), sds(8), sds(8)), {("fmac", "fp32"): 8}),
+    "fmac-bf16": (fused, (sds(8, dtype=BF16),) * 3, {("fmac", "fp16"): 8}),
+    "mul-two-uses": (unfused, (sds(8), sds(8), sds(8)), {("alu", "fp32"): 24}),
+    "mul-broadcast-add": (lambda x, y, z: (x * y)[None] + z, (sds(4), sds(4), sds(3, 4)), {("alu", "fp32"): 16}),
+    "dot": (lambda a, b: a @ b, (sds(3, 5), sds(5, 4)), {("fmac", "fp32"): 3 * 4 * 5}),
+    "dot-batched": (
+        lambda a, b: jnp.einsum("bik,bkj->bij", a, b),
+        (sds(2, 3, 5), sds(2, 5, 4)),
+        {("fmac", "fp32"): 2 * 3 * 4 * 5},
+    ),
+    "dot-fp16": (lambda a, b: a @ b, (sds(3, 5, dtype=F16), sds(5, 4, dtype=F16)), {("fmac", "fp16"): 60}),
+    "dot-mixed": (
+        lambda a, b: jnp.dot(a, b, preferred_element_type=F32),
+        (sds(3, 5, dtype=F16), sds(5, 4, dtype=F16)),
+        {("fmac", "mixed"): 60},
+    ),
+    "conv-nchw": (conv_nchw, (sds(1, 3, 6, 7), sds(4, 3, 2, 3)), {("fmac", "fp32"): (4 * 5 * 5) * (3 * 2 * 3)}),
+    "conv-nhwc-same": (conv_nhwc_same, (sds(2, 5, 5, 3), sds(3, 3, 3, 4)), {("fmac", "fp32"): (2 * 5 * 5 * 4) * 27}),
+    "exp": (jnp.exp, (sds(6),), {("special", "fp32"): 6}),
+    "div": (lambda x, y: x / y, (sds(6), sds(6)), {("special", "fp32"): 6}),
+    "reduce_sum": (lambda x: jnp.sum(x, axis=1), (sds(4, 6),), {("alu", "fp32"): 24}),
+    "reduce_max-fp16": (lambda x: jnp.max(x), (sds(4, 6, dtype=F16),), {("alu", "fp16"): 24}),
+    "free-moves": (lambda x: x.reshape(2, 6)[:, 1:].astype(F16), (sds(12),), {}),
+    "square": (lambda x: x**2, (sds(8),), {("alu", "fp32"): 8}),  # one multiply, like x * x and lax.square
+    "lax-square": (lax.square, (sds(8),), {("alu", "fp32"): 8}),
+    "cube": (lambda x: x**3, (sds(8),), {("alu", "fp32"): 16}),  # square-and-multiply
+    "pow4": (lambda x: x**4, (sds(8),), {("alu", "fp32"): 16}),
+    "pow7": (lambda x: x**7, (sds(8),), {("alu", "fp32"): 32}),
+    "transpose": (lambda x: x.T, (sds(3, 4),), {("alu", "fp32"): 12}),
+    # jnp.split/unstack/stack/tile are primitives of their own in recent JAX.
+    "split": (lambda x: jnp.split(x, 3)[1] * 2.0, (sds(12),), {("alu", "fp32"): 4}),
+    "unstack": (lambda x: jnp.unstack(x)[0] * 2.0, (sds(3, 4),), {("alu", "fp32"): 4}),
+    "stack": (lambda x, y: jnp.stack([x, y]), (sds(4), sds(4)), {("alu", "fp32"): 8}),
+    "tile": (lambda x: jnp.tile(x, 3), (sds(4),), {("alu", "fp32"): 12}),
+    "cummin": (lambda x: lax.cummin(x), (sds(5),), {("alu", "fp32"): 5}),
+    "scatter-mul": (lambda x: x.at[1].mul(2.0), (sds(5),), {("alu", "fp32"): 5}),
+    "scan": (scan_body_fmac, (sds(5),), {("fmac", "fp32"): 7 * 5}),
+    "fori": (lambda x: lax.fori_loop(0, 3, lambda i, c: jnp.exp(c), x), (sds(4),), {("special", "fp32"): 12}),
+    "nested-jit": (lambda x: jax.jit(lambda y: y + 1.0)(x) * 3.0, (sds(4),), {("alu", "fp32"): 8}),
+}
+
+
+@pytest.mark.parametrize("case", list(COUNT_CASES), ids=list(COUNT_CASES))
+def test_counts(case):
+    fn, args, expected = COUNT_CASES[case]
+    counts = counts_of(fn, *args)
+    if case == "fori":  # the loop counter's increment is one int ALU op per iteration
+        expected = {**expected, ("alu", "int"): 3}
+    assert counts == expected
+
+
+def test_scan_multiplies_body_counts():
+    body = lambda c: jnp.tanh(c * 2.0 + 1.0) + c
+    once = counts_of(body, sds(5))
+    for n in (1, 4, 9):
+        looped = counts_of(lambda c, n=n: lax.scan(lambda c, _: (body(c), None), c, None, length=n)[0], sds(5))
+        assert looped == {key: n * v for key, v in once.items()}
+
+
+def test_cond_charges_the_costlier_branch():
+    fn = lambda p, x: lax.cond(p, lambda x: jnp.exp(x) * 2.0, lambda x: x + 1.0, x)
+    assert counts_of(fn, sds(dtype=jnp.bool_), sds(4)) == {("special", "fp32"): 4, ("alu", "fp32"): 4}
+
+
+def test_fp16_vs_fp32_lanes():
+    """Same program, same element counts; the SIMD width of the dtype sets the cycles."""
+    for fn, n_args, cls in ((lambda x, y: x + y, 2, "alu"), (fused, 3, "fmac")):
+        c32 = counts_of(fn, *(sds(64),) * n_args)
+        c16 = counts_of(fn, *(sds(64, dtype=F16),) * n_args)
+        assert c32 == {(cls, "fp32"): 64} and c16 == {(cls, "fp16"): 64}
+        ratio = cost.compute_cycles(SPEC, c32) / cost.compute_cycles(SPEC, c16)
+        assert ratio == SPEC.simd_width(cls, "fp16") / SPEC.simd_width(cls, "fp32")
+    # WSE-2: fp16 FMAC 4 lanes, fp32 add 2 lanes (published), fp32 FMAC 1 lane (assumed).
+    assert cost.compute_cycles(SPEC, counts_of(fused, *(sds(64, dtype=F16),) * 3)) == 16
+    assert cost.compute_cycles(SPEC, counts_of(lambda x, y: x + y, sds(64), sds(64))) == 32
+
+
+def test_mixed_precision_dot_uses_mixed_lanes():
+    a, b = sds(8, 16, dtype=F16), sds(16, 4, dtype=F16)
+    mixed = counts_of(lambda a, b: jnp.dot(a, b, preferred_element_type=F32), a, b)
+    half = counts_of(lambda a, b: jnp.dot(a, b), a, b)
+    assert mixed == {("fmac", "mixed"): 512} and half == {("fmac", "fp16"): 512}
+    assert cost.compute_cycles(SPEC, mixed) == 512 / 2 and cost.compute_cycles(SPEC, half) == 512 / 4
+
+
+# ---- unsupported primitives --------------------------------------------------------------------------------------
+
+
+def with_while(x):
+    return lax.while_loop(lambda c: jnp.sum(c) < 10.0, lambda c: c * 2.0, x)
+
+
+def with_top_k(x):
+    return lax.top_k(x, 2)[0]
+
+
+@pytest.mark.parametrize("fn,primitive", [(with_while, "while"), (with_top_k, "top_k")], ids=["while", "top_k"])
+def test_unsupported_primitive_names_primitive_and_source(fn, primitive):
+    with pytest.raises(wafer.UnsupportedPrimitiveError) as info:
+        wafer.map_cores(fn, jnp.ones((2, 2, 4)))
+    e = info.value
+    assert isinstance(e, NotImplementedError)
+    assert e.primitive == primitive
+    here = os.path.basename(__file__)
+    assert here in e.source and here in str(e) and f"'{primitive}'" in str(e)
+    line = int(e.source.rsplit(":", 1)[1])
+    with open(__file__) as f:
+        assert primitive.split("_")[0] in f.readlines()[line - 1]  # the line that calls it
+
+
+# ---- SRAM bytes and cycles ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fn,args,read,write",
+    [
+        (lambda x, y: x + y, (sds(8), sds(8)), 64, 32),
+        (lambda x, y: x + y, (sds(8, dtype=F16), sds(8, dtype=F16)), 32, 16),
+        (lambda a, b: jnp.dot(a, b, preferred_element_type=F32), (sds(3, 5, dtype=F16), sds(5, 4, dtype=F16)), 70, 48),
+        (lambda x: (jnp.sum(x), x * 2), (sds(2, 3, dtype=BF16),), 12, 2 + 12),
+    ],
+    ids=["add-f32", "add-f16", "mixed-dot", "two-outputs"],
+)
+def test_sram_bytes(fn, args, read, write):
+    _, r, w = count(fn, *args)
+    assert (r, w) == (read, write)
+
+
+def test_cycles_are_max_of_compute_and_sram():
+    spec = SPEC
+    # fp32 add of 8: compute 8 / 2 lanes = 4; SRAM max(64 B / 8, 32 B / 4) = 8: SRAM-bound.
+    _, kc = wafer.map_cores(lambda x, y: x + y, rand(0, (2, 2, 8)), rand(1, (2, 2, 8)))
+    assert cost.compute_cycles(spec, kc.counts) == 4 and cost.sram_cycles(spec, kc.read_bytes, kc.write_bytes) == 8
+    assert kc.cycles(spec) == 8
+    # fp32 4x4 @ 4x4: 64 FMAC at 1 lane = 64; SRAM max(128 / 8, 64 / 4) = 16: compute-bound.
+    _, kc = wafer.map_cores(lambda a, b: a @ b, rand(2, (1, 1, 4, 4)), rand(3, (1, 1, 4, 4)))
+    assert kc.cycles(spec) == 64 and kc.flops == 128
+    # A faster SRAM or wider SIMD moves the bound.
+    assert kc.cycles(spec.with_(simd_fmac_fp32=8.0)) == 16
+    # exp of 10: special_cycles (16) per element = 160; with 2 per element, 20, still above SRAM's 40 B / 4 = 10.
+    _, kc = wafer.map_cores(jnp.exp, rand(4, (1, 1, 10)))
+    assert kc.cycles(spec) == 160 and kc.cycles(spec.with_(special_cycles=2.0)) == 20
+    assert kc.cycles(spec.with_(special_cycles=0.5)) == 10
+
+
+def test_kernel_cycles_grad_wrt_spec():
+    _, kc = wafer.map_cores(lambda a, b: a @ b, rand(2, (1, 1, 4, 4)), rand(3, (1, 1, 4, 4)))
+    g = jax.grad(kc.cycles)(SPEC)
+    np.testing.assert_allclose(g.simd_fmac_fp32, -64.0, rtol=1e-6)  # d(64 / s) / ds at s = 1
+    np.testing.assert_allclose(g.sram_read_bytes_per_cycle, 0.0, atol=0)  # not the bound
