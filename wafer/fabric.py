@@ -99,6 +99,17 @@ class Traffic:
     def at(self, row: int, col: int) -> Traffic:
         return Traffic(tuple(p.at(row, col) for p in self.phases))
 
+    def replicate(self, offsets) -> Traffic:
+        """The same traffic run at once by copies of a region at each (row, col) offset (e.g. groups of cores
+        doing the same work on different data)."""
+        offsets = [(int(r), int(c)) for r, c in offsets]
+        return Traffic(
+            tuple(
+                Phase(tuple((r0 + r, c0 + c, w) for r, c in offsets for r0, c0, w in p.parts), p.hops)
+                for p in self.phases
+            )
+        )
+
     def link_words(self, rows: int, cols: int) -> np.ndarray:
         """Words sent per core per direction, `[4, rows, cols]`, over all phases."""
         out = np.zeros((4, rows, cols), np.float64)

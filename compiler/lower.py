@@ -1,0 +1,305 @@
+"""Lowering: a kernel graph, placed and partitioned, becomes an `Executable` that runs on a `WaferState`.
+
+`compile(fn, params, *example_inputs, spec=...)` traces the program, groups it into kernels, places them
+(layer-pipelined: one rectangle each), partitions each over its rectangle, routes the activations between them,
+lays out SRAM (weight tiles as allocations, activation buffers reserved) and builds the report.
+
+Two execution paths, one answer (DESIGN.md):
+  fast      reads every weight from its SRAM tiles, reassembles the leaves and runs the user's own function,
+            the way XLA runs best; charges the program's static cost.
+  per_core  walks the kernel graph; weight kernels run literally: dense and convolution kernels multicast
+            their input chunks along rows, run a vmapped per-core matmul/conv on each core's tile and reduce
+            the partial sums along columns with the wafer's fabric primitives; epilogues and weightless kernels
+            run on the assembled activations. It checks the partitioning (tiling, padding, reduction
+            direction) and the traffic it generates is checked against the static cost record when traced.
+Both are jitted and differentiable, and both charge the same record, so counters agree.
+
+Pipeline timing for a batch of B samples (cycles per sample s_i = kernel i's cycles per batch / B):
+  B samples stream through the pipeline: time = sum_i s_i + route latency + (B - 1) * max_i s_i.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import wafer
+from compiler import partition as part
+from compiler.graph import build_graph
+from compiler.place import KernelDemand, PlacementParams, place, validate_placement
+from compiler.report import KernelRow, Report
+from compiler.route import route
+from compiler.trace import trace
+from wafer import cost
+from wafer.memory import MemoryMap, Rect
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True, eq=False)
+class PipelineRecord:
+    """The static cost of one forward call of a layer-pipelined program (a `wafer.charge` record)."""
+
+    plans: tuple
+    routes: object
+    batch: int
+
+    def link_words(self, rows: int, cols: int) -> np.ndarray:
+        out = self.routes.link_words(rows, cols) * self.batch
+        for p in self.plans:
+            out += p.traffic.link_words(rows, cols)
+        return out
+
+    def compute_map(self, spec, rows: int, cols: int):
+        out = np.zeros((rows, cols))
+        for p in self.plans:
+            mask = np.zeros((rows, cols))
+            mask[p.rect.row : p.rect.row + p.grid[0], p.rect.col : p.rect.col + p.grid[1]] = 1.0
+            out = out + p.compute_cycles(spec) * mask
+        return out
+
+    def sample_cycles(self, spec) -> list:
+        return [p.cycles(spec) / self.batch for p in self.plans]
+
+    def cycles(self, spec):
+        s = self.sample_cycles(spec)
+        worst = functools.reduce(cost.maximum, s, 0.0)
+        latency = sum(s) + self.routes.max_hops * spec.hop_latency_cycles
+        return latency + (self.batch - 1) * worst
+
+
+class Executable:
+    """A program compiled onto a wafer. See the module docstring and DESIGN.md's public API.
+
+    Attributes:
+      spec, graph, traced: the wafer, the kernel graph, the traced program.
+      placement: {kernel name: Rect}.
+      plans: {kernel name: KernelPlan}.
+      routes: activation routes between kernels.
+      memory: the SRAM layout (`MemoryMap`) of weights and activation buffers.
+      record: the static cost of one call.
+      report: the compile report.
+    """
+
+    def __init__(self, traced, graph, spec, placement, plans, routes, memory):
+        self.traced, self.graph, self.spec = traced, graph, spec
+        self.placement = dict(placement)
+        self.plans = plans
+        self.routes = routes
+        self.memory = memory
+        self.record = PipelineRecord(tuple(plans.values()), routes, graph_batch(graph))
+        self._tilings = {t.index: (f"{p.name}:{t.path}", t) for p in plans.values() for t in p.params}
+        self.report = build_report(self)
+        self._fast = jax.jit(self._forward_fast, donate_argnums=0)
+        self._per_core = jax.jit(self._forward_per_core, donate_argnums=0)
+
+    # ---- state ---------------------------------------------------------------------------------------------
+
+    def load(self, params=None, state: wafer.WaferState | None = None) -> wafer.WaferState:
+        """Write the weights into their kernels' SRAM tiles. Returns a new state (a fresh wafer by default).
+
+        `params` defaults to the ones the program was compiled with (for an nnx.Module: its state).
+        """
+        leaves = self.traced.flatten_params(self.traced.params if params is None else params)
+        if state is None:
+            state = wafer.init(self.spec)
+        state = state.replace(memory=_merge_memory(state.memory, self.memory))
+        sram = dict(state.sram)
+        for i, leaf in enumerate(leaves):
+            name, t = self._tilings[i]
+            sram[name] = t.tile_array(jnp.asarray(leaf, t.dtype))
+        return state.replace(sram=sram)
+
+    def read_params(self, state: wafer.WaferState):
+        """The params, reassembled from their SRAM tiles."""
+        return jax.tree_util.tree_unflatten(self.traced.param_treedef, self._read_leaves(state))
+
+    def _read_leaves(self, state):
+        out = []
+        for i in range(self.traced.n_params):
+            name, t = self._tilings[i]
+            out.append(t.untile(state.sram[name]))
+        return out
+
+    # ---- running -------------------------------------------------------------------------------------------
+
+    def __call__(self, state: wafer.WaferState, *inputs, path: str = "fast"):
+        """Run the forward pass on the emulated wafer: `out, state = exe(state, *inputs)`."""
+        if path == "fast":
+            return self._fast(state, *inputs)
+        if path == "per_core":
+            return self._per_core(state, *inputs)
+        raise ValueError(f"path must be 'fast' or 'per_core', got {path!r}")
+
+    def apply(self, state, *inputs, path: str = "fast"):
+        """Unjitted forward (for use inside a user's own jit/grad): returns (out, state)."""
+        fwd = self._forward_fast if path == "fast" else self._forward_per_core
+        return fwd(state, *inputs)
+
+    def _forward_fast(self, state, *inputs):
+        params = jax.tree_util.tree_unflatten(self.traced.param_treedef, self._read_leaves(state))
+        out = self.traced.apply(params, *inputs)
+        return out, wafer.charge(state, self.spec, self.record)
+
+    def _forward_per_core(self, state, *inputs):
+        from compiler.percore import run_per_core
+
+        out, traffic = run_per_core(self, state, inputs)
+        expected = sum((p.traffic for p in self.plans.values()), wafer.Traffic.none())
+        got, want = (
+            traffic.link_words(self.spec.rows, self.spec.cols),
+            expected.link_words(self.spec.rows, self.spec.cols),
+        )
+        if not np.array_equal(got, want):
+            raise AssertionError("per-core path traffic differs from the static cost record; this is a compiler bug")
+        return out, wafer.charge(state, self.spec, self.record)
+
+
+def graph_batch(graph) -> int:
+    for k in graph.kernels:
+        if k.batch:
+            return int(k.batch)
+    return 1
+
+
+def _merge_memory(a: MemoryMap, b: MemoryMap) -> MemoryMap:
+    if a.allocations and set(a.names) & set(b.names):
+        raise ValueError(f"the state already holds allocations {sorted(set(a.names) & set(b.names))}")
+    out = a
+    for alloc in b.allocations:
+        out = out.allocate(alloc.name, alloc.rect, alloc.shape, alloc.dtype, alloc.offset)
+    return out
+
+
+def demands(graph, traced, spec) -> list[KernelDemand]:
+    out = []
+    for k in graph.kernels:
+        work = float(cost.kernel_cycles(spec, k.counts, k.in_bytes + k.param_bytes, k.out_bytes))
+        out.append(
+            KernelDemand(
+                name=k.name,
+                work=max(work, 1.0),
+                min_cores=part.min_cores(k, traced, spec),
+                max_cores=part.max_cores(k, traced),
+            )
+        )
+    return out
+
+
+def compile(fn, *args, spec: wafer.WaferSpec, placement=None, placement_params: PlacementParams | None = None):
+    """Compile `fn(params, *inputs)` (or an `nnx.Module` called on `*inputs`) onto `spec` in layer-pipelined mode.
+
+    Args:
+      fn: a JAX-traceable function of (params, *inputs), e.g. a Flax linen `model.apply`; or an nnx.Module.
+      *args: `params, *example_inputs` (or just `*example_inputs` for an nnx.Module).
+      spec: the wafer.
+      placement: optional hand-given placement {kernel name: Rect or (row, col, height, width)}.
+      placement_params: knobs of the automatic placement.
+    Returns:
+      An `Executable`.
+    Raises:
+      compiler.UnsupportedOpError: a primitive without a kernel; wafer.SramCapacityError: a kernel does not fit;
+      compiler.PlacementError: the kernels do not fit on the wafer, or a bad hand placement.
+    """
+    traced = trace(fn, *args)
+    graph = build_graph(traced)
+    ds = demands(graph, traced, spec)
+    if placement is None:
+        rects = place(ds, spec, placement_params or PlacementParams())
+    else:
+        rects = validate_placement(placement, ds, spec)
+    plans = {k.name: part.plan_kernel(k, rects[k.name], traced, spec) for k in graph.kernels}
+    flows = _flows(graph)
+    routes = route(rects, flows, spec)
+    memory = MemoryMap(spec.rows, spec.cols, spec.sram_bytes_per_core)
+    for p in plans.values():
+        for t in p.params:
+            memory = _alloc(memory, f"{p.name}:{t.path}", t.rect, t.tile, t.dtype, p.name)
+        if p.act_bytes:
+            memory = _alloc(
+                memory,
+                f"{p.name}:activations",
+                Rect(p.rect.row, p.rect.col, *p.grid),
+                (p.act_bytes // 4,),
+                "float32",
+                p.name,
+            )
+    return Executable(traced, graph, spec, rects, plans, routes, memory)
+
+
+def _alloc(memory, name, rect, shape, dtype, kernel):
+    try:
+        return memory.allocate(name, rect, shape, dtype)
+    except wafer.SramCapacityError as e:
+        raise wafer.SramCapacityError(
+            e.allocation, e.core, e.bytes_needed, e.bytes_free, e.capacity, detail=f"in kernel {kernel!r}"
+        ) from None
+
+
+def _flows(graph):
+    """(src, dst, words per sample) of the activations between kernels, host in and out included."""
+    batch = graph_batch(graph)
+    flows = []
+    for src, dst, nbytes in graph.edges:
+        flows.append((src, dst, nbytes / 4 / batch))
+    first, last = graph.kernels[0], graph.kernels[-1]
+    in_bytes = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in graph.traced.input_avals)
+    out_bytes = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in graph.traced.out_avals)
+    flows.append(("host", first.name, in_bytes / 4 / batch))
+    flows.append((last.name, "host", out_bytes / 4 / batch))
+    return flows
+
+
+def build_report(exe: Executable, mode: str = "layer-pipelined inference") -> Report:
+    spec, rec = exe.spec, exe.record
+    rows = []
+    per_sample = rec.sample_cycles(spec)
+    kinds = {k.name: k for k in exe.graph.kernels}
+    for p, s in zip(rec.plans, per_sample):
+        rows.append(
+            KernelRow(
+                name=p.name,
+                kind=p.kind,
+                rect=tuple(int(v) for v in p.rect),
+                cores=p.cores,
+                weight_bytes_per_core=p.weight_bytes,
+                act_bytes_per_core=p.act_bytes,
+                flops_per_sample=p.flops / rec.batch,
+                compute_cycles_per_sample=float(p.compute_cycles(spec)) / rec.batch,
+                comm_cycles_per_sample=float(p.comm_cycles(spec)) / rec.batch,
+                cycles_per_sample=float(s),
+                source=kinds[p.name].source,
+            )
+        )
+    worst = max(rows, key=lambda r: r.cycles_per_sample)
+    active = sum(r.cores for r in rows)
+    flops = sum(r.flops_per_sample for r in rows)
+    lanes = spec.simd_width("fmac", "fp32")
+    util = flops / (active * 2 * lanes * worst.cycles_per_sample) if worst.cycles_per_sample else 0.0
+    latency = float(sum(per_sample) + exe.routes.max_hops * spec.hop_latency_cycles)
+    link = exe.routes.max_link_words + max(
+        (p.traffic.link_words(spec.rows, spec.cols).max() / rec.batch for p in rec.plans if p.traffic.phases),
+        default=0.0,
+    )
+    return Report(
+        spec_name=spec.name,
+        mode=mode,
+        batch=rec.batch,
+        kernels=tuple(rows),
+        bottleneck=worst.name,
+        cycles_per_sample=worst.cycles_per_sample,
+        samples_per_s=float(spec.clock_hz / worst.cycles_per_sample) if worst.cycles_per_sample else float("inf"),
+        latency_cycles=latency,
+        latency_s=latency / float(spec.clock_hz),
+        active_cores=int(active),
+        total_cores=spec.cores,
+        compute_utilization=float(min(util, 1.0)),
+        peak_sram_bytes_per_core=int(exe.memory.occupancy().max()),
+        sram_bytes_per_core=spec.sram_bytes_per_core,
+        max_link_words_per_sample=float(link),
+        route_hops=int(exe.routes.max_hops),
+        clock_hz=float(spec.clock_hz),
+    )

@@ -1,0 +1,89 @@
+"""The compile report: where every kernel landed, what it holds, what it costs, and what bounds the pipeline.
+
+Modelled on a Cerebras compile report ("Active PEs", "Compute Utilization"): per kernel, its rectangle, cores,
+SRAM per core, FLOPs and cycles per sample; for the program, the pipeline bottleneck, predicted samples/s and
+latency on the spec, active cores, compute utilisation and the busiest link. Every cycle comes from the cost
+rules in wafer/cost.py through the kernel plans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelRow:
+    name: str
+    kind: str
+    rect: tuple[int, int, int, int]
+    cores: int
+    weight_bytes_per_core: int
+    act_bytes_per_core: int
+    flops_per_sample: float
+    compute_cycles_per_sample: float
+    comm_cycles_per_sample: float
+    cycles_per_sample: float
+    source: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """A compiled program's report. `str(report)` is a table; `report.to_dict()` is JSON-serialisable."""
+
+    spec_name: str
+    mode: str
+    batch: int
+    kernels: tuple[KernelRow, ...]
+    bottleneck: str
+    cycles_per_sample: float  # of the bottleneck kernel (the pipeline's initiation interval per sample)
+    samples_per_s: float
+    latency_cycles: float
+    latency_s: float
+    active_cores: int
+    total_cores: int
+    compute_utilization: float
+    peak_sram_bytes_per_core: int
+    sram_bytes_per_core: int
+    max_link_words_per_sample: float
+    route_hops: int
+    clock_hz: float
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["kernels"] = [dataclasses.asdict(k) for k in self.kernels]
+        return json.loads(json.dumps(d))
+
+    def kernel(self, name: str) -> KernelRow:
+        for k in self.kernels:
+            if k.name == name:
+                return k
+        raise KeyError(f"no kernel {name!r}; kernels are {[k.name for k in self.kernels]}")
+
+    def __str__(self) -> str:
+        head = (
+            f"{'kernel':<14}{'kind':<12}{'rectangle':<18}{'cores':>8}{'W B/core':>10}{'A B/core':>10}"
+            f"{'FLOP/smp':>12}{'cyc/smp':>11}"
+        )
+        lines = [f"Compile report: {self.mode} on {self.spec_name}, batch {self.batch}", head, "-" * len(head)]
+        for k in self.kernels:
+            r = k.rect
+            rect = f"{r[2]}x{r[3]}@({r[0]},{r[1]})"
+            mark = " <" if k.name == self.bottleneck else ""
+            lines.append(
+                f"{k.name:<14}{k.kind:<12}{rect:<18}{k.cores:>8}{k.weight_bytes_per_core:>10}"
+                f"{k.act_bytes_per_core:>10}{k.flops_per_sample:>12.4g}{k.cycles_per_sample:>11.4g}{mark}"
+            )
+        lines += [
+            "-" * len(head),
+            f"bottleneck            {self.bottleneck} ({self.cycles_per_sample:.4g} cycles/sample)",
+            f"predicted throughput  {self.samples_per_s:,.1f} samples/s at {self.clock_hz / 1e6:.0f} MHz",
+            f"latency               {self.latency_cycles:,.0f} cycles ({self.latency_s * 1e6:.2f} us)",
+            f"active cores          {self.active_cores:,} of {self.total_cores:,} "
+            f"({100 * self.active_cores / self.total_cores:.2f}%)",
+            f"compute utilization   {100 * self.compute_utilization:.2f}% of active cores' peak",
+            f"peak SRAM per core    {self.peak_sram_bytes_per_core:,} of {self.sram_bytes_per_core:,} bytes",
+            f"busiest link          {self.max_link_words_per_sample:,.1f} words/sample; longest route "
+            f"{self.route_hops} hops",
+        ]
+        return "\n".join(lines)

@@ -1,0 +1,291 @@
+"""Routing: which links the activation streams between kernels cross, and how many words each link carries.
+
+In layer-pipelined mode every kernel owns a rectangle of cores (compiler/place.py) and activations stream from
+one rectangle to the next over the 2D mesh. The wafer's routers forward wavelets along statically configured
+routes, one 32-bit wavelet per cycle per link direction [SDK] (../shared/DESIGN.md, "Route"). This module turns
+a placement and a list of flows (source kernel, destination kernel, words per sample) into per-link loads, as a
+`wafer.fabric.Traffic` the cost model (`Traffic.cycles`) understands.
+
+The stream model (our choice; the real compiler's routes are not published):
+  - A stream between two rectangles runs as parallel *lanes*, each from a core on the source's edge facing the
+    destination to a core on the destination's edge facing the source.
+  - Side by side (sharing at least one row): from the source's east (west) edge to the destination's west (east) edge.
+    `lanes="auto"`: one straight lane per shared row. `lanes="min"`: min(source height, destination height)
+    lanes spread evenly over both edges (lane i at offset floor((i + 1/2) * extent / lanes) on each), each
+    running along its source row, then along the destination's edge column to its destination row (those
+    column legs may share links). `lanes="single"`: one straight lane in the middle of the shared rows.
+  - One above the other (sharing at least one column): the same with south/north edges and columns.
+  - Diagonal (neither shared): corner lanes, min(source height, destination width) of them (one for
+    "single"): out of the source's east (west) edge along distinct rows, then into the destination's north
+    (south) edge along distinct columns, the lane farthest from the destination in Y turning farthest from
+    the source in X, so that no two lanes share a link.
+  - The words of a flow are divided evenly over its lanes.
+  - Each lane is dimension-ordered (X then Y, as the wafer's static routes are): from its source core along its
+    row to the destination core's column, then along that column to the destination core.
+  - `"host"` as a source is the host-I/O input: data enters at the wafer's west edge (column 0, through the
+    memcpy columns Cerebras reserves there [SDK]) and runs east along every row of the destination to its west
+    edge. `"host"` as a destination is the output: from the source's east edge along every row to the east
+    edge (column cols - 1). The off-wafer hop is not counted (it uses the edge I/O, `wafer.cost.io_cycles`).
+A word crossing from core A to its east neighbour counts on A's E link (index 1 of [N, E, S, W]); every link
+a lane crosses carries the lane's words once. All flows of a pipeline stream at the same time, so the result is
+ONE phase: loads of flows sharing a link add up (contention), and its hops are the longest lane's.
+
+Loads are counted per flow on the flow's bounding box with difference arrays (lanes counted as integers, then
+scaled by words per lane, so sums are exact), so routing 100 flows on the full 757 x 996 grid takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from wafer.fabric import Phase, Traffic
+from wafer.memory import Rect
+
+HOST = "host"
+LANE_MODES = ("auto", "min", "single")
+_N, _E, _S, _W = range(4)
+
+
+class RouteError(ValueError):
+    """A flow cannot be routed: an unknown kernel, bad words, or overlapping rectangles."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Routes:
+    """The routes of a pipeline's flows and the load they put on every link (all flows concurrent).
+
+    Attributes:
+      traffic: a `Traffic` with one phase (bounding-box part per flow); `traffic.cycles(spec)` is the cost.
+      hops: {(src, dst): hops of the flow's longest lane}.
+      lanes: {(src, dst): int array [lanes, 4] of (row0, col0, row1, col1)}: a lane runs from (row0, col0)
+        along row0 to (row0, col1), then along col1 to (row1, col1).
+      lane_words: {(src, dst): words per sample on each of the flow's lanes}.
+      max_link_words: words per sample on the busiest link.
+      rows, cols: the grid.
+    """
+
+    traffic: Traffic
+    hops: dict
+    lanes: dict
+    lane_words: dict
+    max_link_words: float
+    rows: int
+    cols: int
+
+    @functools.cached_property
+    def paths(self) -> dict[tuple[str, str], list[list[tuple[int, int]]]]:
+        """{(src, dst): [lane, ...]}, each lane the list of (row, col) cores it visits, source first."""
+        return {key: [_lane_path(*(int(v) for v in lane)) for lane in ends] for key, ends in self.lanes.items()}
+
+    def link_words(self, rows: int | None = None, cols: int | None = None) -> np.ndarray:
+        """Words per sample sent per core per direction, `[4, rows, cols]` (N, E, S, W); default: the grid."""
+        return self.traffic.link_words(self.rows if rows is None else rows, self.cols if cols is None else cols)
+
+    @property
+    def max_hops(self) -> int:
+        return max(self.hops.values(), default=0)
+
+    def cycles(self, spec):
+        """Cycles per sample of the streams on `spec`: busiest link x word time + longest lane x hop latency."""
+        return self.traffic.cycles(spec)
+
+
+def _lane_path(r0: int, c0: int, r1: int, c1: int) -> list[tuple[int, int]]:
+    dc = 1 if c1 >= c0 else -1
+    dr = 1 if r1 >= r0 else -1
+    path = [(r0, c) for c in range(c0, c1 + dc, dc)]
+    path += [(r, c1) for r in range(r0 + dr, r1 + dr, dr)]
+    return path
+
+
+def _spread(n: int, start: int, size: int) -> np.ndarray:
+    """n offsets spread evenly over [start, start + size): lane i at floor((i + 1/2) * size / n)."""
+    return start + ((2 * np.arange(n) + 1) * size) // (2 * n)
+
+
+def _span(a0: int, alen: int, b0: int, blen: int) -> tuple[int, int]:
+    """Overlap [lo, hi) of two intervals (hi <= lo when they do not overlap)."""
+    return max(a0, b0), min(a0 + alen, b0 + blen)
+
+
+def _cross(s0, slen, d0, dlen, mode):
+    """Lane offsets along the shared axis: (source offsets, destination offsets)."""
+    lo, hi = _span(s0, slen, d0, dlen)
+    if mode == "single":
+        if hi > lo:
+            m = np.array([(lo + hi - 1) // 2])
+            return m, m
+        return np.array([s0 + (slen - 1) // 2]), np.array([d0 + (dlen - 1) // 2])
+    if mode == "auto" and hi > lo:
+        m = np.arange(lo, hi)
+        return m, m
+    n = min(slen, dlen)
+    return _spread(n, s0, slen), _spread(n, d0, dlen)
+
+
+def flow_lanes(src: Rect, dst: Rect, *, lanes: str = "auto") -> np.ndarray:
+    """Lanes of a stream from rectangle `src` to rectangle `dst`: int array [lanes, 4] (row0, col0, row1, col1).
+
+    See the module docstring for the model. Raises RouteError if the rectangles overlap.
+    """
+    if src.overlaps(dst):
+        raise RouteError(f"rectangles {src} and {dst} overlap; a stream needs disjoint rectangles")
+    east = dst.col >= src.col + src.width
+    west = dst.col + dst.width <= src.col
+    south = dst.row >= src.row + src.height
+    north = dst.row + dst.height <= src.row
+    cs = src.col + src.width - 1 if east else src.col  # the source's east / west edge column
+    if (east or west) and (north or south):
+        # Diagonal: out of the source's east/west edge, X then Y into the destination's north/south edge.
+        n = 1 if lanes == "single" else min(src.height, dst.width)
+        rs = np.array([src.row + (src.height - 1) // 2]) if n == 1 else _spread(n, src.row, src.height)
+        cd = np.array([dst.col + (dst.width - 1) // 2]) if n == 1 else _spread(n, dst.col, dst.width)
+        # The lane farthest from dst in Y turns farthest from src in X, so that no two lanes share a link.
+        rs = rs if south else rs[::-1]
+        cd = cd[::-1] if east else cd
+        rd = dst.row if south else dst.row + dst.height - 1
+        return np.stack([rs, np.full(n, cs), np.full(n, rd), cd], axis=1).astype(np.int64)
+    if east or west:  # side by side, sharing rows: east/west edges, lanes along rows
+        cd = dst.col if east else dst.col + dst.width - 1
+        rs, rd = _cross(src.row, src.height, dst.row, dst.height, lanes)
+        n = len(rs)
+        return np.stack([rs, np.full(n, cs), rd, np.full(n, cd)], axis=1).astype(np.int64)
+    # One above the other, sharing columns: south/north edges, lanes along columns.
+    rs = src.row + src.height - 1 if south else src.row
+    rd = dst.row if south else dst.row + dst.height - 1
+    cs, cd = _cross(src.col, src.width, dst.col, dst.width, lanes)
+    n = len(cs)
+    return np.stack([np.full(n, rs), cs, np.full(n, rd), cd], axis=1).astype(np.int64)
+
+
+def _host_lanes(rect: Rect, cols: int, inbound: bool, mode: str) -> np.ndarray:
+    rows = (
+        np.array([rect.row + (rect.height - 1) // 2])
+        if mode == "single"
+        else np.arange(rect.rows.start, rect.rows.stop)
+    )
+    n = len(rows)
+    if inbound:
+        c0, c1 = 0, rect.col
+    else:
+        c0, c1 = rect.col + rect.width - 1, cols - 1
+    return np.stack([rows, np.full(n, c0), rows, np.full(n, c1)], axis=1).astype(np.int64)
+
+
+def lane_loads(ends: np.ndarray) -> tuple[int, int, np.ndarray]:
+    """Lanes crossing each link of the lanes' bounding box: (row0, col0, counts[4, h, w]) (N, E, S, W)."""
+    r0, c0, r1, c1 = (ends[:, i] for i in range(4))
+    top, left = int(min(r0.min(), r1.min())), int(min(c0.min(), c1.min()))
+    h = int(max(r0.max(), r1.max())) - top + 1
+    w = int(max(c0.max(), c1.max())) - left + 1
+    r0, r1, c0, c1 = r0 - top, r1 - top, c0 - left, c1 - left
+    out = np.zeros((4, h, w), np.int64)
+    # X leg along row r0: cores c0..c1-1 send E (c1 > c0), cores c1+1..c0 send W (c1 < c0).
+    diff = np.zeros((h, w + 1), np.int64)
+    m = c1 > c0
+    np.add.at(diff, (r0[m], c0[m]), 1)
+    np.add.at(diff, (r0[m], c1[m]), -1)
+    out[_E] = np.cumsum(diff, axis=1)[:, :w]
+    diff[:] = 0
+    m = c1 < c0
+    np.add.at(diff, (r0[m], c1[m] + 1), 1)
+    np.add.at(diff, (r0[m], c0[m] + 1), -1)
+    out[_W] = np.cumsum(diff, axis=1)[:, :w]
+    # Y leg along column c1: rows r0..r1-1 send S (r1 > r0), rows r1+1..r0 send N (r1 < r0).
+    diff = np.zeros((h + 1, w), np.int64)
+    m = r1 > r0
+    np.add.at(diff, (r0[m], c1[m]), 1)
+    np.add.at(diff, (r1[m], c1[m]), -1)
+    out[_S] = np.cumsum(diff, axis=0)[:h]
+    diff[:] = 0
+    m = r1 < r0
+    np.add.at(diff, (r1[m] + 1, c1[m]), 1)
+    np.add.at(diff, (r0[m] + 1, c1[m]), -1)
+    out[_N] = np.cumsum(diff, axis=0)[:h]
+    return top, left, out
+
+
+def _rect(placement, name) -> Rect:
+    try:
+        return Rect(*(int(v) for v in placement[name]))
+    except KeyError:
+        names = list(placement)
+        raise RouteError(
+            f"flow names kernel {name!r}, which is not in the placement; kernels are "
+            f"{names[:20]}{' ...' if len(names) > 20 else ''} (or {HOST!r} for host I/O)"
+        ) from None
+
+
+def route(
+    placement: Mapping[str, Rect | tuple],
+    flows: Sequence[tuple[str, str, float]],
+    spec,
+    *,
+    lanes: str = "auto",
+) -> Routes:
+    """Route every flow of a pipeline and count the words per sample on every link.
+
+    Args:
+      placement: kernel name -> `Rect` (or 4-tuple (row, col, height, width)).
+      flows: (src, dst, words per sample); src may be "host" (input at the west edge), dst "host" (output at
+        the east edge). A pair given twice is one flow carrying the sum.
+      spec: the wafer (rows, cols).
+      lanes: "auto", "min" or "single" (module docstring).
+    Returns:
+      Routes (one concurrent phase).
+    Raises:
+      RouteError: unknown kernel, a kernel named "host", host to host, a flow from a kernel to itself,
+        words negative or not finite, overlapping or out-of-grid rectangles.
+    """
+    if lanes not in LANE_MODES:
+        raise ValueError(f"route: lanes must be one of {LANE_MODES}, got {lanes!r}")
+    if HOST in placement:
+        raise RouteError(f"a kernel is named {HOST!r}, which flows reserve for host I/O; rename the kernel")
+    merged: dict[tuple[str, str], float] = {}
+    for flow in flows:
+        try:
+            src, dst, words = flow
+        except (TypeError, ValueError):
+            raise RouteError(f"a flow must be (src, dst, words per sample), got {flow!r}") from None
+        if isinstance(words, bool) or not isinstance(words, int | float | np.number) or not math.isfinite(words):
+            raise RouteError(f"flow {src!r} -> {dst!r}: words must be a finite number >= 0, got {words!r}")
+        if words < 0:
+            raise RouteError(f"flow {src!r} -> {dst!r}: words must be >= 0, got {words!r}")
+        if src == dst:
+            raise RouteError(f"flow {src!r} -> {dst!r} goes from a kernel to itself; flows join different kernels")
+        merged[(src, dst)] = merged.get((src, dst), 0.0) + float(words)
+
+    parts, hops, all_lanes, lane_words = [], {}, {}, {}
+    for (src, dst), words in merged.items():
+        rects = [None if n == HOST else _rect(placement, n) for n in (src, dst)]
+        for n, r in zip((src, dst), rects):
+            if r is not None and not r.inside(spec.rows, spec.cols):
+                raise RouteError(f"kernel {n!r}: rectangle {r} is not inside the {spec.rows}x{spec.cols} grid")
+        s, d = rects
+        if s is None:
+            ends = _host_lanes(d, spec.cols, True, lanes)
+        elif d is None:
+            ends = _host_lanes(s, spec.cols, False, lanes)
+        else:
+            ends = flow_lanes(s, d, lanes=lanes)
+        per_lane = words / len(ends)
+        top, left, counts = lane_loads(ends)
+        parts.append((top, left, counts * per_lane))
+        hops[(src, dst)] = int((np.abs(ends[:, 1] - ends[:, 3]) + np.abs(ends[:, 0] - ends[:, 2])).max())
+        all_lanes[(src, dst)] = ends
+        lane_words[(src, dst)] = per_lane
+    phase = Phase(tuple(parts), max(hops.values(), default=0))
+    return Routes(
+        traffic=Traffic((phase,)) if parts else Traffic.none(),
+        hops=hops,
+        lanes=all_lanes,
+        lane_words=lane_words,
+        max_link_words=phase.max_link_words,
+        rows=spec.rows,
+        cols=spec.cols,
+    )
