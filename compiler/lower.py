@@ -174,19 +174,52 @@ def _merge_memory(a: MemoryMap, b: MemoryMap) -> MemoryMap:
     return out
 
 
-def demands(graph, traced, spec) -> list[KernelDemand]:
+def demands(graph, traced, spec, *, weight_copies: int = 1, act_copies: int = 1) -> list[KernelDemand]:
+    """What placement needs to know of each kernel: its work on one core, its fewest and most useful cores."""
     out = []
     for k in graph.kernels:
         work = float(cost.kernel_cycles(spec, k.counts, k.in_bytes + k.param_bytes, k.out_bytes))
+        lo = part.min_cores(k, traced, spec, weight_copies=weight_copies, act_copies=act_copies)
         out.append(
-            KernelDemand(
-                name=k.name,
-                work=max(work, 1.0),
-                min_cores=part.min_cores(k, traced, spec),
-                max_cores=part.max_cores(k, traced),
-            )
+            KernelDemand(name=k.name, work=max(work, 1.0), min_cores=lo, max_cores=max(lo, part.max_cores(k, traced)))
         )
     return out
+
+
+def lay_out(traced, graph, spec, placement=None, placement_params=None, *, slots=("",), act_copies: int = 1):
+    """Place, partition and route a kernel graph, and lay out its SRAM.
+
+    Args:
+      slots: weight-shaped arrays per weight tile, as allocation-name suffixes: "" the weights themselves, names
+        starting with "#r" reserved room without data (e.g. "#rgrad" for gradients), others allocations with
+        data (e.g. "#opt0" for an optimizer slot).
+      act_copies: activation buffers per kernel (2 in training: stream buffer and backward stash).
+    Returns:
+      (placement {name: Rect}, plans {name: KernelPlan}, Routes, MemoryMap).
+    """
+    copies = len(slots)
+    ds = demands(graph, traced, spec, weight_copies=copies, act_copies=act_copies)
+    if placement is None:
+        rects = place(ds, spec, placement_params or PlacementParams())
+    else:
+        rects = validate_placement(placement, ds, spec)
+    plans = {
+        k.name: part.plan_kernel(k, rects[k.name], traced, spec, weight_copies=copies, act_copies=act_copies)
+        for k in graph.kernels
+    }
+    routes = route(rects, _flows(graph), spec)
+    memory = MemoryMap(spec.rows, spec.cols, spec.sram_bytes_per_core)
+    for p in plans.values():
+        for t in p.params:
+            for slot in slots:
+                memory = _alloc(memory, f"{p.name}:{t.path}{slot}", t.rect, t.tile, t.dtype, p.name)
+                for n, rect in enumerate(t.replica_reservations()):
+                    # room for the other copies of the tile grid: reserved, no data kept
+                    memory = _alloc(memory, f"{p.name}:{t.path}{slot}#copies{n}", rect, t.tile, t.dtype, p.name)
+        if p.act_bytes:
+            rect = Rect(p.rect.row, p.rect.col, *p.grid)
+            memory = _alloc(memory, f"{p.name}:activations", rect, (p.act_bytes // 4,), "float32", p.name)
+    return rects, plans, routes, memory
 
 
 def compile(fn, *args, spec: wafer.WaferSpec, placement=None, placement_params: PlacementParams | None = None):
@@ -206,27 +239,7 @@ def compile(fn, *args, spec: wafer.WaferSpec, placement=None, placement_params: 
     """
     traced = trace(fn, *args)
     graph = build_graph(traced)
-    ds = demands(graph, traced, spec)
-    if placement is None:
-        rects = place(ds, spec, placement_params or PlacementParams())
-    else:
-        rects = validate_placement(placement, ds, spec)
-    plans = {k.name: part.plan_kernel(k, rects[k.name], traced, spec) for k in graph.kernels}
-    flows = _flows(graph)
-    routes = route(rects, flows, spec)
-    memory = MemoryMap(spec.rows, spec.cols, spec.sram_bytes_per_core)
-    for p in plans.values():
-        for t in p.params:
-            memory = _alloc(memory, f"{p.name}:{t.path}", t.rect, t.tile, t.dtype, p.name)
-        if p.act_bytes:
-            memory = _alloc(
-                memory,
-                f"{p.name}:activations",
-                Rect(p.rect.row, p.rect.col, *p.grid),
-                (p.act_bytes // 4,),
-                "float32",
-                p.name,
-            )
+    rects, plans, routes, memory = lay_out(traced, graph, spec, placement, placement_params)
     return Executable(traced, graph, spec, rects, plans, routes, memory)
 
 

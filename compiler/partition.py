@@ -49,8 +49,10 @@ class ParamTiling:
       layout: "matrix" (axes -2, -1 tiled), "vector" (flat split) or "scalar".
       rect: the cores holding it (a sub-rectangle of the kernel's).
       tile: per-core array shape.
-      replicas: (rows, cols) copies of the tile grid side by side in `rect` (a weight kernel whose rows of data
-        are split over groups of cores keeps one copy of its weights per group); the grid of one copy is `grid`.
+      replicas: (rows, cols) copies of the tile grid side by side from `rect`'s corner: a weight kernel whose
+        rows of data are split over groups of cores keeps one copy of its weights per group. The emulator keeps
+        the data of the first copy only (`rect`); the others take their room in SRAM as reservations, since
+        every copy is updated with the same summed gradient and so always holds the same values.
     """
 
     index: int
@@ -65,26 +67,33 @@ class ParamTiling:
     @property
     def grid(self) -> tuple[int, int]:
         """Cores of one copy of the tile grid, (gh, gw)."""
-        return self.rect.height // self.replicas[0], self.rect.width // self.replicas[1]
+        return self.rect.height, self.rect.width
+
+    @property
+    def replica_rect(self) -> Rect:
+        """The cores holding all copies."""
+        r = self.rect
+        return Rect(r.row, r.col, r.height * self.replicas[0], r.width * self.replicas[1])
+
+    def replica_reservations(self) -> tuple[Rect, ...]:
+        """The cores of the copies other than the first: the part right of it and the part below it."""
+        r, (gh, gw), (rr, rc) = self.rect, self.grid, self.replicas
+        out = []
+        if rc > 1:
+            out.append(Rect(r.row, r.col + gw, gh, (rc - 1) * gw))
+        if rr > 1:
+            out.append(Rect(r.row + gh, r.col, (rr - 1) * gh, rc * gw))
+        return tuple(out)
 
     def replicated(self, rows: int, cols: int) -> ParamTiling:
-        gh, gw = self.grid
-        return dataclasses.replace(
-            self, rect=Rect(self.rect.row, self.rect.col, rows * gh, cols * gw), replicas=(rows, cols)
-        )
+        return dataclasses.replace(self, replicas=(rows, cols))
 
     @property
     def tile_bytes(self) -> int:
         return wafer.memory.words_for(self.tile, self.dtype) * 4
 
     def tile_array(self, x):
-        """[*shape] -> [rect.height, rect.width, *tile] (zero padding; one copy per replica)."""
-        t = self._tile_once(x)
-        if self.replicas != (1, 1):
-            t = jnp.tile(t, (*self.replicas, *([1] * (t.ndim - 2))))
-        return t
-
-    def _tile_once(self, x):
+        """[*shape] -> [gh, gw, *tile] (zero padding)."""
         gh, gw = self.grid
         if self.layout == "scalar":
             return jnp.reshape(x, (1, 1))
@@ -101,9 +110,8 @@ class ParamTiling:
         return jnp.transpose(x, perm)
 
     def untile(self, t):
-        """[rect.height, rect.width, *tile] -> [*shape] (padding dropped; read from the first replica)."""
+        """[gh, gw, *tile] -> [*shape] (padding dropped)."""
         gh, gw = self.grid
-        t = t[:gh, :gw]
         if self.layout == "scalar":
             return jnp.reshape(t, ())
         if self.layout == "vector":
@@ -272,8 +280,15 @@ def anchor_traffic(eqn, tiling: ParamTiling, rows_per_group: int) -> wafer.Traff
     return (t_in + t_out).replicate(group_offsets(tiling))
 
 
-def plan_kernel(kernel, rect: Rect, traced, spec) -> KernelPlan:
-    """Partition one kernel over `rect` and compute its per-core SRAM and cost."""
+def plan_kernel(kernel, rect: Rect, traced, spec, *, weight_copies: int = 1, act_copies: int = 1) -> KernelPlan:
+    """Partition one kernel over `rect` and compute its per-core SRAM and cost.
+
+    Args:
+      weight_copies: weight-shaped arrays each core holds per weight tile (1 for inference; in training also
+        the gradient and every optimizer slot, e.g. 4 for Adam: weights, gradient, mu, nu).
+      act_copies: activation buffers (1 for inference; 2 in training: the stream buffer and the activations
+        stashed for the backward pass).
+    """
     h, w = rect.height, rect.width
     tilings = [tile_param(i, traced.param_paths[i], traced.param_avals[i], rect) for i in kernel.params]
     anchor, widx = anchor_weight(kernel, traced)
@@ -315,9 +330,9 @@ def plan_kernel(kernel, rect: Rect, traced, spec) -> KernelPlan:
         if key[0] == "fmac":
             per *= pad
         counts[key] = float(math.ceil(per))
-    weight_bytes = max(_core_bytes(tilings, r, c) for r, c in ((0, 0), (grid[0] - 1, grid[1] - 1)))
-    act_bytes = 4 * _cdiv(_cdiv(kernel.in_bytes, 4) + _cdiv(kernel.out_bytes, 4), cores)
-    read_bytes = float(weight_bytes + _cdiv(kernel.in_bytes, cores))
+    weight_bytes = weight_copies * max(_core_bytes(tilings, r, c) for r, c in ((0, 0), (grid[0] - 1, grid[1] - 1)))
+    act_bytes = act_copies * 4 * _cdiv(_cdiv(kernel.in_bytes, 4) + _cdiv(kernel.out_bytes, 4), cores)
+    read_bytes = float(weight_bytes // weight_copies + _cdiv(kernel.in_bytes, cores))
     write_bytes = float(_cdiv(kernel.out_bytes, cores))
     plan = KernelPlan(
         kernel.name,
@@ -344,7 +359,8 @@ def plan_kernel(kernel, rect: Rect, traced, spec) -> KernelPlan:
             spec.sram_bytes_per_core,
             detail=(
                 f"kernel {kernel.name!r} ({kernel.kind}, {kernel.source}) on {grid[0]}x{grid[1]} cores holds "
-                f"{weight_bytes} B of weights and {act_bytes} B of activations per core; give it more cores "
+                f"{weight_bytes} B of weights (x{weight_copies} copies) and {act_bytes} B of activations per core; "
+                f"give it more cores "
                 f"(a larger rectangle or wafer), a smaller batch, or use weight streaming"
             ),
         )
@@ -356,13 +372,13 @@ def _core_bytes(tilings, r, c) -> int:
     return sum(t.tile_bytes for t in tilings if r < t.rect.height and c < t.rect.width)
 
 
-def min_cores(kernel, traced, spec, *, headroom: float = 0.9) -> int:
+def min_cores(kernel, traced, spec, *, headroom: float = 0.9, weight_copies: int = 1, act_copies: int = 1) -> int:
     """Fewest cores whose SRAM could hold a kernel's weights and activations (before tiling granularity)."""
-    total = sum(
+    total = weight_copies * sum(
         int(np.prod(traced.param_avals[i].shape)) * np.dtype(traced.param_avals[i].dtype).itemsize
         for i in kernel.params
     )
-    total += kernel.in_bytes + kernel.out_bytes
+    total += act_copies * (kernel.in_bytes + kernel.out_bytes)
     return max(1, _cdiv(int(total), int(spec.sram_bytes_per_core * headroom)))
 
 

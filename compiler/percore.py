@@ -29,12 +29,10 @@ def _eval_eqn(eqn, invals):
 
 
 def _groups(tiles, tiling):
-    """SRAM tiles [rr*gh, rc*gw, ...] -> [G, gh, gw, ...], one tile grid per group of cores."""
-    gh, gw = tiling.grid
+    """SRAM tiles [gh, gw, ...] of the first copy -> [G, gh, gw, ...], one tile grid per group of cores (every
+    copy holds the same values; see ParamTiling.replicas)."""
     rr, rc = tiling.replicas
-    t = tiles.reshape(rr, gh, rc, gw, *tiles.shape[2:])
-    t = jnp.moveaxis(t, 2, 1)
-    return t.reshape(rr * rc, gh, gw, *tiles.shape[2:])
+    return jnp.broadcast_to(tiles[None], (rr * rc, *tiles.shape))
 
 
 def _grouped(xg, tiles, tiling, op):
@@ -42,7 +40,7 @@ def _grouped(xg, tiles, tiling, op):
 
     Args:
       xg: [G, gh, *chunk]: group g's input, cut into gh chunks along the contracted axis.
-      tiles: the weight's SRAM tiles [rr*gh, rc*gw, *tile].
+      tiles: the weight's SRAM tiles [gh, gw, *tile] (first copy).
     Returns:
       ([G, gw, *out_chunk] summed partial results at each group's bottom row, region-local traffic).
     """

@@ -25,6 +25,12 @@ class KernelRow:
     comm_cycles_per_sample: float
     cycles_per_sample: float
     source: str
+    # training: cycles per step of the kernel's forward, backward and optimizer update; weight streaming: I/O
+    # cycles to stream its weights in once at the spec's edge bandwidth
+    forward_cycles: float = 0.0
+    backward_cycles: float = 0.0
+    update_cycles: float = 0.0
+    io_cycles: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +54,8 @@ class Report:
     max_link_words_per_sample: float
     route_hops: int
     clock_hz: float
+    bound: str = "compute"  # what bounds the throughput: "compute", "fabric" or "I/O"
+    io_cycles_per_step: float = 0.0  # streaming the batch in through the edge I/O
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -61,19 +69,29 @@ class Report:
         raise KeyError(f"no kernel {name!r}; kernels are {[k.name for k in self.kernels]}")
 
     def __str__(self) -> str:
+        training = "training" in self.mode
         head = (
             f"{'kernel':<14}{'kind':<12}{'rectangle':<18}{'cores':>8}{'W B/core':>10}{'A B/core':>10}"
             f"{'FLOP/smp':>12}{'cyc/smp':>11}"
         )
+        if training:
+            head += f"{'fwd cyc':>11}{'bwd cyc':>11}{'upd cyc':>10}"
+            if "streaming" in self.mode:
+                head += f"{'I/O cyc':>11}"
         lines = [f"Compile report: {self.mode} on {self.spec_name}, batch {self.batch}", head, "-" * len(head)]
         for k in self.kernels:
             r = k.rect
             rect = f"{r[2]}x{r[3]}@({r[0]},{r[1]})"
             mark = " <" if k.name == self.bottleneck else ""
-            lines.append(
+            line = (
                 f"{k.name:<14}{k.kind:<12}{rect:<18}{k.cores:>8}{k.weight_bytes_per_core:>10}"
-                f"{k.act_bytes_per_core:>10}{k.flops_per_sample:>12.4g}{k.cycles_per_sample:>11.4g}{mark}"
+                f"{k.act_bytes_per_core:>10}{k.flops_per_sample:>12.4g}{k.cycles_per_sample:>11.4g}"
             )
+            if training:
+                line += f"{k.forward_cycles:>11.4g}{k.backward_cycles:>11.4g}{k.update_cycles:>10.4g}"
+                if "streaming" in self.mode:
+                    line += f"{k.io_cycles:>11.4g}"
+            lines.append(line + mark)
         lines += [
             "-" * len(head),
             f"bottleneck            {self.bottleneck} ({self.cycles_per_sample:.4g} cycles/sample)",
@@ -86,4 +104,6 @@ class Report:
             f"busiest link          {self.max_link_words_per_sample:,.1f} words/sample; longest route "
             f"{self.route_hops} hops",
         ]
+        if training:
+            lines.append(f"bound by              {self.bound} (batch I/O {self.io_cycles_per_step:,.0f} cycles/step)")
         return "\n".join(lines)
