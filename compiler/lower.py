@@ -29,8 +29,9 @@ import numpy as np
 
 import wafer
 from compiler import partition as part
+from compiler import precision
 from compiler.graph import build_graph
-from compiler.place import KernelDemand, PlacementParams, place, validate_placement
+from compiler.place import KernelDemand, PlacementError, PlacementParams, place, validate_placement
 from compiler.report import KernelRow, Report
 from compiler.route import route
 from compiler.trace import trace
@@ -82,10 +83,12 @@ class Executable:
       memory: the SRAM layout (`MemoryMap`) of weights and activation buffers.
       record: the static cost of one call.
       report: the compile report.
+      policy: the precision policy (compiler/precision.py); `Policy.FP32` unless compiled with one.
     """
 
-    def __init__(self, traced, graph, spec, placement, plans, routes, memory):
+    def __init__(self, traced, graph, spec, placement, plans, routes, memory, *, policy=None):
         self.traced, self.graph, self.spec = traced, graph, spec
+        self.policy = precision.Policy.of(policy)
         self.placement = dict(placement)
         self.plans = plans
         self.routes = routes
@@ -110,24 +113,35 @@ class Executable:
         sram = dict(state.sram)
         for i, leaf in enumerate(leaves):
             name, t = self._tilings[i]
-            sram[name] = t.tile_array(jnp.asarray(leaf, t.dtype))
+            if self.policy.mixed and _is_float(leaf):
+                sram[name] = t.tile_array(self.policy.store(leaf))  # 16-bit storage (cb16: its bit patterns)
+            else:
+                sram[name] = t.tile_array(jnp.asarray(leaf, t.dtype))
         return state.replace(sram=sram)
 
     def read_params(self, state: wafer.WaferState):
         """The params, reassembled from their SRAM tiles."""
-        return jax.tree_util.tree_unflatten(self.traced.param_treedef, self._read_leaves(state))
+        leaves = self._read_leaves(state)
+        if self.policy.mixed:  # in the caller's dtypes (the traced program holds 16-bit stand-ins)
+            leaves = [x.astype(_dtype_of(p)) for x, p in zip(leaves, jax.tree_util.tree_leaves(self.traced.params))]
+        return jax.tree_util.tree_unflatten(self.traced.param_treedef, leaves)
 
     def _read_leaves(self, state):
         out = []
         for i in range(self.traced.n_params):
             name, t = self._tilings[i]
-            out.append(t.untile(state.sram[name]))
+            x = t.untile(state.sram[name])
+            if self.policy.mixed and jnp.issubdtype(t.dtype, jnp.floating):  # (cb16 tiles hold uint16 bits)
+                # fp16/bf16 as traced (exact); cb16 as float32 on the cb16 grid (float16 only stands in for it)
+                x = self.policy.load(x, jnp.float32 if self.policy.storage == "cb16" else t.dtype)
+            out.append(x)
         return out
 
     # ---- running -------------------------------------------------------------------------------------------
 
     def __call__(self, state: wafer.WaferState, *inputs, path: str = "fast"):
         """Run the forward pass on the emulated wafer: `out, state = exe(state, *inputs)`."""
+        self._check_path(path)
         if path == "fast":
             return self._fast(state, *inputs)
         if path == "per_core":
@@ -136,13 +150,21 @@ class Executable:
 
     def apply(self, state, *inputs, path: str = "fast"):
         """Unjitted forward (for use inside a user's own jit/grad): returns (out, state)."""
+        self._check_path(path)
         fwd = self._forward_fast if path == "fast" else self._forward_per_core
         return fwd(state, *inputs)
+
+    def _check_path(self, path):
+        if path == "per_core" and self.policy.storage == "cb16":
+            raise ValueError(
+                "the per-core path runs the compiler's traced program, in which float16 stands in for cb16 (no JAX "
+                "dtype holds cb16); use path='fast', which rounds to cb16 exactly"
+            )
 
     def _forward_fast(self, state, *inputs):
         params = jax.tree_util.tree_unflatten(self.traced.param_treedef, self._read_leaves(state))
         out = self.traced.apply(params, *inputs)
-        return out, wafer.charge(state, self.spec, self.record)
+        return out, charge_in_box(state, self.spec, self.record)
 
     def _forward_per_core(self, state, *inputs):
         from compiler.percore import run_per_core
@@ -155,7 +177,51 @@ class Executable:
         )
         if not np.array_equal(got, want):
             raise AssertionError("per-core path traffic differs from the static cost record; this is a compiler bug")
-        return out, wafer.charge(state, self.spec, self.record)
+        return out, charge_in_box(state, self.spec, self.record)
+
+
+def charge_in_box(state: wafer.WaferState, spec, record) -> wafer.WaferState:
+    """`wafer.charge(state, spec, record)` (same counters, bit for bit) for a record whose link and compute maps
+    are static NumPy arrays, reading and writing only the bounding box of the cores they charge.
+
+    A compiled program charges its kernels' rectangles and its routes' lanes; adding the whole [4, rows, cols]
+    link and [rows, cols] busy maps costs a pass over 15 MB of counters per call on the full WSE-2 grid, about
+    as long as the MLP forward of experiments/bench_forward.py itself. An update of one box of the donated
+    counters is done in place.
+    """
+    links = record.link_words(state.rows, state.cols)
+    busy = record.compute_map(spec, state.rows, state.cols)
+    if not isinstance(busy, np.ndarray):  # traced spec figures: the map is a tracer, charge it whole
+        return wafer.charge(state, spec, record)
+    return state.replace(
+        links=_add_in_box(state.links, links),
+        busy=_add_in_box(state.busy, busy),
+        clock=state.clock + record.cycles(spec),
+        steps=state.steps + 1,
+    )
+
+
+def _add_in_box(counter, delta: np.ndarray):
+    """counter + delta (float32), touching only the bounding box of delta's nonzero entries over the last two
+    axes (the core grid)."""
+    nz = delta != 0
+    hit = nz.reshape(-1, *nz.shape[-2:]).any(axis=0)
+    if not hit.any():
+        return counter
+    rows, cols = np.flatnonzero(hit.any(axis=1)), np.flatnonzero(hit.any(axis=0))
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    lead = (0,) * (delta.ndim - 2)
+    box = jax.lax.slice(counter, (*lead, r0, c0), (*delta.shape[:-2], r1, c1))
+    box = box + delta[..., r0:r1, c0:c1].astype(np.float32)
+    return jax.lax.dynamic_update_slice(counter, box, (*lead, r0, c0))
+
+
+def _dtype_of(x):
+    return x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
+
+
+def _is_float(x) -> bool:
+    return jnp.issubdtype(_dtype_of(x), jnp.floating)
 
 
 def graph_batch(graph) -> int:
@@ -174,19 +240,33 @@ def _merge_memory(a: MemoryMap, b: MemoryMap) -> MemoryMap:
     return out
 
 
-def demands(graph, traced, spec, *, weight_copies: int = 1, act_copies: int = 1) -> list[KernelDemand]:
+def demands(
+    graph, traced, spec, *, weight_copies: int = 1, act_copies: int = 1, act_itemsize: int | None = None
+) -> list[KernelDemand]:
     """What placement needs to know of each kernel: its work on one core, its fewest and most useful cores."""
     out = []
     for k in graph.kernels:
         work = float(cost.kernel_cycles(spec, k.counts, k.in_bytes + k.param_bytes, k.out_bytes))
-        lo = part.min_cores(k, traced, spec, weight_copies=weight_copies, act_copies=act_copies)
+        lo = part.min_cores(
+            k, traced, spec, weight_copies=weight_copies, act_copies=act_copies, act_itemsize=act_itemsize
+        )
         out.append(
             KernelDemand(name=k.name, work=max(work, 1.0), min_cores=lo, max_cores=max(lo, part.max_cores(k, traced)))
         )
     return out
 
 
-def lay_out(traced, graph, spec, placement=None, placement_params=None, *, slots=("",), act_copies: int = 1):
+def lay_out(
+    traced,
+    graph,
+    spec,
+    placement=None,
+    placement_params=None,
+    *,
+    slots=("",),
+    act_copies: int = 1,
+    act_itemsize: int | None = None,
+):
     """Place, partition and route a kernel graph, and lay out its SRAM.
 
     Args:
@@ -194,18 +274,23 @@ def lay_out(traced, graph, spec, placement=None, placement_params=None, *, slots
         starting with "#r" reserved room without data (e.g. "#rgrad" for gradients), others allocations with
         data (e.g. "#opt0" for an optimizer slot).
       act_copies: activation buffers per kernel (2 in training: stream buffer and backward stash).
+      act_itemsize: bytes per floating-point activation element in SRAM (2 under a 16-bit precision policy);
+        None: as traced.
     Returns:
       (placement {name: Rect}, plans {name: KernelPlan}, Routes, MemoryMap).
     """
     copies = len(slots)
-    ds = demands(graph, traced, spec, weight_copies=copies, act_copies=act_copies)
-    if placement is None:
-        rects = place(ds, spec, placement_params or PlacementParams())
-    else:
-        rects = validate_placement(placement, ds, spec)
+    act = dict(act_copies=act_copies, act_itemsize=act_itemsize)
+    ds = demands(graph, traced, spec, weight_copies=copies, **act)
+    try:
+        if placement is None:
+            rects = place(ds, spec, placement_params or PlacementParams())
+        else:
+            rects = validate_placement(placement, ds, spec)
+    except PlacementError as e:
+        raise _with_sram_need(e, graph, traced, spec, ds, weight_copies=copies, **act) from None
     plans = {
-        k.name: part.plan_kernel(k, rects[k.name], traced, spec, weight_copies=copies, act_copies=act_copies)
-        for k in graph.kernels
+        k.name: part.plan_kernel(k, rects[k.name], traced, spec, weight_copies=copies, **act) for k in graph.kernels
     }
     routes = route(rects, _flows(graph), spec)
     memory = MemoryMap(spec.rows, spec.cols, spec.sram_bytes_per_core)
@@ -222,7 +307,14 @@ def lay_out(traced, graph, spec, placement=None, placement_params=None, *, slots
     return rects, plans, routes, memory
 
 
-def compile(fn, *args, spec: wafer.WaferSpec, placement=None, placement_params: PlacementParams | None = None):
+def compile(
+    fn,
+    *args,
+    spec: wafer.WaferSpec,
+    placement=None,
+    placement_params: PlacementParams | None = None,
+    policy: precision.Policy | str | None = None,
+):
     """Compile `fn(params, *inputs)` (or an `nnx.Module` called on `*inputs`) onto `spec` in layer-pipelined mode.
 
     Args:
@@ -231,16 +323,39 @@ def compile(fn, *args, spec: wafer.WaferSpec, placement=None, placement_params: 
       spec: the wafer.
       placement: optional hand-given placement {kernel name: Rect or (row, col, height, width)}.
       placement_params: knobs of the automatic placement.
+      policy: a precision policy (compiler/precision.py): None or "fp32" (float32, the default), or 16-bit
+        storage with float32 accumulation ("fp16", "bf16", "cb16" or a `compiler.Policy`). The program runs as
+        `apply_policy(fn, policy)`; weights are stored in SRAM in the 16-bit format, activations are counted
+        at 2 bytes and matmul FMACs at the mixed SIMD width.
     Returns:
       An `Executable`.
     Raises:
       compiler.UnsupportedOpError: a primitive without a kernel; wafer.SramCapacityError: a kernel does not fit;
       compiler.PlacementError: the kernels do not fit on the wafer, or a bad hand placement.
     """
-    traced = trace(fn, *args)
+    policy = precision.Policy.of(policy)
+    if policy.mixed:
+        traced = precision.trace_policy(fn, *args, policy=policy, stored_params=True)
+    else:
+        traced = trace(fn, *args)
     graph = build_graph(traced)
-    rects, plans, routes, memory = lay_out(traced, graph, spec, placement, placement_params)
-    return Executable(traced, graph, spec, rects, plans, routes, memory)
+    act_itemsize = policy.storage_bytes if policy.mixed else None
+    rects, plans, routes, memory = lay_out(traced, graph, spec, placement, placement_params, act_itemsize=act_itemsize)
+    return Executable(traced, graph, spec, rects, plans, routes, memory, policy=policy)
+
+
+def _with_sram_need(err, graph, traced, spec, ds, **copies):
+    """`err` with the SRAM bytes behind the core count of the kernel it names, when that kernel needs more than
+    one core's SRAM (placement errors speak of cores; the user sized a model in bytes)."""
+    d = next((d for d in ds if d.name == err.kernel), None)
+    if d is None or d.min_cores <= 1:
+        return err
+    weights, acts = part.sram_need(graph.kernel(d.name), traced, **copies)
+    return PlacementError(
+        f"{err.reason} (kernel {d.name!r} keeps {weights:,} bytes of weights and {acts:,} bytes of activations in "
+        f"SRAM, {spec.sram_bytes_per_core:,} bytes per core: at least {d.min_cores:,} cores)",
+        err.kernel,
+    )
 
 
 def _alloc(memory, name, rect, shape, dtype, kernel):
@@ -259,8 +374,8 @@ def _flows(graph):
     for src, dst, nbytes in graph.edges:
         flows.append((src, dst, nbytes / 4 / batch))
     first, last = graph.kernels[0], graph.kernels[-1]
-    in_bytes = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in graph.traced.input_avals)
-    out_bytes = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in graph.traced.out_avals)
+    in_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in graph.traced.input_avals)
+    out_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in graph.traced.out_avals)
     flows.append(("host", first.name, in_bytes / 4 / batch))
     flows.append((last.name, "host", out_bytes / 4 / batch))
     return flows
@@ -290,7 +405,8 @@ def build_report(exe: Executable, mode: str = "layer-pipelined inference") -> Re
     worst = max(rows, key=lambda r: r.cycles_per_sample)
     active = sum(r.cores for r in rows)
     flops = sum(r.flops_per_sample for r in rows)
-    lanes = spec.simd_width("fmac", "fp32")
+    policy = getattr(exe, "policy", precision.FP32)
+    lanes = spec.simd_width("fmac", policy.dtype_class)  # peak: matmul FMACs at the policy's SIMD width
     util = flops / (active * 2 * lanes * worst.cycles_per_sample) if worst.cycles_per_sample else 0.0
     latency = float(sum(per_sample) + exe.routes.max_hops * spec.hop_latency_cycles)
     link = exe.routes.max_link_words + max(
@@ -299,7 +415,7 @@ def build_report(exe: Executable, mode: str = "layer-pipelined inference") -> Re
     )
     return Report(
         spec_name=spec.name,
-        mode=mode,
+        mode=f"{mode} ({policy})" if policy.mixed else mode,
         batch=rec.batch,
         kernels=tuple(rows),
         bottleneck=worst.name,

@@ -28,6 +28,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jcore
 
 import wafer
 from wafer import cost
@@ -202,9 +203,13 @@ class KernelPlan:
 def anchor_weight(kernel, traced):
     """(anchor eqn, flat param index of its weight operand) for dot_general/conv kernels, else (None, None)."""
     param_vars = {v: i for i, v in enumerate(traced.jaxpr.invars[: traced.n_params])}
+    # A cast weight is still the weight: a precision policy reads a 16-bit copy of float32 master weights.
+    casts = {e.outvars[0]: e.invars[0] for e in kernel.eqns if e.primitive.name == "convert_element_type"}
     for eqn in kernel.eqns:
         if eqn.primitive.name in ("dot_general", "conv_general_dilated") and len(eqn.invars) == 2:
             w = eqn.invars[1]
+            while isinstance(w, jcore.Var) and w not in param_vars and w in casts:
+                w = casts[w]
             if w in param_vars and param_vars[w] in kernel.params:
                 return eqn, param_vars[w]
     return None, None
@@ -280,7 +285,16 @@ def anchor_traffic(eqn, tiling: ParamTiling, rows_per_group: int) -> wafer.Traff
     return (t_in + t_out).replicate(group_offsets(tiling))
 
 
-def plan_kernel(kernel, rect: Rect, traced, spec, *, weight_copies: int = 1, act_copies: int = 1) -> KernelPlan:
+def plan_kernel(
+    kernel,
+    rect: Rect,
+    traced,
+    spec,
+    *,
+    weight_copies: int = 1,
+    act_copies: int = 1,
+    act_itemsize: int | None = None,
+) -> KernelPlan:
     """Partition one kernel over `rect` and compute its per-core SRAM and cost.
 
     Args:
@@ -288,7 +302,10 @@ def plan_kernel(kernel, rect: Rect, traced, spec, *, weight_copies: int = 1, act
         the gradient and every optimizer slot, e.g. 4 for Adam: weights, gradient, mu, nu).
       act_copies: activation buffers (1 for inference; 2 in training: the stream buffer and the activations
         stashed for the backward pass).
+      act_itemsize: bytes per floating-point activation element in SRAM (2 under a 16-bit precision policy,
+        compiler/precision.py); None: as traced.
     """
+    in_bytes, out_bytes = act_bytes_of(kernel, act_itemsize)
     h, w = rect.height, rect.width
     tilings = [tile_param(i, traced.param_paths[i], traced.param_avals[i], rect) for i in kernel.params]
     anchor, widx = anchor_weight(kernel, traced)
@@ -314,7 +331,12 @@ def plan_kernel(kernel, rect: Rect, traced, spec, *, weight_copies: int = 1, act
         pad = (rr * rc * mt * gh * ta * gw * tb) / (m * a * b)
         traffic = anchor_traffic(anchor, wt, mt)
     elif wt is not None and wt.layout == "matrix":
-        grid = wt.grid
+        # A weight that is not a plain [K, N] matrix (e.g. attention projections [d, heads, head_dim]): its
+        # tiles sit on their grid; the work and activations spread over the rectangle, at least that grid.
+        gh, gw = wt.grid
+        cores = min(h * w, max(gh * gw, kernel.out_bytes // 4))
+        gw = min(w, cores)
+        grid = (max(gh, _cdiv(cores, gw)), gw)
     else:
         # Weightless kernels and epilogues follow their producer's layout: work spread over the rectangle,
         # at most one output element per core.
@@ -331,9 +353,9 @@ def plan_kernel(kernel, rect: Rect, traced, spec, *, weight_copies: int = 1, act
             per *= pad
         counts[key] = float(math.ceil(per))
     weight_bytes = weight_copies * max(_core_bytes(tilings, r, c) for r, c in ((0, 0), (grid[0] - 1, grid[1] - 1)))
-    act_bytes = act_copies * 4 * _cdiv(_cdiv(kernel.in_bytes, 4) + _cdiv(kernel.out_bytes, 4), cores)
-    read_bytes = float(weight_bytes // weight_copies + _cdiv(kernel.in_bytes, cores))
-    write_bytes = float(_cdiv(kernel.out_bytes, cores))
+    act_bytes = act_copies * 4 * _cdiv(_cdiv(in_bytes, 4) + _cdiv(out_bytes, 4), cores)
+    read_bytes = float(weight_bytes // weight_copies + _cdiv(in_bytes, cores))
+    write_bytes = float(_cdiv(out_bytes, cores))
     plan = KernelPlan(
         kernel.name,
         kernel.kind,
@@ -372,13 +394,50 @@ def _core_bytes(tilings, r, c) -> int:
     return sum(t.tile_bytes for t in tilings if r < t.rect.height and c < t.rect.width)
 
 
-def min_cores(kernel, traced, spec, *, headroom: float = 0.9, weight_copies: int = 1, act_copies: int = 1) -> int:
-    """Fewest cores whose SRAM could hold a kernel's weights and activations (before tiling granularity)."""
-    total = weight_copies * sum(
+def act_bytes_of(kernel, act_itemsize: int | None = None) -> tuple[int, int]:
+    """(input bytes, output bytes) of a kernel's activations, floating-point elements counted at `act_itemsize`
+    bytes when given (a 16-bit precision policy stores activations in 2 bytes) and at their dtype's otherwise."""
+    if act_itemsize is None:
+        return int(kernel.in_bytes), int(kernel.out_bytes)
+
+    def nbytes(vs):
+        total = 0
+        for v in vs:
+            a = v.aval
+            size = int(np.prod(a.shape)) * a.dtype.itemsize
+            if jax.dtypes.issubdtype(a.dtype, jnp.floating):
+                size = int(np.prod(a.shape)) * min(a.dtype.itemsize, act_itemsize)
+            total += size
+        return total
+
+    return nbytes(kernel.inputs), nbytes(kernel.outputs)
+
+
+def sram_need(
+    kernel, traced, *, weight_copies: int = 1, act_copies: int = 1, act_itemsize: int | None = None
+) -> tuple[int, int]:
+    """(weight bytes, activation bytes) a kernel keeps in SRAM over all its cores (before tiling granularity)."""
+    weights = weight_copies * sum(
         int(np.prod(traced.param_avals[i].shape)) * np.dtype(traced.param_avals[i].dtype).itemsize
         for i in kernel.params
     )
-    total += act_copies * (kernel.in_bytes + kernel.out_bytes)
+    return int(weights), int(act_copies * sum(act_bytes_of(kernel, act_itemsize)))
+
+
+def min_cores(
+    kernel,
+    traced,
+    spec,
+    *,
+    headroom: float = 0.9,
+    weight_copies: int = 1,
+    act_copies: int = 1,
+    act_itemsize: int | None = None,
+) -> int:
+    """Fewest cores whose SRAM could hold a kernel's weights and activations (before tiling granularity)."""
+    total = sum(
+        sram_need(kernel, traced, weight_copies=weight_copies, act_copies=act_copies, act_itemsize=act_itemsize)
+    )
     return max(1, _cdiv(int(total), int(spec.sram_bytes_per_core * headroom)))
 
 

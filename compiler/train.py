@@ -38,6 +38,7 @@ from flax import struct
 
 import wafer
 from compiler import partition as part
+from compiler import precision
 from compiler.graph import build_graph
 from compiler.lower import graph_batch, lay_out
 from compiler.place import PlacementError
@@ -185,6 +186,7 @@ class Trainer:
 
     Attributes:
       mode: "pipelined" or "weight_streaming"; spec, traced, graph, placement, plans, memory, record, report.
+      policy: the precision policy (compiler/precision.py); `loss_fn` is the policy's `apply_policy(loss_fn)`.
     """
 
     def __init__(
@@ -204,19 +206,27 @@ class Trainer:
         mirror,
         slots,
         update_on,
+        policy=None,
     ):
         self.loss_fn, self.has_aux, self.optimizer, self.spec, self.mode = loss_fn, has_aux, optimizer, spec, mode
+        self.policy = precision.Policy.of(policy)
         self.traced, self.graph, self.placement, self.plans, self.routes = traced, graph, placement, plans, routes
         self.memory, self._mirror, self._slots, self.update_on = memory, mirror, slots, update_on
         self._tilings = {t.index: (f"{p.name}:{t.path}", t) for p in plans.values() for t in p.params}
         self._opt_treedef = jax.tree_util.tree_structure(jax.eval_shape(optimizer.init, traced.params))
         if mode == "pipelined" and update_on == "tiles":
             tiles = [jax.ShapeDtypeStruct((*t.grid, *t.tile), t.dtype) for _, t in self._ordered()]
-            self._opt_struct = jax.tree_util.tree_structure(jax.eval_shape(optimizer.init, self._tile_tree(tiles)))
-            if self._opt_struct != self._opt_treedef:
+            tiled = jax.eval_shape(optimizer.init, self._tile_tree(tiles))
+            self._opt_struct = jax.tree_util.tree_structure(tiled)
+            # shape-dependent state (e.g. Adafactor's factored moments) may keep the structure but not the shapes:
+            # weight-shaped leaves must become tile-shaped, every other leaf must keep its shape
+            leaves = jax.tree_util.tree_leaves(jax.eval_shape(optimizer.init, traced.params))
+            want = [tuple(x.shape) if m is None else tiles[m[1]].shape for x, m in zip(leaves, mirror)]
+            got = [tuple(x.shape) for x in jax.tree_util.tree_leaves(tiled)]
+            if self._opt_struct != self._opt_treedef or want != got:
                 raise ValueError(
-                    "this optimizer's state depends on parameter shapes (its structure differs for tiles); "
-                    "compile with update_on='params'"
+                    "this optimizer's state depends on parameter shapes (its structure or leaf shapes differ for "
+                    "tiles); compile with update_on='params'"
                 )
         self.record = self._record()
         self.report = build_train_report(self)
@@ -358,7 +368,7 @@ class Trainer:
 
     def _record(self) -> TrainRecord:
         batch = graph_batch(self.graph)
-        io_bytes = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in self.traced.input_avals)
+        io_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in self.traced.input_avals)
         update_counts, stream = [], []
         for p in self.plans.values():
             counts = {}
@@ -367,11 +377,18 @@ class Trainer:
                 tiles = [jax.ShapeDtypeStruct(t.tile, t.dtype) for t in p.params]
                 counts, _, _ = count_fn(_update_fn(self.optimizer), tiles)
             update_counts.append({k: float(v) for k, v in counts.items()})
-            stream.append(float(sum(np.prod(t.shape) * np.dtype(t.dtype).itemsize for t in p.params)))
+            stream.append(float(sum(np.prod(t.shape) * self._stream_itemsize(t) for t in p.params)))
         routes = self.routes if self.mode == "pipelined" else None
         return TrainRecord(
             self.mode, tuple(self.plans.values()), routes, batch, tuple(update_counts), io_bytes, tuple(stream)
         )
+
+    def _stream_itemsize(self, t) -> int:
+        """Bytes per weight element streamed in (and per gradient element out): 16-bit under a mixed policy, whose
+        float32 master weights stay in the host store."""
+        if self.policy.mixed and jnp.issubdtype(t.dtype, jnp.floating):
+            return self.policy.storage_bytes
+        return np.dtype(t.dtype).itemsize
 
 
 def _update_fn(optimizer):
@@ -394,6 +411,7 @@ def compile_train(
     placement=None,
     placement_params=None,
     update_on: str = "tiles",
+    policy: precision.Policy | str | None = None,
 ) -> Trainer:
     """Compile a training step of `loss_fn(params, batch)` with an optax `optimizer` onto `spec`.
 
@@ -407,6 +425,10 @@ def compile_train(
       placement, placement_params: as for `compile` (pipelined mode).
       update_on: "tiles" (each core updates its own tiles; exact for elementwise transformations and global-norm
         clipping) or "params" (untile, update, re-tile: for transformations that look at parameter shapes).
+      policy: a precision policy (compiler/precision.py): None or "fp32" (float32, the default), or 16-bit
+        storage with float32 accumulation ("fp16", "bf16", "cb16" or a `compiler.Policy`). The loss runs as
+        `apply_policy(loss_fn, policy)` on float32 master weights, which stay in SRAM with float32 optimizer
+        state; activations are counted at 2 bytes and matmul FMACs at the mixed SIMD width.
     Raises:
       ValueError: bad mode/update_on or loss output; wafer.SramCapacityError or compiler.PlacementError when
         mode="pipelined" does not fit, or a single layer does not fit the whole wafer in weight streaming.
@@ -417,7 +439,13 @@ def compile_train(
         raise ValueError(f"update_on must be 'tiles' or 'params', got {update_on!r}")
     has_aux = _has_aux(loss_fn, params, example_batch)
     scalar_loss = (lambda p, b: loss_fn(p, b)[0]) if has_aux else loss_fn
-    traced = trace(scalar_loss, params, example_batch)
+    policy = precision.Policy.of(policy)
+    if policy.mixed:
+        traced = precision.trace_policy(scalar_loss, params, example_batch, policy=policy, stored_params=False)
+        loss_fn = precision.apply_policy(loss_fn, policy)
+    else:
+        traced = trace(scalar_loss, params, example_batch)
+    act_itemsize = policy.storage_bytes if policy.mixed else None
     graph = build_graph(traced)
     opt_shape = jax.eval_shape(optimizer.init, params)
     mirror, n_slots = _mirrors(opt_shape, traced.param_avals)
@@ -430,12 +458,13 @@ def compile_train(
         graph=graph,
         mirror=mirror,
         update_on=update_on,
+        policy=policy,
     )
     if mode in ("auto", "pipelined"):
         slots = ("", "#grad", *(f"#opt{k}" for k in range(n_slots)))
         try:
             rects, plans, routes, memory = lay_out(
-                traced, graph, spec, placement, placement_params, slots=slots, act_copies=2
+                traced, graph, spec, placement, placement_params, slots=slots, act_copies=2, act_itemsize=act_itemsize
             )
             return Trainer(
                 mode="pipelined", placement=rects, plans=plans, routes=routes, memory=memory, slots=slots, **common
@@ -445,7 +474,10 @@ def compile_train(
                 raise
     # Weight streaming: every layer in turn on the whole usable wafer, its weights streamed in.
     full = Rect(0, spec.memcpy_cols_west, spec.rows, spec.cols - spec.memcpy_cols_west - spec.memcpy_cols_east)
-    plans = {k.name: part.plan_kernel(k, full, traced, spec, weight_copies=1, act_copies=2) for k in graph.kernels}
+    plans = {
+        k.name: part.plan_kernel(k, full, traced, spec, weight_copies=1, act_copies=2, act_itemsize=act_itemsize)
+        for k in graph.kernels
+    }
     memory = MemoryMap(spec.rows, spec.cols, spec.sram_bytes_per_core)
     biggest = max(plans.values(), key=lambda p: p.sram_bytes)
     memory = memory.allocate(
@@ -491,11 +523,12 @@ def build_train_report(tx: Trainer) -> Report:
     worst = max(rows, key=lambda r: r.cycles_per_sample)
     active = sum(r.cores for r in rows) if rec.mode == "pipelined" else max(r.cores for r in rows)
     flops = sum(r.flops_per_sample for r in rows)
-    lanes = spec.simd_width("fmac", "fp32")
+    policy = getattr(tx, "policy", precision.FP32)
+    lanes = spec.simd_width("fmac", policy.dtype_class)  # peak: matmul FMACs at the policy's SIMD width
     util = flops * rec.batch / (active * 2 * lanes * step) if step else 0.0
     return Report(
         spec_name=spec.name,
-        mode=f"{rec.mode} training",
+        mode=f"{rec.mode} training ({policy})" if policy.mixed else f"{rec.mode} training",
         batch=rec.batch,
         kernels=tuple(rows),
         bottleneck=worst.name,
