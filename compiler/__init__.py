@@ -5,12 +5,19 @@
     out, state = exe(state, *inputs)  # emulated forward == fn(params, *inputs)
     exe.report, exe.placement, exe.read_params(state)
 
+Training: compiler.compile_train (train.py), the host loop compiler.fit with checkpoints (host.py, data.py),
+precision policies (precision.py). Research: the differentiable cost model (costmodel.py), compiler.sweep and
+compiler.what_if (sweep.py), placement search (search.py), pictures (plots.py), traces (trace_export.py), the
+`wafer` command (cli.py).
+
 Passes: trace (compiler/trace.py) -> kernel graph (graph.py) -> placement (place.py) -> partition (partition.py)
 -> routes (route.py) -> Executable (lower.py; per-core path in percore.py) -> report (report.py).
 """
 
+from compiler.data import Batches, Prefetcher, prefetch
 from compiler.errors import UnsupportedOpError
 from compiler.graph import KINDS, SUPPORTED_PRIMITIVES, Graph, Kernel, build_graph
+from compiler.host import NonFiniteLossError, fit, latest_checkpoint, restore_checkpoint, save_checkpoint
 from compiler.lower import Executable, PipelineRecord, compile
 from compiler.partition import KernelPlan, ParamTiling
 from compiler.place import (
@@ -23,11 +30,21 @@ from compiler.place import (
     usable_region,
     validate_placement,
 )
+from compiler.precision import Policy, apply_policy, round_cb16
 from compiler.report import KernelRow, Report
 from compiler.route import HOST, RouteError, Routes, route
+from compiler.search import compare_searches, gradient_placement, random_search, search_placement, simulated_annealing
+
+# Bound last: `compiler.sweep` is the function (DESIGN.md's API); the module stays importable as compiler.sweep
+# through `from compiler.sweep import ...`.
+from compiler.sweep import pareto_front, sweep, what_if  # noqa: E402, I001
 from compiler.trace import Traced, split_module, trace
+from compiler.train import Trainer, TrainState, compile_train
 
 __all__ = [
+    "Policy",
+    "apply_policy",
+    "round_cb16",
     "compile",
     "Executable",
     "PipelineRecord",
@@ -56,4 +73,23 @@ __all__ = [
     "ParamTiling",
     "Report",
     "KernelRow",
+    "compile_train",
+    "Trainer",
+    "TrainState",
+    "Batches",
+    "Prefetcher",
+    "prefetch",
+    "fit",
+    "NonFiniteLossError",
+    "latest_checkpoint",
+    "save_checkpoint",
+    "restore_checkpoint",
+    "sweep",
+    "what_if",
+    "pareto_front",
+    "search_placement",
+    "gradient_placement",
+    "random_search",
+    "simulated_annealing",
+    "compare_searches",
 ]
