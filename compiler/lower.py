@@ -431,4 +431,6 @@ def build_report(exe: Executable, mode: str = "layer-pipelined inference") -> Re
         max_link_words_per_sample=float(link),
         route_hops=int(exe.routes.max_hops),
         clock_hz=float(spec.clock_hz),
+        # what bounds the pipeline: its bottleneck kernel's slower side
+        bound="fabric" if worst.comm_cycles_per_sample > worst.compute_cycles_per_sample else "compute",
     )

@@ -106,4 +106,6 @@ class Report:
         ]
         if training:
             lines.append(f"bound by              {self.bound} (batch I/O {self.io_cycles_per_step:,.0f} cycles/step)")
+        else:
+            lines.append(f"bound by              {self.bound} (the bottleneck kernel's slower side)")
         return "\n".join(lines)
