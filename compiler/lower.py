@@ -381,27 +381,30 @@ def _flows(graph):
     return flows
 
 
+def kernel_row(plan, spec, batch: int, source: str, *, flops_factor: float = 1.0, **figures) -> KernelRow:
+    """A report row of one kernel plan: its place, SRAM and cost per sample (figures: the mode's own columns)."""
+    return KernelRow(
+        name=plan.name,
+        kind=plan.kind,
+        rect=tuple(int(v) for v in plan.rect),
+        cores=plan.cores,
+        weight_bytes_per_core=plan.weight_bytes,
+        act_bytes_per_core=plan.act_bytes,
+        flops_per_sample=flops_factor * plan.flops / batch,
+        compute_cycles_per_sample=float(plan.compute_cycles(spec)) / batch,
+        comm_cycles_per_sample=float(plan.comm_cycles(spec)) / batch,
+        source=source,
+        **figures,
+    )
+
+
 def build_report(exe: Executable, mode: str = "layer-pipelined inference") -> Report:
     spec, rec = exe.spec, exe.record
     rows = []
     per_sample = rec.sample_cycles(spec)
     kinds = {k.name: k for k in exe.graph.kernels}
     for p, s in zip(rec.plans, per_sample):
-        rows.append(
-            KernelRow(
-                name=p.name,
-                kind=p.kind,
-                rect=tuple(int(v) for v in p.rect),
-                cores=p.cores,
-                weight_bytes_per_core=p.weight_bytes,
-                act_bytes_per_core=p.act_bytes,
-                flops_per_sample=p.flops / rec.batch,
-                compute_cycles_per_sample=float(p.compute_cycles(spec)) / rec.batch,
-                comm_cycles_per_sample=float(p.comm_cycles(spec)) / rec.batch,
-                cycles_per_sample=float(s),
-                source=kinds[p.name].source,
-            )
-        )
+        rows.append(kernel_row(p, spec, rec.batch, kinds[p.name].source, cycles_per_sample=float(s)))
     worst = max(rows, key=lambda r: r.cycles_per_sample)
     active = sum(r.cores for r in rows)
     flops = sum(r.flops_per_sample for r in rows)

@@ -86,6 +86,8 @@ from jax import lax
 from jax._src import source_info_util
 from jax.extend import core as jcore
 
+from compiler.trace import CALL_PRIMITIVES
+
 STORAGE_FORMATS = ("float32", "float16", "bfloat16", "cb16")
 _ALIASES = {
     "fp32": "float32",
@@ -332,18 +334,7 @@ Policy.FP32, Policy.FP16, Policy.BF16, Policy.CB16 = FP32, FP16, BF16, CB16
 
 _MATMULS = ("dot_general", "conv_general_dilated")
 # Call-like primitives whose body is evaluated in line (with the policy) when it holds a matmul.
-_CALLS = {
-    "jit": "jaxpr",
-    "pjit": "jaxpr",
-    "closed_call": "call_jaxpr",
-    "core_call": "call_jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "custom_vjp_call_jaxpr": "fun_jaxpr",
-    "remat2": "jaxpr",
-    "remat": "jaxpr",
-    "checkpoint": "jaxpr",
-}
+_CALLS = CALL_PRIMITIVES  # the same call-like primitives the tracer inlines (compiler/trace.py)
 # Control flow whose bodies are rewritten under the policy.
 _CONTROL = ("scan", "while", "cond")
 

@@ -40,9 +40,9 @@ import wafer
 from compiler import partition as part
 from compiler import precision
 from compiler.graph import build_graph
-from compiler.lower import graph_batch, lay_out
+from compiler.lower import graph_batch, kernel_row, lay_out
 from compiler.place import PlacementError
-from compiler.report import KernelRow, Report
+from compiler.report import Report
 from compiler.trace import trace
 from wafer import cost
 from wafer.kernel import count as count_fn
@@ -501,18 +501,13 @@ def build_train_report(tx: Trainer) -> Report:
     kinds = {k.name: k for k in tx.graph.kernels}
     for p, (f, b, u), nbytes in zip(rec.plans, rec.kernel_cycles(spec), rec.stream_bytes):
         rows.append(
-            KernelRow(
-                name=p.name,
-                kind=p.kind,
-                rect=tuple(int(v) for v in p.rect),
-                cores=p.cores,
-                weight_bytes_per_core=p.weight_bytes,
-                act_bytes_per_core=p.act_bytes,
-                flops_per_sample=3 * p.flops / rec.batch,
-                compute_cycles_per_sample=float(p.compute_cycles(spec)) / rec.batch,
-                comm_cycles_per_sample=float(p.comm_cycles(spec)) / rec.batch,
+            kernel_row(
+                p,
+                spec,
+                rec.batch,
+                kinds[p.name].source,
+                flops_factor=3.0,  # forward, input gradient, weight gradient
                 cycles_per_sample=float(f + b) / rec.batch,
-                source=kinds[p.name].source,
                 forward_cycles=float(f),
                 backward_cycles=float(b),
                 update_cycles=float(u),
