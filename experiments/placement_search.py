@@ -12,7 +12,9 @@ For every model: the compiler's own placement (`compiler.place`, default knobs: 
 best legal placement, scored by the exact cost model, as a fraction of the balanced upper bound (every usable core
 busy on an equal share of the one-core work). Every best placement is compiled with `compiler.compile(...,
 placement=...)`, and its report's samples/s checked against the search's prediction (the run fails beyond 2%).
-Wall times exclude the one-off XLA compile of the gradient step (a warm-up run, reported apart).
+Wall times exclude the one-off XLA compile of the gradient step (a warm-up run, reported apart). Every method's
+legalisations are tile-grid snapped (compiler/search.py): without it all three stalled near 52% on the CNN, whose
+convs speed up only at whole multiples of their tile grids.
 
     python experiments/placement_search.py                  # budget 300 evaluations per method
     python experiments/placement_search.py --budget 60 --models mlp

@@ -151,3 +151,41 @@ def test_compare_searches_table(program):
     assert list(df["method"]) == ["heuristic", *METHODS]
     assert list(df["evaluations"]) == [1, 8, 8, 8]
     assert (df["fraction_of_bound"] > 0).all() and (df["fraction_of_bound"] <= 1).all()
+
+
+class TinyCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3), padding="SAME")(x))
+        x = nn.relu(nn.Conv(16, (3, 3), padding="SAME")(x))
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+def test_tile_grid_snapping_gives_valid_placements_and_fewer_rows_per_grid_copy():
+    model = TinyCNN()
+    x = jax.ShapeDtypeStruct((4, 8, 8, 3), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)
+    spec = wafer.WaferSpec.mini(64, 64)
+    prob = placement_problem(compiler.compile(model.apply, params, x, spec=spec))
+    rng = np.random.default_rng(0)
+    wt, a, b, m = prob.tiles
+    a, b, m = (v.astype(int) for v in (a, b, m))
+    snapped_any = False
+    for _ in range(20):
+        areas = prob.least + (prob.usable - prob.least.sum()) * rng.dirichlet(np.ones(prob.n))
+        plain, bands = legalise(prob, areas)
+        snapped, _ = legalise(prob, banded_plan(prob, plain, bands), snap=True)
+        _assert_legal(prob, snapped)
+        snapped_any |= snapped != plain
+        # a snap never raises a weight kernel's rows of data per copy of its tile grid
+        for k, name in enumerate(prob.names):
+            if wt[k]:
+                assert _rows_per_copy(snapped[name], a[k], b[k], m[k]) <= _rows_per_copy(plain[name], a[k], b[k], m[k])
+    assert snapped_any
+
+
+def _rows_per_copy(r, a, b, m):
+    gh, gw = min(r.height, a), min(r.width, b)
+    rr = max(min(r.height // gh, m), 1)
+    rc = max(min(r.width // gw, m // rr), 1)
+    return -(-m // (rr * rc))
