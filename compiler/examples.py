@@ -59,6 +59,52 @@ class CNN(nn.Module):
         return nn.Dense(self.classes)(x.reshape(x.shape[0], -1))
 
 
+class VGG(nn.Module):
+    """VGG-style: two blocks of two 3x3 convs and a 2x2 max pool (channels c, then 2c), then dense 256 and 10."""
+
+    channels: int = 64
+
+    @nn.compact
+    def __call__(self, x):
+        for f in (self.channels, 2 * self.channels):
+            x = nn.relu(nn.Conv(f, (3, 3), padding="SAME")(x))
+            x = nn.relu(nn.Conv(f, (3, 3), padding="SAME")(x))
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(256)(x))
+        return nn.Dense(10)(x)
+
+
+class EncoderBlock(nn.Module):
+    """Post-norm Transformer encoder block with [d, d] Dense projections (the partitioner tiles a weight's last two
+    axes; DenseGeneral's [d, heads, d_head] weights are tiled over (heads, d_head) and do not run per core)."""
+
+    heads: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        b, t, d = x.shape
+        dh = d // self.heads
+        q, k, v = (nn.Dense(d, name=n)(x).reshape(b, t, self.heads, dh) for n in ("query", "key", "value"))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(dh).astype(x.dtype)
+        attn = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v).reshape(b, t, d)
+        x = nn.LayerNorm()(x + nn.Dense(d, name="out")(attn))
+        h = nn.Dense(d)(nn.gelu(nn.Dense(4 * d)(x)))
+        return nn.LayerNorm()(x + h)
+
+
+class Transformer(nn.Module):
+    """`blocks` encoder blocks (the model width is the input's last axis)."""
+
+    blocks: int = 2
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(self.blocks):
+            x = EncoderBlock()(x)
+        return x
+
+
 def init_params(module: nn.Module, *inputs, seed: int = 0):
     """Parameters of a linen module: shapes from `jax.eval_shape(module.init)`, values from NumPy.
 

@@ -26,73 +26,17 @@ import argparse
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 import compiler
 import wafer
+from compiler.examples import MLP, VGG, Transformer
 from compiler.search import METHODS, gradient_placement, heuristic_placement, placement_problem, search_placement
 
-
-class MLP(nn.Module):
-    features: tuple = (8192, 8192, 8192, 8192, 10)
-
-    @nn.compact
-    def __call__(self, x):
-        for i, f in enumerate(self.features):
-            x = nn.Dense(f)(x)
-            if i < len(self.features) - 1:
-                x = nn.relu(x)
-        return x
-
-
-class CNN(nn.Module):
-    """VGG-style: two blocks of two 3x3 convs and a 2x2 max pool, then dense 256 and dense 10."""
-
-    @nn.compact
-    def __call__(self, x):
-        for f in (64, 128):
-            x = nn.relu(nn.Conv(f, (3, 3), padding="SAME")(x))
-            x = nn.relu(nn.Conv(f, (3, 3), padding="SAME")(x))
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(256)(x))
-        return nn.Dense(10)(x)
-
-
-class EncoderBlock(nn.Module):
-    """Post-norm Transformer encoder block with [d, d] Dense projections (the partitioner tiles a weight's last two
-    axes; DenseGeneral's [d, heads, d_head] would keep activations on a grid at most `heads` high)."""
-
-    heads: int = 4
-    d_model: int = 256
-
-    @nn.compact
-    def __call__(self, x):
-        b, t, d = x.shape
-        dh = d // self.heads
-        q, k, v = (nn.Dense(d, name=n)(x).reshape(b, t, self.heads, dh) for n in ("query", "key", "value"))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(dh).astype(x.dtype)
-        attn = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v).reshape(b, t, d)
-        x = nn.LayerNorm()(x + nn.Dense(d, name="out")(attn))
-        h = nn.Dense(d)(nn.gelu(nn.Dense(4 * d)(x)))
-        return nn.LayerNorm()(x + h)
-
-
-class Transformer(nn.Module):
-    blocks: int = 2
-
-    @nn.compact
-    def __call__(self, x):
-        for _ in range(self.blocks):
-            x = EncoderBlock()(x)
-        return x
-
-
 MODELS = {
-    "mlp": (MLP, (64, 784)),
-    "cnn": (CNN, (64, 32, 32, 3)),
+    "mlp": (lambda: MLP((8192, 8192, 8192, 8192, 10)), (64, 784)),
+    "cnn": (VGG, (64, 32, 32, 3)),
     "transformer": (Transformer, (8, 128, 256)),
 }
 

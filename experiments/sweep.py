@@ -23,7 +23,6 @@ import os
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pandas as pd
@@ -31,56 +30,8 @@ import pandas as pd
 import compiler
 import wafer
 from compiler import sweep_plots
+from compiler.examples import MLP, VGG, Transformer
 from compiler.sweep import sweep, what_if
-
-
-class MLP(nn.Module):
-    features: tuple
-
-    @nn.compact
-    def __call__(self, x):
-        for i, f in enumerate(self.features):
-            x = nn.Dense(f)(x)
-            if i < len(self.features) - 1:
-                x = nn.relu(x)
-        return x
-
-
-class CNN(nn.Module):
-    channels: int = 64
-
-    @nn.compact
-    def __call__(self, x):
-        for f in (self.channels, 2 * self.channels):
-            x = nn.relu(nn.Conv(f, (3, 3), padding="SAME")(x))
-            x = nn.relu(nn.Conv(f, (3, 3), padding="SAME")(x))
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(256)(x))
-        return nn.Dense(10)(x)
-
-
-class EncoderBlock(nn.Module):
-    heads: int = 4
-
-    @nn.compact
-    def __call__(self, x):
-        b, t, d = x.shape
-        dh = d // self.heads
-        q, k, v = (nn.Dense(d, name=n)(x).reshape(b, t, self.heads, dh) for n in ("query", "key", "value"))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(dh).astype(x.dtype)
-        attn = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v).reshape(b, t, d)
-        x = nn.LayerNorm()(x + nn.Dense(d, name="out")(attn))
-        h = nn.Dense(d)(nn.gelu(nn.Dense(4 * d)(x)))
-        return nn.LayerNorm()(x + h)
-
-
-class Transformer(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        for _ in range(2):
-            x = EncoderBlock()(x)
-        return x
 
 
 def make_model(name: str):
@@ -93,7 +44,7 @@ def make_model(name: str):
     if name == "mlp":
         return (lambda w: build(MLP((w, w, w, 10)), (64, 784))), [512, 1024, 2048]
     if name == "cnn":
-        return (lambda c: build(CNN(c), (64, 32, 32, 3))), [16, 32, 64]
+        return (lambda c: build(VGG(c), (64, 32, 32, 3))), [16, 32, 64]
     if name == "transformer":
         return (lambda d: build(Transformer(), (8, 128, d))), [128, 256]
     raise ValueError(f"unknown model {name!r}; choose mlp, cnn or transformer")
