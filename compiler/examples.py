@@ -59,6 +59,21 @@ class CNN(nn.Module):
         return nn.Dense(self.classes)(x.reshape(x.shape[0], -1))
 
 
+class LeNet(nn.Module):
+    """LeNet-style: conv 5x5x6 - relu - avg pool - conv 5x5x16 - relu - max pool - dense 120 - 84 - 10."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(6, (5, 5), padding="SAME")(x))
+        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+        x = nn.relu(nn.Conv(16, (5, 5), padding="VALID")(x))
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(120)(x))
+        x = nn.relu(nn.Dense(84)(x))
+        return nn.Dense(10)(x)
+
+
 class VGG(nn.Module):
     """VGG-style: two blocks of two 3x3 convs and a 2x2 max pool (channels c, then 2c), then dense 256 and 10."""
 

@@ -19,70 +19,19 @@ import statistics
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import compiler
 import wafer
-
-
-class MLP(nn.Module):
-    features: tuple[int, ...] = (512, 512, 10)
-
-    @nn.compact
-    def __call__(self, x):
-        for i, f in enumerate(self.features):
-            x = nn.Dense(f)(x)
-            if i < len(self.features) - 1:
-                x = nn.relu(x)
-        return x
-
-
-class CNN(nn.Module):
-    """LeNet-ish: conv 5x5x6 - relu - avg pool - conv 5x5x16 - relu - max pool - dense 120 - dense 84 - dense 10."""
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Conv(6, (5, 5), padding="SAME")(x))
-        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-        x = nn.relu(nn.Conv(16, (5, 5), padding="VALID")(x))
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(120)(x))
-        x = nn.relu(nn.Dense(84)(x))
-        return nn.Dense(10)(x)
-
-
-class Encoder(nn.Module):
-    """Post-norm Transformer encoder block: multi-head self-attention, LayerNorm, gelu MLP (4 x d_model), LayerNorm.
-
-    The attention projections are `nn.Dense` layers ([d, d] weights, which the compiler runs per core) rather than
-    `nn.MultiHeadDotProductAttention`'s DenseGeneral ([d, heads, d_head] weights): the partitioner tiles a weight's
-    last two axes, which for DenseGeneral are (heads, d_head), and then keeps the kernel's activations on a grid
-    at most `heads` rows high, which overflows SRAM at this size.
-    """
-
-    heads: int = 4
-    d_model: int = 128
-
-    @nn.compact
-    def __call__(self, x):
-        b, t, d = x.shape
-        dh = d // self.heads
-        q, k, v = (nn.Dense(d, name=n)(x).reshape(b, t, self.heads, dh) for n in ("query", "key", "value"))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(dh).astype(x.dtype)
-        attn = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v).reshape(b, t, d)
-        x = nn.LayerNorm()(x + nn.Dense(d, name="out")(attn))
-        h = nn.Dense(d)(nn.gelu(nn.Dense(4 * d)(x)))
-        return nn.LayerNorm()(x + h)
-
+from compiler.examples import MLP, EncoderBlock, LeNet
 
 MODELS = {
-    "mlp": (lambda: MLP(), (256, 784)),
-    "cnn": (lambda: CNN(), (128, 28, 28, 1)),
-    "encoder": (lambda: Encoder(), (16, 64, 128)),
+    "mlp": (lambda: MLP((512, 512, 10)), (256, 784)),
+    "cnn": (lambda: LeNet(), (128, 28, 28, 1)),
+    # attention with [d, d] Dense projections, which run per core (compiler.examples.EncoderBlock)
+    "encoder": (lambda: EncoderBlock(), (16, 64, 128)),
 }
 
 

@@ -39,29 +39,9 @@ import optax
 
 import compiler
 import wafer
+from compiler.examples import MLP, LeNet
 
 # ---- models ---------------------------------------------------------------------------------------------------
-
-
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Dense(512)(x))
-        x = nn.relu(nn.Dense(512)(x))
-        return nn.Dense(10)(x)
-
-
-class LeNet(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Conv(6, (5, 5), padding="SAME")(x))
-        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-        x = nn.relu(nn.Conv(16, (5, 5), padding="VALID")(x))
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(120)(x))
-        x = nn.relu(nn.Dense(84)(x))
-        return nn.Dense(10)(x)
 
 
 class Block(nn.Module):
@@ -113,7 +93,7 @@ def _block(seed):
 
 
 MODELS = {
-    "mlp": ("MLP 784-512-512-10, batch 128", lambda: _classifier(MLP(), (128, 784), 0)),
+    "mlp": ("MLP 784-512-512-10, batch 128", lambda: _classifier(MLP((512, 512, 10)), (128, 784), 0)),
     "cnn": ("LeNet 28x28x1, batch 64", lambda: _classifier(LeNet(), (64, 28, 28, 1), 1)),
     "block": ("Transformer block T=64 d=128 h=4, batch 8", lambda: _block(2)),
 }
