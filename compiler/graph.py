@@ -23,8 +23,7 @@ in program order, and data only flows from earlier to later kernels. Edges carry
 kernel defines and a later kernel reads.
 
 Counts per kernel come from `wafer.kernel.count_jaxpr` on a jaxpr of the kernel's equations (one call, whole
-batch). Primitives the machine's cost table does not know yet are counted here, with rules stated at
-`_count_local`.
+batch): the machine's one table of instruction classes.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ import math
 from collections import Counter
 from collections.abc import Mapping
 
-import jax
 import numpy as np
 from jax.extend import core as jcore
 
@@ -174,10 +172,6 @@ _HINTS = {
     "Python bounds (which lowers to scan).",
 }
 
-# ALU operations per 32-bit word of threefry output: 20 rounds of add, rotate (two shifts and an or) and xor over
-# a pair of words, plus 5 key injections, is about 110 operations per pair.
-_THREEFRY_OPS_PER_WORD = 55
-
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
@@ -314,7 +308,7 @@ def check_supported(jaxpr: jcore.Jaxpr) -> None:
         name = eqn.primitive.name
         if name not in SUPPORTED_PRIMITIVES:
             raise UnsupportedOpError(name, user_source(eqn), SUPPORTED_PRIMITIVES, hint=_HINTS.get(name, ""))
-        for sub in _bodies(eqn):
+        for sub in wafer.kernel.sub_jaxprs(eqn):
             check_supported(sub)
 
 
@@ -507,76 +501,7 @@ def _is_prologue_op(eqn) -> bool:
     return False
 
 
-def _bodies(eqn):
-    for v in eqn.params.values():
-        if isinstance(v, jcore.ClosedJaxpr):
-            yield v.jaxpr
-        elif isinstance(v, jcore.Jaxpr):
-            yield v
-        elif isinstance(v, tuple):
-            for b in v:
-                if isinstance(b, jcore.ClosedJaxpr):
-                    yield b.jaxpr
-
-
-def _machine_counts(eqn) -> bool:
-    """Whether `wafer.kernel.count_jaxpr` has a rule for `eqn` (and for everything in its bodies)."""
-    if eqn.primitive.name not in wafer.kernel.SUPPORTED_PRIMITIVES or eqn.primitive.name == "while":
-        return False
-    if any(_is_key(v.aval) for v in eqn.outvars):
-        return False
-    return all(_machine_counts(e) for body in _bodies(eqn) for e in body.eqns)
-
-
-def _is_key(aval) -> bool:
-    return jax.dtypes.issubdtype(aval.dtype, jax.dtypes.extended)
-
-
 def _count(eqns, outvars) -> Counter:
     """{(op_class, dtype_class): elements} of one execution of `eqns`, whose `outvars` are used outside."""
-    machine = [e for e in eqns if _machine_counts(e)]
-    local = [e for e in eqns if not _machine_counts(e)]
-    # Values read by the locally counted equations stay "used", so the machine's FMA fusion sees every use.
-    kept = list(outvars) + [v for e in local for v in e.invars if isinstance(v, jcore.Var)]
-    counts = Counter(
-        wafer.kernel.count_jaxpr(jcore.Jaxpr([], [], kept, machine, debug_info=DEBUG_INFO), where="compiler")
-    )
-    for e in local:
-        counts.update(_count_local(e))
-    return counts
-
-
-def _count_local(eqn) -> Counter:
-    """Cost rules for primitives the machine's table lacks.
-
-    - `reduce_window_*` (pooling) and `select_and_*`: one ALU operation per output element per window element.
-    - `cummin`: an ALU move of its output, as `cummax`.
-    - `split`: free (descriptor slicing, as `slice`).
-    - `random_bits`, `random_split`, `random_fold_in`, `threefry2x32`: the threefry hash, `_THREEFRY_OPS_PER_WORD`
-      ALU operations per 32-bit output word; wrapping, unwrapping, seeding and moving keys is free.
-    - `scan` and `cond` whose bodies need these rules: the body times the length; the costliest branch.
-    """
-    name = eqn.primitive.name
-    counts: Counter = Counter()
-    outs = [v.aval for v in eqn.outvars]
-    size = math.prod(outs[0].shape) if outs else 0
-    if name in _POOLS or name in ("select_and_scatter_add", "select_and_gather_add"):
-        window = math.prod(eqn.params["window_dimensions"])
-        counts[("alu", wafer.kernel.dtype_class(outs[0].dtype))] += size * window
-    elif name == "cummin":
-        counts[("alu", wafer.kernel.dtype_class(outs[0].dtype))] += size
-    elif name in ("random_bits", "random_split", "random_fold_in", "threefry2x32"):
-        words = sum(math.prod(a.shape) * max(1, a.dtype.itemsize // 4) for a in outs)
-        counts[("alu", "int")] += words * _THREEFRY_OPS_PER_WORD
-    elif name in ("split", "random_wrap", "random_unwrap", "random_seed") or any(_is_key(a) for a in outs):
-        pass  # descriptor slicing and key bookkeeping
-    elif name == "scan":
-        body = eqn.params["jaxpr"].jaxpr
-        for key, c in _count(body.eqns, body.outvars).items():
-            counts[key] += c * eqn.params["length"]
-    elif name == "cond":
-        branches = [_count(b.jaxpr.eqns, b.jaxpr.outvars) for b in eqn.params["branches"]]
-        counts.update(max(branches, key=lambda c: sum(c.values())))
-    else:
-        raise UnsupportedOpError(name, user_source(eqn), SUPPORTED_PRIMITIVES, hint=_HINTS.get(name, ""))
-    return counts
+    jaxpr = jcore.Jaxpr([], [], list(outvars), list(eqns), debug_info=DEBUG_INFO)
+    return Counter(wafer.kernel.count_jaxpr(jaxpr, where="compiler"))

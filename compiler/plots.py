@@ -30,7 +30,7 @@ from matplotlib import colormaps, patheffects
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
-from wafer.state import DIRECTIONS
+from wafer.fabric import DIRECTIONS
 
 MAX_PIXELS = 1000  # heatmaps with more cores than this on a side are max-pooled
 DPI = 120

@@ -75,18 +75,30 @@ subnormals and the rounding mode are not published: they are our IEEE-like choic
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax._src import source_info_util
 from jax.extend import core as jcore
 
-from compiler.trace import CALL_PRIMITIVES
+from wafer.formats import (  # noqa: F401 - the formats' names are part of this module's API
+    CB16_BIAS,
+    CB16_EXPONENT_BITS,
+    CB16_MANTISSA_BITS,
+    CB16_MAX,
+    CB16_MIN_NORMAL,
+    CB16_MIN_SUBNORMAL,
+    FORMATS,
+    cb16_values,
+    decode_cb16,
+    encode_cb16,
+    round_cb16,
+    round_to,
+)
+from wafer.kernel import CALL_PRIMITIVES, is_call, sub_jaxprs
 
 STORAGE_FORMATS = ("float32", "float16", "bfloat16", "cb16")
 _ALIASES = {
@@ -103,120 +115,6 @@ _ALIASES = {
     "cbfloat16": "cb16",
 }
 _SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "cb16": "cb16"}
-
-# cb16: 1 sign bit, 6 exponent bits (bias 31), 9 mantissa bits.
-CB16_EXPONENT_BITS = 6
-CB16_MANTISSA_BITS = 9
-CB16_BIAS = 31
-CB16_MAX = (2.0 - 2.0**-9) * 2.0**31
-CB16_MIN_NORMAL = 2.0**-30
-CB16_MIN_SUBNORMAL = 2.0**-39
-
-_F32_MANT = 23
-_DROP = _F32_MANT - CB16_MANTISSA_BITS  # 14 float32 mantissa bits dropped
-_MIN_NORMAL_BITS = (127 - 30) << _F32_MANT  # float32 bits of 2**-30
-
-
-def _u32(v) -> jax.Array:
-    return jnp.uint32(v)
-
-
-# (exponent bits, mantissa bits, log2 of the smallest normal) of the 16-bit formats
-_FORMATS = {"float16": (5, 10, -14), "bfloat16": (8, 7, -126), "cb16": (CB16_EXPONENT_BITS, CB16_MANTISSA_BITS, -30)}
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _round_raw(x: jax.Array, storage: str) -> jax.Array:
-    """float32 -> float32 on the grid of `storage`: round to nearest, ties to even, IEEE subnormals, overflow to
-    infinity, NaN kept.
-
-    `lax.reduce_precision` rounds the mantissa and the exponent range; XLA keeps it where it may drop a
-    float32 -> bfloat16 -> float32 pair of casts as "excess precision" (its GPU backend does). It flushes what falls
-    below the smallest normal to zero, so that range is rounded here on the subnormal grid (multiples of
-    2**(min_exp - mantissa_bits)): scaling by powers of two is exact there, and lax.round rounds ties to even.
-    For float16 and bfloat16 the result is bit for bit `x.astype(fmt).astype(float32)`.
-    """
-    e, m, min_exp = _FORMATS[storage]
-    r = lax.reduce_precision(x, exponent_bits=e, mantissa_bits=m)
-    if e < 8:  # bfloat16's subnormals are float32's own
-        scale = np.float32(2.0 ** (m - min_exp))
-        sub = lax.round(x * scale, lax.RoundingMethod.TO_NEAREST_EVEN) * np.float32(1 / scale)
-        r = jnp.where(jnp.abs(x) < np.float32(2.0**min_exp), sub, r)
-    return r
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _round(x, storage):
-    return _round_raw(x, storage)
-
-
-def _round_fwd(x, storage):
-    return _round_raw(x, storage), None
-
-
-def _round_bwd(storage, _, ct):
-    # as a cast's cotangent (`astype` round trips): the backward pass stores the gradient in the same format
-    return (_round_raw(ct, storage),)
-
-
-_round.defvjp(_round_fwd, _round_bwd)
-
-
-def round_to(x, storage: str) -> jax.Array:
-    """Round to the nearest value of a 16-bit format ("float16", "bfloat16", "cb16"); float32 results.
-
-    Gradient: the cotangent rounded the same way (what `x.astype(bfloat16).astype(float32)` gives). Works under
-    jit, grad and vmap; not under forward-mode jvp.
-    """
-    if storage not in _FORMATS:
-        raise ValueError(f"round_to: storage must be one of {tuple(_FORMATS)}, got {storage!r}")
-    return _round(jnp.asarray(x, jnp.float32), storage)
-
-
-def round_cb16(x) -> jax.Array:
-    """Round to the nearest cb16 value (ties to even); returns float32 values on the cb16 grid.
-
-    Gradient: the cotangent rounded to cb16 (as `astype` round trips do for float16/bfloat16). Works under
-    jit, grad and vmap; not under forward-mode jvp.
-    """
-    return round_to(x, "cb16")
-
-
-@jax.jit
-def encode_cb16(x) -> jax.Array:
-    """float32 -> the uint16 bit patterns of the nearest cb16 values (sign | exponent << 9 | mantissa)."""
-    r = _round_raw(jnp.asarray(x, jnp.float32), "cb16")
-    bits = lax.bitcast_convert_type(r, jnp.uint32)
-    sign = (bits >> 16) & _u32(0x8000)
-    mag = bits & _u32(0x7FFFFFFF)
-    exp = mag >> _F32_MANT
-    normal = ((exp - _u32(127 - CB16_BIAS)) << CB16_MANTISSA_BITS) | ((mag >> _DROP) & _u32(0x1FF))
-    a = lax.bitcast_convert_type(mag, jnp.float32)
-    sub = (a * np.float32(2.0**39)).astype(jnp.uint32)  # exact: r is on the subnormal grid
-    body = jnp.where(mag < _u32(_MIN_NORMAL_BITS), sub, normal)
-    body = jnp.where(mag == _u32(0x7F800000), _u32(0x7E00), body)
-    body = jnp.where(jnp.isnan(r), _u32(0x7F00), body)
-    return (sign | body).astype(jnp.uint16)
-
-
-@jax.jit
-def decode_cb16(bits) -> jax.Array:
-    """uint16 cb16 bit patterns -> their float32 values."""
-    b = jnp.asarray(bits).astype(jnp.uint32)
-    sign = (b & _u32(0x8000)) << 16
-    exp = (b >> CB16_MANTISSA_BITS) & _u32(0x3F)
-    man = b & _u32(0x1FF)
-    normal = ((exp + _u32(127 - CB16_BIAS)) << _F32_MANT) | (man << _DROP)
-    sub = lax.bitcast_convert_type(man.astype(jnp.float32) * np.float32(2.0**-39), jnp.uint32)
-    special = jnp.where(man == 0, _u32(0x7F800000), _u32(0x7FC00000))
-    mag = jnp.where(exp == 0, sub, jnp.where(exp == 63, special, normal))
-    return lax.bitcast_convert_type(sign | mag, jnp.float32)
-
-
-def cb16_values() -> np.ndarray:
-    """The float32 values of all 65,536 cb16 bit patterns, indexed by pattern (NaNs included)."""
-    return np.asarray(decode_cb16(jnp.arange(1 << 16, dtype=jnp.uint32).astype(jnp.uint16)))
-
 
 # ---- policies ------------------------------------------------------------------------------------------------
 
@@ -333,8 +231,6 @@ Policy.FP32, Policy.FP16, Policy.BF16, Policy.CB16 = FP32, FP16, BF16, CB16
 # ---- apply_policy: a jaxpr interpreter ---------------------------------------------------------------------------
 
 _MATMULS = ("dot_general", "conv_general_dilated")
-# Call-like primitives whose body is evaluated in line (with the policy) when it holds a matmul.
-_CALLS = CALL_PRIMITIVES  # the same call-like primitives the tracer inlines (compiler/trace.py)
 # Control flow whose bodies are rewritten under the policy.
 _CONTROL = ("scan", "while", "cond")
 
@@ -441,23 +337,9 @@ def _applies(eqn) -> bool:
     return all(np.dtype(v.aval.dtype) == np.float32 for v in eqn.invars)
 
 
-def _sub_jaxprs(params):
-    for v in params.values():
-        if isinstance(v, jcore.ClosedJaxpr):
-            yield v.jaxpr
-        elif isinstance(v, jcore.Jaxpr):
-            yield v
-        elif isinstance(v, tuple):
-            for b in v:
-                if isinstance(b, jcore.ClosedJaxpr):
-                    yield b.jaxpr
-                elif isinstance(b, jcore.Jaxpr):
-                    yield b
-
-
 def _has_matmul(jaxpr) -> bool:
     for eqn in jaxpr.eqns:
-        if _applies(eqn) or any(_has_matmul(sub) for sub in _sub_jaxprs(eqn.params)):
+        if _applies(eqn) or any(_has_matmul(sub) for sub in sub_jaxprs(eqn)):
             return True
     return False
 
@@ -493,10 +375,10 @@ def _eval(jaxpr, consts, args, ctx: _Ctx, twins=None) -> list:
                 params = dict(eqn.params, preferred_element_type=np.dtype(np.float32))
                 stored[eqn.outvars[0]] = ctx.store(eqn.primitive.bind(*ops, **params))
                 continue
-            subs = list(_sub_jaxprs(eqn.params))
+            subs = list(sub_jaxprs(eqn))
             inline = bool(subs) and any(_has_matmul(s) for s in subs)
-            if inline and name in _CALLS and _CALLS[name] in eqn.params:
-                body = eqn.params[_CALLS[name]]
+            if inline and is_call(eqn):  # a call-like primitive: its body evaluated in line, with the policy
+                body = eqn.params[CALL_PRIMITIVES[name]]
                 sub, sub_consts = (body.jaxpr, body.consts) if isinstance(body, jcore.ClosedJaxpr) else (body, ())
                 sub_twins = [stored.get(a) if isinstance(a, jcore.Var) else None for a in eqn.invars]
                 sub_args = [None if t is not None else read(a) for a, t in zip(eqn.invars, sub_twins)]

@@ -30,19 +30,9 @@ from jax.extend import core as jcore
 
 import wafer.kernel
 
-# Call-like primitives whose body is inlined, and the parameter that holds the body.
-CALL_PRIMITIVES = {
-    "jit": "jaxpr",
-    "pjit": "jaxpr",
-    "closed_call": "call_jaxpr",
-    "core_call": "call_jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "custom_vjp_call_jaxpr": "fun_jaxpr",
-    "remat2": "jaxpr",
-    "remat": "jaxpr",
-    "checkpoint": "jaxpr",
-}
+# Call-like primitives whose body is inlined, and the parameter that holds it: the machine's one table.
+CALL_PRIMITIVES = wafer.kernel.CALL_PRIMITIVES
+is_call = wafer.kernel.is_call
 
 
 # For jaxprs the compiler builds itself (JAX deprecates jaxprs without one).
@@ -250,11 +240,6 @@ def flatten_jaxpr(jaxpr: jcore.Jaxpr, consts: Sequence) -> tuple[jcore.Jaxpr, li
     return flat, new_consts
 
 
-def is_call(eqn) -> bool:
-    """Whether `eqn` is a call-like equation that `flatten_jaxpr` inlines."""
-    return eqn.primitive.name in CALL_PRIMITIVES and CALL_PRIMITIVES[eqn.primitive.name] in eqn.params
-
-
 def _read(env, atom):
     return atom if isinstance(atom, jcore.Literal) else env[atom]
 
@@ -304,30 +289,15 @@ def _inline(jaxpr, env, eqns, constvars, consts, call_site=None) -> None:
 
 
 def _flatten_closed(closed: jcore.ClosedJaxpr) -> jcore.ClosedJaxpr:
-    if not any(is_call(e) or _has_bodies(e) for e in closed.jaxpr.eqns):
+    if not any(is_call(e) or any(True for _ in wafer.kernel.sub_jaxprs(e)) for e in closed.jaxpr.eqns):
         return closed
     jaxpr, consts = flatten_jaxpr(closed.jaxpr, closed.consts)
     return jcore.ClosedJaxpr(jaxpr, consts)
 
 
-def _has_bodies(eqn) -> bool:
-    return any(
-        isinstance(v, jcore.ClosedJaxpr)
-        or (isinstance(v, tuple) and v and all(isinstance(b, jcore.ClosedJaxpr) for b in v))
-        for v in eqn.params.values()
-    )
-
-
 def _flatten_params(params: dict) -> dict:
     """Control-flow bodies (closed jaxprs, or tuples of them as `cond` branches) with their calls inlined."""
-    out = {}
-    for k, v in params.items():
-        if isinstance(v, jcore.ClosedJaxpr):
-            v = _flatten_closed(v)
-        elif isinstance(v, tuple) and v and all(isinstance(b, jcore.ClosedJaxpr) for b in v):
-            v = tuple(_flatten_closed(b) for b in v)
-        out[k] = v
-    return out
+    return wafer.kernel.map_closed_jaxprs(params, _flatten_closed)
 
 
 # Files of libraries and of this project: a user's source line is the innermost frame outside them.

@@ -7,12 +7,13 @@ SRAM segmented by allocation, link and compute counters, the clock), an SRAM all
 """
 
 from wafer import cost, fabric, kernel, mesh
-from wafer.fabric import Traffic, halo_exchange, multicast, reduce, shift
-from wafer.kernel import KernelCost, UnsupportedPrimitiveError, map_cores
-from wafer.memory import Allocation, MemoryMap, Rect, SramCapacityError
+from wafer.errors import SramCapacityError, UnsupportedPrimitiveError, WaferError
+from wafer.fabric import DIRECTIONS, Traffic, halo_exchange, multicast, reduce, shift
+from wafer.kernel import KernelCost, map_cores
+from wafer.memory import Allocation, MemoryMap, Rect
 from wafer.mesh import make_mesh, shard
 from wafer.spec import WSE1, WSE2, WSE3, WaferSpec
-from wafer.state import DIRECTIONS, WaferState, init
+from wafer.state import WaferState, init
 from wafer.step import Superstep, charge, run, step, superstep
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "MemoryMap",
     "Rect",
     "SramCapacityError",
+    "WaferError",
     "Traffic",
     "shift",
     "multicast",

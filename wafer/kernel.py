@@ -25,24 +25,11 @@ import numpy as np
 from jax.extend import core as jcore
 
 from wafer import cost
+from wafer.errors import UnsupportedPrimitiveError
 from wafer.memory import Rect
 
-
-class UnsupportedPrimitiveError(NotImplementedError):
-    """A per-core program uses a primitive the cost model does not know.
-
-    Attributes: primitive (name), source (the user's file:line, or "unknown").
-    """
-
-    def __init__(self, primitive: str, source: str, where: str = "per-core kernel"):
-        self.primitive, self.source = primitive, source
-        super().__init__(
-            f"{where}: primitive '{primitive}' is not supported (at {source}). Supported primitives "
-            f"are listed in wafer.kernel.SUPPORTED_PRIMITIVES."
-        )
-
-
 _FREE = {
+    "custom_lin",  # a linearised custom rule's placeholder: no work of its own
     "reshape",
     "broadcast_in_dim",
     "squeeze",
@@ -151,20 +138,50 @@ _SPECIAL = {
 }
 _REDUCE = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "argmax", "argmin"}
 _DOT = {"dot_general", "conv_general_dilated"}
-_CALLS = {
-    "pjit",
-    "jit",
-    "closed_call",
-    "core_call",
-    "custom_jvp_call",
-    "custom_vjp_call",
-    "custom_vjp_call_jaxpr",
-    "remat",
-    "checkpoint",
-    "custom_lin",
+# Call-like primitives: the body is evaluated in line; value: the equation parameter that holds it. The one
+# table of them: the compiler's tracer inlines these bodies, its precision policy rewrites them, the counter
+# walks them.
+CALL_PRIMITIVES = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+    "remat2": "jaxpr",
+    "remat": "jaxpr",
+    "checkpoint": "jaxpr",
 }
+# Windowed reductions (pooling) and their gradients: one ALU operation per output element per window element.
+_WINDOW = {
+    "reduce_window_sum",
+    "reduce_window_max",
+    "reduce_window_min",
+    "reduce_window",
+    "select_and_scatter_add",
+    "select_and_gather_add",
+}
+# Pseudo-random bits: the threefry hash. 20 rounds of add, rotate (two shifts and an or) and xor over a pair of
+# 32-bit words, plus 5 key injections, is about 110 ALU operations per pair: 55 per output word.
+_RANDOM_BITS = {"random_bits", "random_split", "random_fold_in", "threefry2x32"}
+THREEFRY_OPS_PER_WORD = 55
+# Key bookkeeping: wrapping, unwrapping and seeding keys moves no data through the SIMD unit.
+_KEYS = {"random_wrap", "random_unwrap", "random_seed"}
 SUPPORTED_PRIMITIVES = tuple(
-    sorted(_FREE | _MOVE | _ALU | _SPECIAL | _REDUCE | _DOT | _CALLS | {"scan", "cond", "while"})
+    sorted(
+        _FREE
+        | _MOVE
+        | _ALU
+        | _SPECIAL
+        | _REDUCE
+        | _DOT
+        | _WINDOW
+        | _RANDOM_BITS
+        | _KEYS
+        | set(CALL_PRIMITIVES)
+        | {"scan", "cond", "while"}
+    )
 )
 
 
@@ -197,12 +214,38 @@ def _size(aval) -> int:
     return math.prod(aval.shape)
 
 
-def _sub_jaxprs(eqn):
+def sub_jaxprs(eqn):
+    """The jaxprs an equation holds (call bodies, scan/while bodies, cond branches), open, in parameter order.
+
+    The one walker of sub-jaxprs: counting, the compiler's support check and its precision policy use it.
+    """
     for v in eqn.params.values():
+        for b in v if isinstance(v, tuple) else (v,):
+            if isinstance(b, jcore.ClosedJaxpr):
+                yield b.jaxpr
+            elif isinstance(b, jcore.Jaxpr):
+                yield b
+
+
+def map_closed_jaxprs(params: Mapping, fn) -> dict:
+    """`params` with every closed jaxpr (alone or in a tuple, as cond's branches) replaced by `fn(closed)`."""
+    out = {}
+    for k, v in params.items():
         if isinstance(v, jcore.ClosedJaxpr):
-            yield v.jaxpr
-        elif isinstance(v, jcore.Jaxpr):
-            yield v
+            v = fn(v)
+        elif isinstance(v, tuple) and v and all(isinstance(b, jcore.ClosedJaxpr) for b in v):
+            v = tuple(fn(b) for b in v)
+        out[k] = v
+    return out
+
+
+def is_call(eqn) -> bool:
+    """Whether `eqn` is a call-like equation with its body in the parameter CALL_PRIMITIVES names."""
+    return eqn.primitive.name in CALL_PRIMITIVES and CALL_PRIMITIVES[eqn.primitive.name] in eqn.params
+
+
+def _is_key(aval) -> bool:
+    return jax.dtypes.issubdtype(aval.dtype, jax.dtypes.extended)
 
 
 def count_jaxpr(jaxpr, *, where: str = "per-core kernel") -> Counter:
@@ -242,8 +285,11 @@ def count_jaxpr(jaxpr, *, where: str = "per-core kernel") -> Counter:
             if name == "mul":
                 continue
             counts[("fmac", dtype_class(out.dtype))] += _size(out)
-        elif name in _FREE:
-            continue
+        elif name in _RANDOM_BITS:
+            words = sum(_size(o.aval) * max(1, o.aval.dtype.itemsize // 4) for o in eqn.outvars)
+            counts[("alu", "int")] += words * THREEFRY_OPS_PER_WORD
+        elif name in _FREE or name in _KEYS or any(_is_key(v.aval) for v in eqn.outvars):
+            continue  # descriptor views, width changes at load, key bookkeeping
         elif name in _ALU:
             n = _size(out)
             if name == "integer_pow":  # square-and-multiply: x**2 is one multiply, x**3 and x**4 two
@@ -258,6 +304,8 @@ def count_jaxpr(jaxpr, *, where: str = "per-core kernel") -> Counter:
             counts[("special", dtype_class(out.dtype))] += _size(out)
         elif name in _REDUCE:
             counts[("alu", dtype_class(eqn.invars[0].aval.dtype))] += _size(eqn.invars[0].aval)
+        elif name in _WINDOW:
+            counts[("alu", dtype_class(out.dtype))] += _size(out) * math.prod(eqn.params["window_dimensions"])
         elif name == "dot_general":
             lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
             (lc, _), _ = eqn.params["dimension_numbers"]
@@ -283,8 +331,8 @@ def count_jaxpr(jaxpr, *, where: str = "per-core kernel") -> Counter:
                 source_of(eqn),
                 where + " (a data-dependent loop has no static cost; use lax.scan or fori_loop with static bounds)",
             )
-        elif name in _CALLS or any(True for _ in _sub_jaxprs(eqn)):
-            for sub in _sub_jaxprs(eqn):
+        elif name in CALL_PRIMITIVES:
+            for sub in sub_jaxprs(eqn):
                 counts.update(count_jaxpr(sub, where=where))
         else:
             raise UnsupportedPrimitiveError(name, source_of(eqn), where)

@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from wafer.errors import SramCapacityError
+
 WORD_BYTES = 4
 
 
@@ -59,30 +61,6 @@ class Rect(NamedTuple):
 
     def __str__(self) -> str:
         return f"{self.height}x{self.width}@({self.row},{self.col})"
-
-
-class SramCapacityError(ValueError):
-    """An allocation does not fit in the SRAM of the cores it covers.
-
-    Attributes: allocation (name), core ((row, col) of the fullest core), bytes_needed, bytes_free.
-    """
-
-    def __init__(
-        self,
-        allocation: str,
-        core: tuple[int, int],
-        bytes_needed: int,
-        bytes_free: int,
-        capacity: int,
-        detail: str = "",
-    ):
-        self.allocation, self.core = allocation, core
-        self.bytes_needed, self.bytes_free, self.capacity = bytes_needed, bytes_free, capacity
-        msg = (
-            f"SRAM allocation {allocation!r} needs {bytes_needed} bytes per core but core {core} has only "
-            f"{bytes_free} bytes free (capacity {capacity} bytes per core)"
-        )
-        super().__init__(msg + (f"; {detail}" if detail else ""))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,8 +24,6 @@ from flax import struct
 from wafer.memory import MemoryMap, Rect
 from wafer.spec import WaferSpec
 
-DIRECTIONS = ("N", "E", "S", "W")
-
 
 @struct.dataclass
 class WaferState:
