@@ -125,7 +125,7 @@ def make_spec(preset: str, rows: int | None = None, cols: int | None = None, ove
 
 
 def make_placement_params(section: dict):
-    from compiler.place import PlacementParams
+    from compiler.plan.place import PlacementParams
 
     fields = [f.name for f in dataclasses.fields(PlacementParams)]
     unknown = [k for k in section if k not in fields]
@@ -321,29 +321,27 @@ def compile_program(prog: Program, spec, placement, execution: str = "auto"):
 
 def validate(prog: Program, spec, placement, execution: str = "auto") -> str:
     """Trace, build the kernel graph, place, partition and lay out SRAM (no lowering); a summary."""
-    import compiler
-    from compiler.lower import lay_out
+    from compiler import plan as planning
 
     if prog.kind == "train":
-        tx = compile_program(prog, spec, placement, execution)  # its layout: slots for gradients and optimizer
-        graph, rects, plans, memory, mode = tx.graph, tx.placement, tx.plans, tx.memory, f"{tx.mode} training"
+        plan = compile_program(prog, spec, placement, execution).plan  # its layout: gradient and optimizer slots
     else:
-        traced = compiler.trace(*prog.forward_args())
-        graph = compiler.build_graph(traced)
-        rects, plans, _, memory = lay_out(traced, graph, spec, None, placement)
-        mode = "layer-pipelined inference"
-    occ = memory.occupancy()
+        plan = planning.build(planning.trace_program(*prog.forward_args(), spec=spec, placement_params=placement))
+    streaming = plan.mode == "weight_streaming"
+    mode = f"{plan.mode} training" if plan.task == "training" else "layer-pipelined inference"
+    occ = plan.memory.occupancy()
     kinds: dict[str, int] = {}
-    for k in graph.kernels:
+    for k in plan.graph.kernels:
         kinds[k.kind] = kinds.get(k.kind, 0) + 1
-    cores = sum(p.cores for p in plans.values()) if "streaming" not in mode else max(p.cores for p in plans.values())
+    plans = plan.kernels
+    cores = max(p.cores for p in plans.values()) if streaming else sum(p.cores for p in plans.values())
     lines = [
-        f"validated {prog.target} for {mode} on {spec.name}: {len(graph.kernels)} kernels "
+        f"validated {prog.target} for {mode} on {spec.name}: {len(plan.graph.kernels)} kernels "
         f"({', '.join(f'{n} {k}' for k, n in kinds.items())})",
         f"{'kernel':<16}{'kind':<12}{'rectangle':<20}{'cores':>9}{'SRAM B/core':>13}",
     ]
     for name, p in plans.items():
-        lines.append(f"{name:<16}{p.kind:<12}{str(rects[name]):<20}{p.cores:>9,}{p.sram_bytes:>13,}")
+        lines.append(f"{name:<16}{p.kind:<12}{str(plan.placement[name]):<20}{p.cores:>9,}{p.sram_bytes:>13,}")
     lines += [
         f"cores in use     {cores:,} of {spec.cores:,}",
         f"peak SRAM        {int(occ.max()):,} of {spec.sram_bytes_per_core:,} bytes per core",
@@ -354,8 +352,8 @@ def validate(prog: Program, spec, placement, execution: str = "auto") -> str:
 
 def write_outputs(prog_or_target, compiled, out_dir, state=None, *, pictures: bool = True) -> list[str]:
     """report.json, report.txt, trace.json and the pictures of a compiled program into `out_dir`."""
-    from compiler import plots
-    from compiler.trace_export import chrome_trace
+    from compiler.views import plots
+    from compiler.views.trace_export import chrome_trace
 
     os.makedirs(out_dir, exist_ok=True)
     report = compiled.report
@@ -566,9 +564,9 @@ def cmd_sweep(args) -> int:
     """Sweep PlacementParams knobs x spec figures for a forward program with the batched cost model."""
     import dataclasses
 
-    from compiler.place import PlacementParams
-    from compiler.sweep import sweep
-    from compiler.sweep_plots import sweep_figures
+    from compiler.analysis.sweep import sweep
+    from compiler.plan.place import PlacementParams
+    from compiler.views.sweep_plots import sweep_figures
 
     params, spec, placement, prog = _setup(args)
     if prog.kind == "train":
