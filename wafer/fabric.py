@@ -694,7 +694,7 @@ def reduce_cycles(n, words, spec, *, pattern: str = "chain", to="last", group=No
       spec: a WaferSpec.
       pattern: one of REDUCE_PATTERNS.
       to: "first" / "last" (an end), "all" (allreduce: to the middle core, then multicast back) or a core index.
-      group: two-phase group size; default round(sqrt(n)) like the primitive (must be given when n is a tracer).
+      group: two-phase group size; default round(sqrt(n)), as the primitive chooses it.
     """
     _check_pattern(pattern)
     if group is None:

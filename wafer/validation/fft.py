@@ -24,8 +24,9 @@ reversal is needed: log2 n stages, each multiplying the odd half by twiddle fact
 multiplies and an FMAC per component), one add and one subtract per component, and a reorder of the results for the
 next stage, which the cost model charges as ALU moves. That is the instruction mix of Cerebras's own radix-2 FFT
 (csl-examples benchmarks/FFT/fft.csl: @fmuls and @fmacs for the twiddles, @fsubs/@fadds for the butterfly,
-@fmovs and a reshape per stage). Complex numbers are kept as two float32 planes (real, imaginary), the way the
-hardware stores them; the twiddle table (n/2 complex values, as that code preloads) lives in SRAM.
+@fmovs and a reshape per stage). Complex numbers are kept as two float32 planes (real, imaginary); that code
+interleaves them in one array, which moves the same words and runs the same instructions. The twiddle table (n/2
+complex values, as that code preloads) lives in SRAM.
 
 Traffic: the transposes use the "relay" all-to-all (wafer/fabric.py), routed as Cerebras's published 2D FFT routes
 its transposes; the wsFFT paper's own routing could not be checked here (docs/fidelity.md). A complex fp32 point is
