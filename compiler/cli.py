@@ -4,6 +4,7 @@
     wafer compile MODULE:FACTORY [--preset wse2] [--validate-only | --compile-only] [--params params.yaml] [--out DIR]
     wafer train MODULE:FACTORY --mode train|eval|train_and_eval --model-dir DIR --max-steps N [--preset ...]
     wafer sweep ...
+    wafer validate [CASE ...] [--execute small|all|none] [--tolerance REL]
 
 MODULE:FACTORY names a callable in an importable module (`compiler.examples:mlp`) or in a file
 (`path/to/model.py:make`); it returns a dict describing the program (the factory contract, in
@@ -599,6 +600,14 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_validate(args) -> int:
+    """`wafer validate`: the table of wafer.validation; exit 1 when a case is outside its tolerance."""
+    from wafer import validation
+
+    tolerance = [] if args.tolerance is None else ["--tolerance", str(args.tolerance)]
+    return validation.main([*args.cases, "--execute", args.execute, *tolerance])
+
+
 # ---- the parser ----------------------------------------------------------------------------------------------------
 
 
@@ -672,6 +681,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/sweep", metavar="DIR", help="sweep.csv and the pictures (out/sweep)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_sweep)
+
+    p = sub.add_parser(
+        "validate", parents=[common], help="calibration cases: predicted vs published figures (docs/fidelity.md)"
+    )
+    p.add_argument("cases", nargs="*", metavar="CASE", help="case names or prefixes (default: every case)")
+    p.add_argument("--execute", choices=("small", "all", "none"), default="small", help="run data: small (default)")
+    p.add_argument("--tolerance", type=float, metavar="REL", help="override every case's tolerance (default 0.1)")
+    p.set_defaults(run=cmd_validate)
     return parser
 
 
@@ -693,7 +710,9 @@ def main(argv=None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
-            raise CLIError("no command given; the commands are info, compile, train, sweep (see 'wafer --help')", 2)
+            raise CLIError(
+                "no command given; the commands are info, compile, train, sweep, validate (see 'wafer --help')", 2
+            )
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         if debug:
