@@ -52,8 +52,10 @@ def _loss(params, batch):
 @pytest.fixture(scope="module")
 def trained():
     params, batch = _data()
-    return params, batch, compiler.compile_train(
-        _loss, params, batch, optax.sgd(0.1), spec=MINI, mode="pipelined", placement=HAND
+    return (
+        params,
+        batch,
+        compiler.compile_train(_loss, params, batch, optax.sgd(0.1), spec=MINI, mode="pipelined", placement=HAND),
     )
 
 
