@@ -1,21 +1,28 @@
 """The one set of cost rules: cycles from counts.
 
 Every cycle the emulator charges and every estimate the compiler or a sweep makes comes from these functions.
-Their inputs are *counts* that a program's shapes fix (elements per instruction class, bytes moved to and from
-SRAM, words on the busiest link, hops on the longest route) and a `WaferSpec`. They are plain arithmetic, so
-they work on Python floats (reports), NumPy arrays (maps over cores) and JAX tracers (jit, vmap and grad over
-spec leaves) alike.
+Their inputs are *counts* that a program's shapes fix (what each core's instructions do, words on links and ramps,
+hops, dependent stages) and a `WaferSpec`. They are plain arithmetic, so they work on Python floats (reports), NumPy
+arrays (maps over cores, the compiler's kernels) and JAX tracers (jit, vmap and grad over spec leaves) alike.
 
-Rules (figures and sources in wafer/spec.py):
-  compute cycles  = sum over (class, dtype) of elements / SIMD lanes    (an FMAC counts once)
-                  + special elements x special_cycles
-  SRAM cycles     = max(read bytes / read bytes per cycle, write bytes / write bytes per cycle)
-  kernel cycles   = max(compute cycles, SRAM cycles)      (operands stream from SRAM while the SIMD unit runs)
-  transfer cycles = words on the busiest link x 32 / link bits per cycle + hops x hop latency
-                    (wavelets pipeline through routers: the busiest link sets the rate, the path adds latency;
-                    transfers that share a link in the same superstep add up on it, which is contention)
-  superstep       = max(compute, transfer) if spec.overlap else compute + transfer
-  seconds         = cycles / clock
+The core (figures and sources in wafer/spec.py):
+  Vector instructions are memory to memory (the SDK's data-structure descriptors): each reads its operands from
+  SRAM and writes its result there, one instruction issues at a time, and an instruction over n elements costs
+      instr_startup_cycles + n * max(1 / SIMD lanes, read bytes per element / SRAM read bytes per cycle,
+                                     write bytes per element / SRAM write bytes per cycle)
+  (a special function: special_cycles per element instead of 1 / lanes). A task activation (a per-core program
+  started by its data or by the host) costs task_cycles. So a core's cycles are linear in its counts:
+      compute cycles = sum over count keys of count x `unit_cycles(spec, key)`.
+The fabric, per phase of a transfer (transfers in one phase share links and run at once; phases run in turn),
+after Luczynski et al.'s model of the WSE (HPDC'24), T = max(C, E/N + L) + (2 T_R + 1) D, with the busiest link as
+a bound of its own (their patterns spread load evenly; a transpose does not):
+      max(C x 32 / ramp bits, W x 32 / link bits, E/N x 32 / link bits + L x hop latency) + D x (2 T_R + 1)
+  W: words on the busiest link; E/N: link words per core taking part (all hops of all words over the cores that
+  send, forward or receive); C: words through the busiest ramp (the link between a core and its own router, one
+  32-bit wavelet per cycle each way: a core receiving k streams takes all their words in turn); L: the longest
+  single stream, in hops; D: dependent stages (a core taking data off its ramp, combining it, sending it on; none
+  for plain routing); T_R: the ramp's latency.
+  superstep = max(compute, transfer) if spec.overlap else compute + transfer; seconds = cycles / clock.
 """
 
 from __future__ import annotations
@@ -42,38 +49,53 @@ def maximum(a, b):
     return max(a, b)
 
 
-def compute_cycles(spec, counts: Mapping[tuple[str, str], float]):
-    """Cycles one core spends on arithmetic.
+def unit_cycles(spec, key, *, maximum=maximum):
+    """Cycles per count of one key of a per-core count (wafer/kernel.py).
+
+    Keys: ("instr",) a vector instruction's start-up; ("task",) a task activation; (op_class, dtype_class, read,
+    write) one element of a vector instruction of that class, reading `read` and writing `write` SRAM bytes, and
+    (op_class, dtype_class, read, write, fabric) one that also takes `fabric` 32-bit words off the core's ramp (a
+    fabric operand: at most one wavelet per cycle); (op_class, dtype_class) one element of pure arithmetic (no SRAM
+    operands). `maximum`: the max to use (a caller relaxing the rules for gradients passes a smooth one).
+    """
+    if key[0] == "instr":
+        return spec.instr_startup_cycles
+    if key[0] == "task":
+        return spec.task_cycles
+    op_class, dtype_class = key[0], key[1]
+    arith = spec.special_cycles if op_class == "special" else 1.0 / spec.simd_width(op_class, dtype_class)
+    if len(key) < 4:
+        return arith
+    out = arith
+    if key[2] or key[3]:
+        out = maximum(out, maximum(key[2] / spec.sram_read_bytes_per_cycle, key[3] / spec.sram_write_bytes_per_cycle))
+    if len(key) > 4 and key[4]:
+        out = maximum(out, key[4] * (WORD_BITS / spec.ramp_bits_per_cycle))
+    return out
+
+
+def compute_cycles(spec, counts: Mapping, *, maximum=maximum):
+    """Cycles one core spends on its instructions: sum over `counts` of count x `unit_cycles`.
 
     Args:
       spec: a WaferSpec.
-      counts: {(op_class, dtype_class): elements} with op_class in ("fmac", "alu", "special") and dtype_class
-        in ("fp16", "mixed", "fp32", "int"); see wafer/kernel.py for how a per-core program is counted.
+      counts: a per-core count (wafer/kernel.py): {key: count}.
     """
     total = 0.0
-    for (op_class, dtype_class), n in counts.items():
-        if op_class == "special":
-            total = total + n * spec.special_cycles
-        else:
-            total = total + n / spec.simd_width(op_class, dtype_class)
+    for key, n in counts.items():
+        total = total + n * unit_cycles(spec, key, maximum=maximum)
     return total
 
 
-def sram_cycles(spec, read_bytes, write_bytes, *, maximum=maximum):
-    """Cycles to stream a kernel's operands out of and results into one core's SRAM.
-
-    `maximum`: the max to use (a caller relaxing the rules for gradients passes a smooth one)."""
-    return maximum(read_bytes / spec.sram_read_bytes_per_cycle, write_bytes / spec.sram_write_bytes_per_cycle)
-
-
-def kernel_cycles(spec, counts, read_bytes, write_bytes, *, maximum=maximum):
-    """Cycles of one per-core program: arithmetic and SRAM streaming overlap, the slower one bounds."""
-    return maximum(compute_cycles(spec, counts), sram_cycles(spec, read_bytes, write_bytes, maximum=maximum))
-
-
-def transfer_cycles(spec, link_words, hops):
-    """Cycles of a fabric transfer whose busiest link carries `link_words` 32-bit words over `hops` hops."""
-    return link_words * (WORD_BITS / spec.link_bits_per_cycle) + hops * spec.hop_latency_cycles
+def transfer_cycles(spec, link_words, hops, *, ramp_words=0.0, mean_words=None, depth=0.0, maximum=maximum):
+    """Cycles of one phase of fabric traffic (module docstring): its busiest link carries `link_words` 32-bit words,
+    its busiest ramp `ramp_words`, the links carry `mean_words` per core taking part (default `link_words`), its
+    longest stream crosses `hops` links and `depth` dependent stages lie on its critical path."""
+    word = WORD_BITS / spec.link_bits_per_cycle
+    mean = link_words if mean_words is None else mean_words
+    stream = maximum(link_words * word, mean * word + hops * spec.hop_latency_cycles)
+    ramp = ramp_words * (WORD_BITS / spec.ramp_bits_per_cycle)
+    return maximum(ramp, stream) + depth * (2.0 * spec.ramp_latency_cycles + 1.0)
 
 
 def superstep_cycles(spec, compute, comm, *, maximum=maximum):

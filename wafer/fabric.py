@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wafer import cost
-from wafer.kernel import KernelCost, dtype_class
+from wafer.kernel import INSTRUCTIONS, KernelCost, dtype_class
 from wafer.memory import Rect
 
 DIRECTIONS = ("N", "E", "S", "W")
@@ -33,25 +33,31 @@ _DIR = {d: i for i, d in enumerate(DIRECTIONS)}
 _AXIS = {"N": (0, -1), "S": (0, +1), "W": (1, -1), "E": (1, +1)}
 
 
+# Channels of a phase part's load array: the four links, then the ramp between each core and its router (words
+# delivered to the core, words it injects).
+RAMP_IN, RAMP_OUT = 4, 5
+CHANNELS = 6
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Phase:
-    """Transfers that run at the same time: their link loads add up (contention), their cycles do not.
+    """Transfers that run at the same time: their link and ramp loads add up (contention), their cycles do not.
 
     Attributes:
-      parts: ((row0, col0, words[4, h, w]), ...) link loads of regions at their grid origins.
-      hops: the longest route, in hops (for a pipelined chain of cores, the whole chain).
-      depth: receive-combine-send stages on the critical path (a core that takes a stream off its ramp, adds
-        its own data and sends the result on); 0 for pure routing (shifts, multicasts, all-to-all). Recorded
-        for cost models that charge a per-stage latency (Luczynski et al.'s (2 T_R + 1) D term, HPDC'24);
-        today's rules (wafer/cost.py) do not use it.
+      parts: ((row0, col0, words[6, h, w]), ...) loads of regions at their grid origins: words each core sends on
+        its N, E, S, W links (forwarded words included), then words its ramp delivers to it and words it injects.
+      hops: the longest single stream, in hops (a pipelined chain's streams each cross one link).
+      depth: dependent stages on the critical path: a core taking data off its ramp, combining it and sending the
+        result on (a chain of m cores: m - 1); 0 for plain routing (shifts, multicasts, all-to-all, streams).
     """
 
     parts: tuple = ()
     hops: int = 0
     depth: int = 0
 
-    def link_words(self, rows: int, cols: int) -> np.ndarray:
-        out = np.zeros((4, rows, cols), np.float64)
+    def loads(self, rows: int, cols: int) -> np.ndarray:
+        """All six channels over a rows x cols grid, [6, rows, cols]."""
+        out = np.zeros((CHANNELS, rows, cols), np.float64)
         for r0, c0, words in self.parts:
             _, h, w = words.shape
             if r0 < 0 or c0 < 0 or r0 + h > rows or c0 + w > cols:
@@ -59,20 +65,56 @@ class Phase:
             out[:, r0 : r0 + h, c0 : c0 + w] += words
         return out
 
-    @property
-    def max_link_words(self) -> float:
-        if not self.parts:
-            return 0.0
+    def link_words(self, rows: int, cols: int) -> np.ndarray:
+        return self.loads(rows, cols)[:4]
+
+    def _local(self) -> np.ndarray:
+        """The loads over the bounding box of the parts (where the maxima are)."""
         if len(self.parts) == 1:
-            return float(self.parts[0][2].max())
+            return self.parts[0][2]
         r_hi = max(r0 + w.shape[1] for r0, _, w in self.parts)
         c_hi = max(c0 + w.shape[2] for _, c0, w in self.parts)
         r_lo = min(r0 for r0, _, _ in self.parts)
         c_lo = min(c0 for _, c0, _ in self.parts)
-        shifted = Phase(tuple((r0 - r_lo, c0 - c_lo, w) for r0, c0, w in self.parts), self.hops)
-        return float(shifted.link_words(r_hi - r_lo, c_hi - c_lo).max())
+        shifted = Phase(tuple((r0 - r_lo, c0 - c_lo, w) for r0, c0, w in self.parts), self.hops, self.depth)
+        return shifted.loads(r_hi - r_lo, c_hi - c_lo)
+
+    @property
+    def max_link_words(self) -> float:
+        return float(self._local()[:4].max()) if self.parts else 0.0
+
+    @property
+    def max_ramp_words(self) -> float:
+        """Words through the busiest ramp, either way."""
+        return float(self._local()[4:].max()) if self.parts else 0.0
+
+    @property
+    def mean_link_words(self) -> float:
+        """Words per link in use (E / N in Luczynski et al.'s model: every word's hops over the links that carry
+        any)."""
+        if not self.parts:
+            return 0.0
+        links = self._local()[:4]
+        return float(links.sum() / max(1, np.count_nonzero(links)))
+
+    def cycles(self, spec):
+        """Cycles of the phase on `spec` (wafer/cost.py's transfer rule)."""
+        if not self.parts:
+            return 0.0
+        return cost.transfer_cycles(
+            spec,
+            self.max_link_words,
+            self.hops,
+            ramp_words=self.max_ramp_words,
+            mean_words=self.mean_link_words,
+            depth=self.depth,
+        )
 
     def __or__(self, other: Phase) -> Phase:
+        if not other.parts:
+            return self
+        if not self.parts:
+            return other
         return Phase(self.parts + other.parts, max(self.hops, other.hops), max(self.depth, other.depth))
 
     def at(self, row: int, col: int) -> Phase:
@@ -127,7 +169,7 @@ class Traffic:
     @property
     def words(self) -> float:
         """Total words crossing links (a word crossing k links counts k times)."""
-        return float(sum(w.sum() for p in self.phases for _, _, w in p.parts))
+        return float(sum(w[:4].sum() for p in self.phases for _, _, w in p.parts))
 
     @property
     def hops(self) -> int:
@@ -138,12 +180,19 @@ class Traffic:
         """Receive-combine-send stages on the critical path, over all phases (see `Phase.depth`)."""
         return sum(p.depth for p in self.phases)
 
+    def ramp_words(self, rows: int, cols: int) -> np.ndarray:
+        """Words per core through its ramp, [2, rows, cols] (delivered to it, injected by it), over all phases."""
+        out = np.zeros((2, rows, cols), np.float64)
+        for p in self.phases:
+            out += p.loads(rows, cols)[4:]
+        return out
+
     def cycles(self, spec):
-        """Cycles on `spec`: per phase, busiest link x word time + longest route x hop latency; phases add."""
+        """Cycles on `spec`: each phase by wafer/cost.py's transfer rule (busiest link and ramp, longest stream,
+        dependent stages); phases add."""
         total = 0.0
         for p in self.phases:
-            if p.parts:
-                total = total + cost.transfer_cycles(spec, p.max_link_words, p.hops)
+            total = total + p.cycles(spec)
         return total
 
 
@@ -180,15 +229,21 @@ def _line_loads(n: int, src: np.ndarray, dst: np.ndarray, words: int) -> tuple[n
     return np.cumsum(plus)[:n], np.cumsum(minus)[:n]
 
 
-def _phase_from_line(h, w, axis, plus, minus, hops, depth=0) -> Phase:
-    """Broadcast per-line link loads over the other grid axis into a [4, h, w] record."""
-    words = np.zeros((4, h, w))
+def _phase_from_line(h, w, axis, plus, minus, hops, depth=0, ramp_in=None, ramp_out=None) -> Phase:
+    """Broadcast per-line loads over the other grid axis into a [6, h, w] record: plus / minus on the + (E / S) and
+    - (W / N) links, ramp_in / ramp_out the words each core of the line takes off / puts on its ramp."""
+    words = np.zeros((CHANNELS, h, w))
+    line = (lambda v: v[:, None]) if axis == 0 else (lambda v: v[None, :])
     if axis == 0:
         words[_DIR["S"]] = plus[:, None]
         words[_DIR["N"]] = minus[:, None]
     else:
         words[_DIR["E"]] = plus[None, :]
         words[_DIR["W"]] = minus[None, :]
+    if ramp_in is not None:
+        words[RAMP_IN] = line(np.asarray(ramp_in, np.float64))
+    if ramp_out is not None:
+        words[RAMP_OUT] = line(np.asarray(ramp_out, np.float64))
     return Phase(((0, 0, words),), int(hops), int(depth))
 
 
@@ -216,7 +271,9 @@ def _shift_traffic(shape, axis, k, words) -> Traffic:
     if not ok.any():
         return Traffic.none()
     plus, minus = _line_loads(n, src[ok], dst[ok], words)
-    return Traffic((_phase_from_line(h, w, axis, plus, minus, abs(k)),))
+    received, sent = np.zeros(n), np.zeros(n)
+    received[dst[ok]], sent[src[ok]] = words, words
+    return Traffic((_phase_from_line(h, w, axis, plus, minus, abs(k), 0, received, sent),))
 
 
 def shift(x, direction: str, k: int = 1, *, fill=0.0):
@@ -286,7 +343,10 @@ def multicast(x, axis, *, src=0):
     plus = np.where(idx >= s, words, 0.0) * (idx < n - 1)
     minus = np.where(idx <= s, words, 0.0) * (idx > 0)
     hops = max(s, n - 1 - s)
-    traffic = Traffic((_phase_from_line(*x.shape[:2], axis, plus, minus, hops),)) if n > 1 else Traffic.none()
+    # the source injects its data once (each router forwards and delivers it); every other core takes it in
+    received, sent = np.where(idx != s, float(words), 0.0), np.where(idx == s, float(words), 0.0)
+    phase = _phase_from_line(*x.shape[:2], axis, plus, minus, hops, 0, received, sent)
+    traffic = Traffic((phase,)) if n > 1 else Traffic.none()
     return y, traffic
 
 
@@ -302,7 +362,8 @@ def multicast(x, axis, *, src=0):
 #   star       every core sends its data straight to the root, which adds the streams as they arrive: the link
 #              next to the root carries (m - 1) B words; depth 1.
 #   tree       binomial tree: in round k the cores at j = 2^k (mod 2^(k+1)) send to j - 2^k, which adds:
-#              ceil(log2 m) rounds of B words on disjoint paths of 2^k hops; depth 1 per round.
+#              ceil(log2 m) rounds of B words on disjoint paths of 2^k hops, one phase of that many dependent
+#              stages (their streams overlap in flight, as Luczynski et al. model them).
 #   two_phase  chains within groups of `group` consecutive cores towards each group's core nearest the root
 #              (its leader), then one chain through the leaders to the root: B words per link in each phase.
 
@@ -331,37 +392,42 @@ def _group(group, n):
 def _side_phases(m: int, pattern: str, group: int):
     """Per-phase loads of a one-sided reduction of m cores towards its root at j = 0.
 
-    Returns a list of (load[m], hops, depth): load[j] is the words, in units of one core's data, on the link
-    from the core at distance j to the one at j - 1 (load[0] is unused).
+    Returns a list of (load[m], recv[m], send[m], hops, depth), in units of one core's data: load[j] on the link
+    from the core at distance j to the one at j - 1 (load[0] unused), recv[j] / send[j] what core j takes off /
+    puts on its ramp, hops the longest single stream, depth the dependent stages.
     """
     if m <= 1:
         return []
     j = np.arange(m)
-    if pattern == "chain":
-        return [(np.where(j >= 1, 1.0, 0.0), m - 1, m - 1)]
-    if pattern == "star":
-        return [(np.where(j >= 1, (m - j).astype(float), 0.0), m - 1, 1)]
-    if pattern == "tree":
-        phases = []
+    one = lambda c: np.where(c, 1.0, 0.0)  # noqa: E731
+    if pattern == "chain":  # each core receives from j + 1, adds, sends to j - 1: streams of one hop, pipelined
+        return [(one(j >= 1), one(j < m - 1), one(j >= 1), 1, m - 1)]
+    if pattern == "star":  # every core streams straight to the root, which takes them all in
+        return [(np.where(j >= 1, (m - j).astype(float), 0.0), np.where(j == 0, m - 1.0, 0.0), one(j >= 1), m - 1, 1)]
+    if pattern == "tree":  # binomial rounds, dependent stages of one phase (their streams overlap, as in LGI24)
+        load, recv, send = np.zeros(m), np.zeros(m), np.zeros(m)
         k = 0
         while (1 << k) < m:
             step = 1 << k
-            load = np.zeros(m)
             for src in range(step, m, 2 * step):  # senders at j = step (mod 2 step), each to j - step
                 load[src - step + 1 : src + 1] += 1.0
-            phases.append((load, step, 1))
+                send[src] += 1.0
+                recv[src - step] += 1.0
             k += 1
-        return phases
-    # two_phase
+        return [(load, recv, send, 1 << (k - 1), k)]
+    # two_phase: chains within groups towards each group's leader (j = 0 mod s), then a chain through the leaders
     s = group
     phases = []
-    inner = np.where(j % s != 0, 1.0, 0.0)
+    inner = one(j % s != 0)
     if inner.any():
-        phases.append((inner, min(s, m) - 1, min(s, m) - 1))
+        recv = one(((j + 1) % s != 0) & (j + 1 < m))
+        phases.append((inner, recv, inner, 1, min(s, m) - 1))
     leaders = -(-m // s)
     if leaders > 1:
         far = (leaders - 1) * s
-        phases.append((np.where((j >= 1) & (j <= far), 1.0, 0.0), far, leaders - 1))
+        lead = j % s == 0
+        load = one((j >= 1) & (j <= far))
+        phases.append((load, one(lead & (j + s < m)), one(lead & (j >= 1)), s, leaders - 1))
     return phases
 
 
@@ -389,22 +455,26 @@ def _side_receives(m: int, pattern: str, group: int) -> np.ndarray:
 
 
 def _line_reduce(n: int, d: int, pattern: str, group: int):
-    """Phases of a reduction along a line of n cores to core d, as (plus[n], minus[n], hops, depth) in units of
-    one core's data, and receives[n]: incoming partials each core adds."""
+    """Phases of a reduction along a line of n cores to core d, as (plus[n], minus[n], recv[n], send[n], hops,
+    depth) in units of one core's data, and receives[n]: incoming partials each core adds."""
     left = _side_phases(d + 1, pattern, group)  # cores d, d-1, ..., 0 at j = 0, 1, ..., d: + links
     right = _side_phases(n - d, pattern, group)  # cores d, d+1, ..., n-1: - links
     phases = []
     for k in range(max(len(left), len(right))):
-        plus, minus, hops, depth = np.zeros(n), np.zeros(n), 0, 0
+        plus, minus, recv, send, hops, depth = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n), 0, 0
         if k < len(left):
-            load, h, dep = left[k]
+            load, r, s_, h, dep = left[k]
             plus[d - np.arange(1, d + 1)] = load[1:]  # the link from j to j - 1 leaves core d - j eastwards
+            recv[d::-1] += r
+            send[d::-1] += s_
             hops, depth = max(hops, h), max(depth, dep)
         if k < len(right):
-            load, h, dep = right[k]
+            load, r, s_, h, dep = right[k]
             minus[d + np.arange(1, n - d)] = load[1:]
+            recv[d:] += r
+            send[d:] += s_
             hops, depth = max(hops, h), max(depth, dep)
-        phases.append((plus, minus, hops, depth))
+        phases.append((plus, minus, recv, send, hops, depth))
     receives = np.zeros(n)
     receives[d::-1] += _side_receives(d + 1, pattern, group)
     receives[d:] += _side_receives(n - d, pattern, group)
@@ -414,8 +484,12 @@ def _line_reduce(n: int, d: int, pattern: str, group: int):
 def _reduce_traffic(shape, axis, d, words, pattern="chain", group=None) -> Traffic:
     n = shape[axis]
     phases, _ = _line_reduce(n, d, pattern, _group(group, n))
+    h, w = shape[0], shape[1]
     return Traffic(
-        tuple(_phase_from_line(shape[0], shape[1], axis, p * words, m * words, h, dep) for p, m, h, dep in phases)
+        tuple(
+            _phase_from_line(h, w, axis, p * words, m * words, hops, dep, r * words, s_ * words)
+            for p, m, r, s_, hops, dep in phases
+        )
     )
 
 
@@ -433,8 +507,9 @@ def reduce_adds(shape, dtype, axis, op: str = "sum", *, to=0, pattern: str = "ch
     fabric adds (or maxes) it into its own data, one ALU operation per element, reading its own operand from
     SRAM and writing the result back while the other operand streams in from the fabric (the SDK's reductions
     are `@fadds(mem, mem, fabin)` instructions). The count depends on the pattern: in a chain every core but
-    the farthest adds once, in a star the root adds n - 1 times, in a tree the cores at even positions add once
-    per round. Put these records in the superstep of the reduction, next to its traffic:
+    the farthest adds once, in a star the root adds n - 1 partial results (arriving on one colour: one instruction
+    takes them all), in a tree the cores at even positions add once per round. Put these records in the superstep
+    of the reduction, next to its traffic:
     `wafer.superstep(*adds, traffic)` (or `reduce(..., return_adds=True)` gives them with the data).
 
     Args:
@@ -459,7 +534,11 @@ def reduce_adds(shape, dtype, axis, op: str = "sum", *, to=0, pattern: str = "ch
         line = receives == count
         mask = np.broadcast_to(line[:, None] if axis == 0 else line[None, :], (h, w)).copy()
         ops = count * elements
-        out.append(KernelCost(Rect(0, 0, h, w), {("alu", cls): ops}, ops * itemsize, ops * itemsize, mask))
+        # `@fadds(mem, mem, fabin)`: its own operand read from SRAM, the result written, the other from the ramp
+        # (a fabric operand: at most a wavelet a cycle); one instruction per incoming partial result, except at a
+        # star's root, whose partials all arrive on one colour and are taken by one instruction
+        counts = {("alu", cls, itemsize, itemsize, itemsize / 4): ops, INSTRUCTIONS: 1 if pattern == "star" else count}
+        out.append(KernelCost(Rect(0, 0, h, w), counts, mask))
     return tuple(out)
 
 
@@ -549,7 +628,11 @@ def _halo_traffic(shape, axis, sign, radius, words) -> Traffic:
     plus, minus = (load, np.zeros(n)) if sign > 0 else (np.zeros(n), load)
     if not load.any():
         return Traffic.none()
-    return Traffic((_phase_from_line(shape[0], shape[1], axis, plus, minus, min(radius, n - 1)),))
+    # a core takes in the streams of the sources up to `radius` behind it; it injects its own once (routers deliver
+    # it to each of the `radius` cores ahead and forward it)
+    received = sum(np.where((idx - sign * j >= 0) & (idx - sign * j < n), words, 0.0) for j in range(1, radius + 1))
+    sent = np.where((idx + sign >= 0) & (idx + sign < n), float(words), 0.0)
+    return Traffic((_phase_from_line(shape[0], shape[1], axis, plus, minus, min(radius, n - 1), 0, received, sent),))
 
 
 # ---- all-to-all ----------------------------------------------------------------------------------------------------
@@ -613,7 +696,12 @@ def all_to_all(x, axis, *, pattern: str = "relay"):
         return y, Traffic.none()
     block = -(-math.prod(x.shape[3:]) * np.dtype(x.dtype).itemsize // 4)
     plus, minus = _all_to_all_line(n, pattern)
-    return y, Traffic((_phase_from_line(x.shape[0], x.shape[1], axis, plus * block, minus * block, n - 1),))
+    # every core takes in the n - 1 blocks addressed to it (routers' filters keep the rest off its ramp); it puts
+    # on its ramp the n - 1 blocks it sends, or n - 1 per direction padded
+    received = np.full(n, (n - 1.0) * block)
+    sent = received * (2.0 if pattern == "relay_padded" else 1.0)
+    h, w = x.shape[0], x.shape[1]
+    return y, Traffic((_phase_from_line(h, w, axis, plus * block, minus * block, n - 1, 0, received, sent),))
 
 
 # ---- closed forms ------------------------------------------------------------------------------------------------
@@ -629,60 +717,94 @@ def _mod(*xs):
     return jnp if any(cost._is_jax(x) for x in xs) else np
 
 
-def _ind(v):
-    """1 where an integer-valued v >= 0 is positive, else 0."""
-    return _mod(v).minimum(v, 1)
+def _ind(c):
+    """1.0 where a condition holds, else 0.0 (array-generic)."""
+    return _mod(c).where(c, 1.0, 0.0)
+
+
+def _phase_cycles(spec, link_words, ramp_words, hops, depth, mean_words):
+    """wafer/cost.py's transfer rule for one phase (link and ramp words in 32-bit words; `mean_words` per link in
+    use)."""
+    return cost.transfer_cycles(spec, link_words, hops, ramp_words=ramp_words, mean_words=mean_words, depth=depth)
+
+
+def _sides(n, to):
+    """(cores left of the root and the root, cores right of it and the root): m_L, m_R."""
+    xp = _mod(n, to)
+    if isinstance(to, str):
+        if to == "all":
+            d = xp.floor((n - 1) / 2)
+        elif to in ("first", "N", "W"):
+            d = 0.0 * n
+        elif to in ("last", "S", "E"):
+            d = n - 1.0
+        else:
+            raise ValueError(f"to must be 'first', 'last', an edge name, 'all' or a core index, got {to!r}")
+    else:
+        d = to + 0.0 * n
+    return d + 1.0, n - d
+
+
+_MAX_ROUNDS = 24  # tree rounds considered: 2**24 cores is beyond any wafer
+
+
+def _tree_energy(m):
+    """Link hops of a one-sided binomial reduction of m cores, in units of one core's data: sum over rounds of
+    2^k x its senders, ceil((m - 2^k) / 2^(k + 1))."""
+    xp = _mod(m)
+    total = 0.0
+    for k in range(_MAX_ROUNDS):
+        step = 2.0**k
+        total = total + _ind(step < m) * step * xp.ceil(xp.maximum(m - step, 0.0) / (2 * step))
+    return total
+
+
+def _reduce_phases_cycles(m_l, m_r, words, spec, pattern, group):
+    """Cycles of a reduction whose root has m_l - 1 cores on one side and m_r - 1 on the other (phases by side)."""
+    xp = _mod(m_l, m_r, words, group)
+    b = words
+    big = xp.maximum(m_l, m_r)
+    links = m_l + m_r - 2.0  # links in use, both sides
+    if pattern == "chain":  # one phase: every link b, every core b in and out, the root from both sides
+        root = _ind(m_l > 1) + _ind(m_r > 1)
+        return _ind(big > 1) * _phase_cycles(spec, b, b * xp.maximum(root, 1.0), 1.0, big - 1.0, b)
+    if pattern == "star":  # the root takes in every other core's data; the link next to it carries a side's
+        energy = b * ((m_l - 1.0) * m_l + (m_r - 1.0) * m_r) / 2.0
+        mean = energy / xp.maximum(links, 1.0)
+        return _ind(big > 1) * _phase_cycles(spec, b * (big - 1.0), b * links, big - 1.0, 1.0, mean)
+    if pattern == "tree":  # one phase of ceil(log2) rounds; the link next to the root carries every round
+        rounds_l, rounds_r = _ceil_log2(m_l), _ceil_log2(m_r)
+        rounds = xp.maximum(rounds_l, rounds_r)
+        mean = b * (_tree_energy(m_l) + _tree_energy(m_r)) / xp.maximum(links, 1.0)
+        hops = 2.0 ** xp.maximum(rounds - 1.0, 0.0)
+        return _ind(big > 1) * _phase_cycles(spec, b * rounds, b * (rounds_l + rounds_r), hops, rounds, mean)
+    # two_phase
+    s = group
+    inner_root = _ind((m_l > 1) & (s > 1)) + _ind((m_r > 1) & (s > 1))
+    inner = _ind((big > 1) & (s > 1)) * _phase_cycles(
+        spec, b, b * xp.maximum(inner_root, 1.0), 1.0, xp.minimum(s, big) - 1.0, b
+    )
+    leaders = xp.ceil(big / s)
+    lead_root = _ind(s < m_l) + _ind(s < m_r)
+    outer = _ind(leaders > 1) * _phase_cycles(spec, b, b * xp.maximum(lead_root, 1.0), s, leaders - 1.0, b)
+    return inner + outer
 
 
 def _ceil_log2(m):
-    """ceil(log2(m)) for m >= 1 (0 for m = 1)."""
+    """ceil(log2(m)) for m >= 1 (0 for m = 1), exact for whole m."""
     xp = _mod(m)
-    return xp.ceil(xp.log2(xp.maximum(m, 1)) - 1e-9)
-
-
-def _word_time(spec):
-    return cost.WORD_BITS / spec.link_bits_per_cycle
-
-
-def _side_cycles(m, words, spec, pattern, group):
-    """Cycles of a one-sided reduction of m cores (root at its end) under the cost rules; m >= 1."""
-    xp = _mod(m, words, group)
-    b = words * _word_time(spec)
-    lat = spec.hop_latency_cycles
-    if pattern == "chain":
-        return _ind(m - 1) * b + (m - 1) * lat
-    if pattern == "star":
-        return (m - 1) * b + (m - 1) * lat
-    if pattern == "tree":
-        k = _ceil_log2(m)
-        return k * b + (2.0**k - 1) * lat
-    s = xp.minimum(group, m)
-    leaders = xp.ceil(m / group)
-    first = _ind(s - 1) * b + (s - 1) * lat
-    second = _ind(leaders - 1) * (b + (leaders - 1) * group * lat)
-    return first + second
-
-
-def _root_side(n, to):
-    """Cores on the longer side of the root, the root included."""
-    if isinstance(to, str):
-        if to == "all":
-            return n - _mod(n).floor((n - 1) / 2)
-        if to not in ("first", "last", "N", "W", "S", "E"):
-            raise ValueError(f"to must be 'first', 'last', an edge name, 'all' or a core index, got {to!r}")
-        return n
-    return _mod(n, to).maximum(to + 1, n - to)
+    total = 0.0
+    for k in range(_MAX_ROUNDS):
+        total = total + _ind(2.0**k < m)
+    return total + 0.0 * xp.asarray(m)
 
 
 def multicast_cycles(n, words, spec, *, src=0):
     """Cycles of `multicast` along a line of n cores from index `src` ("first"/"last" or a number), each core
     receiving `words` words."""
     xp = _mod(n, words, src)
-    if isinstance(src, str):
-        far = n - 1
-    else:
-        far = xp.maximum(src, n - 1 - src)
-    return _ind(n - 1) * words * _word_time(spec) + far * spec.hop_latency_cycles
+    far = n - 1.0 if isinstance(src, str) else xp.maximum(src, n - 1.0 - src)
+    return _ind(n > 1) * _phase_cycles(spec, words, words, far, 0.0, words)
 
 
 def reduce_cycles(n, words, spec, *, pattern: str = "chain", to="last", group=None):
@@ -697,12 +819,13 @@ def reduce_cycles(n, words, spec, *, pattern: str = "chain", to="last", group=No
       group: two-phase group size; default round(sqrt(n)), as the primitive chooses it.
     """
     _check_pattern(pattern)
+    xp = _mod(n, words)
     if group is None:
-        group = _mod(n).maximum(_mod(n).round(_mod(n).sqrt(n)), 1)
-    m = _root_side(n, to)  # per phase, the longer side of the root sets the cost (every term grows with m)
-    out = _side_cycles(m, words, spec, pattern, group)
+        group = xp.maximum(xp.round(xp.sqrt(n)), 1.0)
+    m_l, m_r = _sides(n, to)
+    out = _reduce_phases_cycles(m_l, m_r, words, spec, pattern, group)
     if to == "all":
-        out = out + multicast_cycles(n, words, spec, src=_mod(n).floor((n - 1) / 2))
+        out = out + multicast_cycles(n, words, spec, src=xp.floor((n - 1) / 2))
     return out
 
 
@@ -716,10 +839,14 @@ def all_to_all_cycles(n, block_words, spec, *, pattern: str = "relay"):
     if pattern not in ALL_TO_ALL_PATTERNS:
         raise ValueError(f"all_to_all: pattern must be one of {ALL_TO_ALL_PATTERNS}, got {pattern!r}")
     xp = _mod(n, block_words)
-    if pattern == "direct":
-        busiest = xp.floor(n / 2) * xp.ceil(n / 2)
-    elif pattern == "relay":
-        busiest = n * (n - 1) / 2
+    if pattern == "direct":  # energy: 2 sum_i i (n - i)
+        busiest, energy = xp.floor(n / 2) * xp.ceil(n / 2), n * (n - 1.0) * (n + 1.0) / 3.0
+    elif pattern == "relay":  # each direction: sum_i sum_{s <= i} (n - 1 - s)
+        busiest, energy = n * (n - 1) / 2, n * (n - 1.0) * (2.0 * n - 1.0) / 3.0
     else:
-        busiest = (n - 1) ** 2
-    return busiest * block_words * _word_time(spec) + (n - 1) * spec.hop_latency_cycles
+        busiest, energy = (n - 1) ** 2, n * (n - 1.0) ** 2
+    mean = energy / xp.maximum(2.0 * (n - 1.0), 1.0)  # over the 2 (n - 1) directed links of the line
+    ramp = (n - 1) * (2.0 if pattern == "relay_padded" else 1.0)
+    return _ind(n > 1) * _phase_cycles(
+        spec, busiest * block_words, ramp * block_words, n - 1.0, 1.0, mean * block_words
+    )

@@ -138,6 +138,15 @@ _SPECIAL = {
 }
 _REDUCE = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "argmax", "argmin"}
 _DOT = {"dot_general", "conv_general_dilated"}
+# Keys of a count besides the arithmetic ones (op class, dtype class, read bytes, write bytes): vector instructions
+# issued and task activations.
+INSTRUCTIONS = ("instr",)
+TASKS = ("task",)
+OP_KINDS = ("fmac", "alu", "special")
+# A special function (division, square root, transcendentals) is a software sequence of about this many vector
+# instructions (a polynomial and a Newton step); its element cost is `WaferSpec.special_cycles`.
+SPECIAL_INSTRUCTIONS = 16
+
 # Call-like primitives: the body is evaluated in line; value: the equation parameter that holds it. The one
 # table of them: the compiler's tracer inlines these bodies, its precision policy rewrites them, the counter
 # walks them.
@@ -248,8 +257,54 @@ def _is_key(aval) -> bool:
     return jax.dtypes.issubdtype(aval.dtype, jax.dtypes.extended)
 
 
+def _isz(aval) -> int:
+    return int(np.dtype(aval.dtype).itemsize) if not _is_key(aval) else 4
+
+
+def _operand_bytes(atoms) -> int:
+    """SRAM bytes per element of the vector operands among `atoms` (a literal or a one-element value is a scalar
+    in a register; a broadcast value is read element by element through a stride-0 descriptor)."""
+    return sum(_isz(a.aval) for a in atoms if _size(a.aval) > 1)
+
+
+def _arith(counts, op_class, dtype, n, read, write, instructions=1) -> None:
+    """Charge `n` elements of one instruction class reading `read` and writing `write` SRAM bytes per element."""
+    if n <= 0:
+        return
+    counts[(op_class, dtype_class(dtype) if not isinstance(dtype, str) else dtype, int(read), int(write))] += n
+    counts[INSTRUCTIONS] += instructions
+
+
+def _matmul(counts, lhs_isz, rhs_isz, acc_isz, cls, batch, rows, cols, depth) -> None:
+    """A matmul out[batch, rows, cols] = sum over depth of lhs[batch, rows, depth] rhs[batch, depth, cols], as
+    vector FMAC instructions in the loop order that issues fewer of them:
+      along the longer free axis (`@fmacs`): y[r, :] += x[r, k] * W[k, :], one instruction per (batch, shorter-axis
+        index, depth index), reading the vector operand and the accumulator and writing the accumulator, the other
+        factor a scalar;
+      along the depth (dot products): y[r, c] = x[r, :] . W[:, c], one instruction per output element, reading both
+        vector operands, accumulating in a register."""
+    n = batch * rows * cols * depth
+    if n == 0:
+        return
+    along_free = batch * depth * min(rows, cols)
+    along_depth = batch * rows * cols
+    if along_free <= along_depth:
+        vector_isz = rhs_isz if cols >= rows else lhs_isz
+        counts[("fmac", cls, int(vector_isz + acc_isz), int(acc_isz))] += n
+        counts[INSTRUCTIONS] += along_free
+    else:
+        counts[("fmac", cls, int(lhs_isz + rhs_isz), 0)] += n
+        counts[INSTRUCTIONS] += along_depth
+
+
 def count_jaxpr(jaxpr, *, where: str = "per-core kernel") -> Counter:
-    """Instruction counts {(op_class, dtype_class): elements} of one execution of `jaxpr`."""
+    """What one core executes running `jaxpr`: instruction counts (module docstring).
+
+    Returns a Counter of
+      (op_class, dtype_class, read, write): elements, op_class "fmac", "alu" or "special", `read` and `write` the
+        SRAM bytes per element of its vector instructions (memory-to-memory: operands from SRAM, results to it);
+      ("instr",): vector instructions issued (each pays a start-up: `WaferSpec.instr_startup_cycles`).
+    """
     counts: Counter = Counter()
     # FMA fusion: a mul whose single use is an add/sub becomes part of that add's FMAC.
     uses: Counter = Counter()
@@ -263,7 +318,8 @@ def count_jaxpr(jaxpr, *, where: str = "per-core kernel") -> Counter:
     for v in jaxpr.outvars:
         if isinstance(v, jcore.Var):
             uses[v] += 1
-    fused = set()
+    fused = {}  # id(add) -> the mul it absorbs
+    absorbed = set()
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in ("add", "sub", "add_any"):
             for v in eqn.invars:
@@ -272,58 +328,81 @@ def count_jaxpr(jaxpr, *, where: str = "per-core kernel") -> Counter:
                     p is not None
                     and p.primitive.name == "mul"
                     and uses[v] == 1
-                    and id(p) not in fused
+                    and id(p) not in absorbed
                     and p.outvars[0].aval.shape == eqn.outvars[0].aval.shape
                 ):
-                    fused.add(id(p))
-                    fused.add(id(eqn))
+                    absorbed.add(id(p))
+                    fused[id(eqn)] = (p, v)
                     break
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         out = eqn.outvars[0].aval if eqn.outvars else None
+        if id(eqn) in absorbed:
+            continue
         if id(eqn) in fused:
-            if name == "mul":
-                continue
-            counts[("fmac", dtype_class(out.dtype))] += _size(out)
+            mul, product = fused[id(eqn)]
+            others = [a for a in eqn.invars if a is not product]
+            read = _operand_bytes([*mul.invars, *others])
+            _arith(counts, "fmac", out.dtype, _size(out), read, _isz(out))
         elif name in _RANDOM_BITS:
-            words = sum(_size(o.aval) * max(1, o.aval.dtype.itemsize // 4) for o in eqn.outvars)
-            counts[("alu", "int")] += words * THREEFRY_OPS_PER_WORD
+            words = sum(_size(o.aval) * max(1, _isz(o.aval) // 4) for o in eqn.outvars)
+            # one vector ALU instruction per operation of the hash, over all words: two operands in, one out
+            _arith(counts, "alu", "int", words * THREEFRY_OPS_PER_WORD, 8, 4, THREEFRY_OPS_PER_WORD)
         elif name in _FREE or name in _KEYS or any(_is_key(v.aval) for v in eqn.outvars):
             continue  # descriptor views, width changes at load, key bookkeeping
         elif name in _ALU:
-            n = _size(out)
+            times = 1
             if name == "integer_pow":  # square-and-multiply: x**2 is one multiply, x**3 and x**4 two
                 y = abs(int(eqn.params["y"]))
-                n *= max(1, y.bit_length() - 1 + bin(y).count("1") - 1)
+                times = max(1, y.bit_length() - 1 + bin(y).count("1") - 1)
             elif name == "clamp":
-                n *= 2
-            counts[("alu", dtype_class(out.dtype))] += n
+                times = 2
+            read = _operand_bytes(eqn.invars)
+            _arith(counts, "alu", out.dtype, times * _size(out), read, _isz(out), times)
         elif name in _MOVE:
-            counts[("alu", dtype_class(out.dtype))] += sum(_size(o.aval) for o in eqn.outvars)
+            n = sum(_size(o.aval) for o in eqn.outvars)
+            _arith(counts, "alu", out.dtype, n, _isz(out), _isz(out))
         elif name in _SPECIAL:
-            counts[("special", dtype_class(out.dtype))] += _size(out)
+            # a software sequence per element (no hardware unit): `special_cycles` per element, as many vector
+            # instructions as a start-up each (the sequence's instructions), operands read and the result written
+            read = _operand_bytes(eqn.invars)
+            counts[("special", dtype_class(out.dtype), int(read), _isz(out))] += _size(out)
+            counts[INSTRUCTIONS] += SPECIAL_INSTRUCTIONS
         elif name in _REDUCE:
-            counts[("alu", dtype_class(eqn.invars[0].aval.dtype))] += _size(eqn.invars[0].aval)
+            x = eqn.invars[0].aval
+            n, m = _size(x), max(1, _size(out))
+            if m == 1 or m * m <= n:  # one instruction per output element, accumulating a scalar
+                _arith(counts, "alu", x.dtype, n, _isz(x), 0, m)
+            else:  # acc[:] += x[i, :]: one instruction per reduced index, over the outputs
+                _arith(counts, "alu", x.dtype, n, 2 * _isz(x), _isz(x), max(1, n // m))
         elif name in _WINDOW:
-            counts[("alu", dtype_class(out.dtype))] += _size(out) * math.prod(eqn.params["window_dimensions"])
+            window = math.prod(eqn.params["window_dimensions"])
+            _arith(counts, "alu", out.dtype, _size(out) * window, 2 * _isz(out), _isz(out), window)
         elif name == "dot_general":
             lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
-            (lc, _), _ = eqn.params["dimension_numbers"]
-            k = math.prod(lhs.shape[d] for d in lc)
-            counts[("fmac", dtype_class(lhs.dtype, out.dtype))] += _size(out) * k
+            (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+            depth = math.prod(lhs.shape[d] for d in lc)
+            batch = math.prod(lhs.shape[d] for d in lb)
+            rows = math.prod(d for i, d in enumerate(lhs.shape) if i not in lc and i not in lb)
+            cols = math.prod(d for i, d in enumerate(rhs.shape) if i not in rc and i not in rb)
+            cls = dtype_class(lhs.dtype, out.dtype)
+            _matmul(counts, _isz(lhs), _isz(rhs), _isz(out), cls, batch, rows, cols, depth)
         elif name == "conv_general_dilated":
             lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
             dn = eqn.params["dimension_numbers"]
-            rhs_spec = dn.rhs_spec  # (out feature, in feature, *spatial)
-            k = rhs.shape[rhs_spec[1]] * math.prod(rhs.shape[d] for d in rhs_spec[2:])
-            counts[("fmac", dtype_class(lhs.dtype, out.dtype))] += _size(out) * k
+            groups = eqn.params["feature_group_count"] * eqn.params["batch_group_count"]
+            depth = rhs.shape[dn.rhs_spec[1]] * math.prod(rhs.shape[d] for d in dn.rhs_spec[2:])
+            cout = out.shape[dn.out_spec[1]] // groups
+            positions = _size(out) // (cout * groups)
+            cls = dtype_class(lhs.dtype, out.dtype)
+            _matmul(counts, _isz(lhs), _isz(rhs), _isz(out), cls, groups, positions, cout, depth)
         elif name == "scan":
             body = count_jaxpr(eqn.params["jaxpr"].jaxpr, where=where)
             for key, n in body.items():
                 counts[key] += n * eqn.params["length"]
         elif name == "cond":
             branches = [count_jaxpr(b.jaxpr, where=where) for b in eqn.params["branches"]]
-            worst = max(branches, key=lambda c: sum(c.values()))
+            worst = max(branches, key=lambda c: sum(v for k, v in c.items() if k != INSTRUCTIONS))
             counts.update(worst)
         elif name == "while":
             raise UnsupportedPrimitiveError(
@@ -339,6 +418,27 @@ def count_jaxpr(jaxpr, *, where: str = "per-core kernel") -> Counter:
     return counts
 
 
+def arithmetic(counts: Mapping) -> dict:
+    """{(op_class, dtype_class): elements} of a count, whatever SRAM bytes its instructions move."""
+    out: Counter = Counter()
+    for key, n in counts.items():
+        if key[0] in OP_KINDS:
+            out[key[:2]] += n
+    return dict(out)
+
+
+def flops(counts: Mapping) -> float:
+    """FLOPs of a count: an FMAC is two, other arithmetic one."""
+    return float(sum(n * (2 if key[0] == "fmac" else 1) for key, n in counts.items() if key[0] in OP_KINDS))
+
+
+def sram_bytes(counts: Mapping) -> tuple[float, float]:
+    """(read, write) SRAM bytes the instructions of a count move."""
+    read = sum(n * key[2] for key, n in counts.items() if key[0] in OP_KINDS and len(key) == 4)
+    write = sum(n * key[3] for key, n in counts.items() if key[0] in OP_KINDS and len(key) == 4)
+    return float(read), float(write)
+
+
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True, eq=False)
 class KernelCost:
@@ -346,38 +446,39 @@ class KernelCost:
 
     Attributes:
       rect: the region on the grid.
-      counts: {(op_class, dtype_class): elements} per core.
-      read_bytes, write_bytes: SRAM bytes streamed per core.
+      counts: per-core instruction counts (`count_jaxpr`), with ("task",): task activations.
       mask: optional [h, w] bool of the cores that run it (None: all of `rect`).
     """
 
     rect: Rect
     counts: Mapping
-    read_bytes: float
-    write_bytes: float
     mask: np.ndarray | None = None
 
     def cycles(self, spec):
         """Cycles per core on `spec` (the cost rules of wafer/cost.py)."""
-        return cost.kernel_cycles(spec, self.counts, self.read_bytes, self.write_bytes)
+        return cost.compute_cycles(spec, self.counts)
 
     @property
     def flops(self) -> float:
         """FLOPs per core (an FMAC is two, other arithmetic one)."""
-        return float(sum(n * (2 if c == "fmac" else 1) for (c, _), n in self.counts.items()))
+        return flops(self.counts)
+
+    @property
+    def sram_bytes(self) -> tuple[float, float]:
+        """(read, write) SRAM bytes per core."""
+        return sram_bytes(self.counts)
 
     def at(self, row: int, col: int) -> KernelCost:
         r = self.rect
         return dataclasses.replace(self, rect=Rect(r.row + row, r.col + col, r.height, r.width))
 
 
-def count(fn, *per_core_args, where: str = "per-core kernel"):
-    """(counts, read_bytes, write_bytes) of `fn` on one core's arguments (arrays or ShapeDtypeStructs)."""
+def count(fn, *per_core_args, where: str = "per-core kernel") -> dict:
+    """Instruction counts of `fn` run once on one core's arguments (arrays or ShapeDtypeStructs) as one task."""
     closed = jax.make_jaxpr(fn)(*per_core_args)
     counts = count_jaxpr(closed.jaxpr, where=where)
-    read = sum(_size(v.aval) * np.dtype(v.aval.dtype).itemsize for v in closed.jaxpr.invars)
-    write = sum(_size(v.aval) * np.dtype(v.aval.dtype).itemsize for v in closed.jaxpr.outvars)
-    return dict(counts), float(read), float(write)
+    counts[TASKS] += 1
+    return dict(counts)
 
 
 def map_cores(fn, *xs, origin: tuple[int, int] = (0, 0)):
@@ -403,6 +504,6 @@ def map_cores(fn, *xs, origin: tuple[int, int] = (0, 0)):
         )
     ((h, w),) = hw
     per_core = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[2:], a.dtype), xs)
-    counts, read, write = count(fn, *per_core)
+    counts = count(fn, *per_core)
     out = jax.vmap(jax.vmap(fn))(*xs)
-    return out, KernelCost(Rect(origin[0], origin[1], h, w), counts, read, write)
+    return out, KernelCost(Rect(origin[0], origin[1], h, w), counts)

@@ -20,6 +20,13 @@ Sources of the figures (see also ../shared/DESIGN.md, "Hardware facts"):
   [HC34] Hot Chips 34 talk on WSE-2: 1.1 GHz core clock.
   [CS2] Cerebras CS-2 system datasheet: 12 x 100 GbE into the wafer, 1.2 Tb/s.
   [ALCF] ALCF AI-testbed documentation and SC24 tutorial: WSE-3 fabric 762 x 1172, 44 GB SRAM.
+  [LIE] Sean Lie, Hot Chips 34 (2022), "Cerebras Architecture Deep Dive": per core two 64-bit SRAM reads and one
+        64-bit write per cycle (what fp16 SIMD-4 FMAC with memory operands needs).
+  [LGI24] Luczynski et al., "Near-Optimal Wafer-Scale Reduce", HPDC'24 (arXiv 2404.15888): T_R, the latency of
+        a wavelet between a core and its router, about 2 cycles (as a public summary of the paper quotes it; the
+        paper's text was not readable here).
+  [FIT:fft3d] fitted on the calibration case fft3d (Orenes-Vera et al., ICS'23; wafer/validation/fft.py), all
+        five sizes, minimising the largest relative error (docs/fidelity.md).
 Figures marked ASSUMED are not published; they are our best estimate and are overridable.
 """
 
@@ -55,6 +62,11 @@ class WaferSpec:
       sram_bytes_per_core: private SRAM per core (48 KB on WSE-1/2/3 [SDK]).
       sram_banks: SRAM banks per core (8 banks of 6 KB on WSE-2 [SDK]).
       router_colors: routable virtual channels sharing each physical link (24 [SDK]).
+      reserved_colors: colours the runtime keeps for itself (its memcpy and launch streams), so a program routes
+        with router_colors - reserved_colors (6 [SDK memcpy framework, as the helper library reserves them]).
+      code_bytes_per_core: SRAM every core keeps for the program's code, its task table and descriptors. ASSUMED
+        4 KB (not published; Rocki et al.'s BiCGStab keeps 14 fp16 columns of 1536 points, 43,008 B, in 48 KB with
+        its code, so the code and the solver's scalars take under 6 KB).
       memcpy_cols_west, memcpy_cols_east: columns the host-I/O (memcpy) framework reserves on each side [SDK].
       overlap: whether a superstep's compute and communication overlap (the hardware is dataflow-driven, so by
         default they do: a superstep costs max(compute, comm); with False it costs compute + comm).
@@ -65,11 +77,22 @@ class WaferSpec:
         published [SDK], the others ASSUMED equal to the matching FMAC/add width.
       special_cycles: cycles per element for division, sqrt and transcendentals (ASSUMED: software sequences of
         a polynomial and a Newton step, about 16 instructions).
-      sram_read_bytes_per_cycle, sram_write_bytes_per_cycle: per core; two 32-bit reads and one 32-bit write per
-        cycle [SDK appendix]. The 20 PB/s total [AT] suggests up to ~24 B/cycle, so this is a knob.
+      instr_startup_cycles: cycles a vector instruction costs before its first element: its descriptors' set-up,
+        the issue and the pipeline's fill, and the scalar loop control around it. 14.3 [FIT:fft3d].
+      task_cycles: cycles a task activation costs (a per-core program started by its data or by the host).
+        ASSUMED 10 (the calibration set cannot tell it: its programs start a handful of tasks).
+      sram_read_bytes_per_cycle, sram_write_bytes_per_cycle: per core, 16 and 8: two 64-bit reads and one 64-bit
+        write [LIE]. Every vector instruction reads its operands from SRAM and writes its result there, so these
+        bound each instruction (wafer/cost.py). The SDK's CSL appendix describes a 32-bit access per operand per
+        lane; fp16 FMAC at its published 4 lanes reads two 16-bit vector operands and writes one per lane, 16 and 8
+        bytes a cycle, which only [LIE]'s ports sustain; 20 PB/s over 850k cores at ~1 GHz [AT] is ~24 B a cycle,
+        consistent with 16 + 8. So [LIE] holds.
       link_bits_per_cycle: bits per cycle per direction on each N/E/S/W link (one 32-bit wavelet [SDK]).
+      ramp_bits_per_cycle: bits per cycle each way between a core and its own router (one 32-bit wavelet [SDK]).
       hop_latency_cycles: cycles for a wavelet to cross one router. ASSUMED 1 (not published; Cerebras's sync
-        code subtracts px + py cycles of propagation delay).
+        code subtracts px + py cycles of propagation delay; [LGI24] model a link as one cycle).
+      ramp_latency_cycles: T_R, cycles for a wavelet between a core and its router (2 [LGI24]); a dependent
+        receive-combine-send stage costs 2 T_R + 1.
       edge_io_bits_per_s: host I/O into the wafer's edge (12 x 100 GbE = 1.2 Tb/s [CS2]).
     """
 
@@ -80,6 +103,8 @@ class WaferSpec:
     sram_bytes_per_core: int = struct.field(pytree_node=False, default=48 * 1024)
     sram_banks: int = struct.field(pytree_node=False, default=8)
     router_colors: int = struct.field(pytree_node=False, default=24)
+    reserved_colors: int = struct.field(pytree_node=False, default=6)
+    code_bytes_per_core: int = struct.field(pytree_node=False, default=4 * 1024)
     memcpy_cols_west: int = struct.field(pytree_node=False, default=3)
     memcpy_cols_east: int = struct.field(pytree_node=False, default=2)
     overlap: bool = struct.field(pytree_node=False, default=True)
@@ -92,10 +117,14 @@ class WaferSpec:
     simd_alu_fp32: float = 2.0
     simd_alu_int: float = 2.0
     special_cycles: float = 16.0
-    sram_read_bytes_per_cycle: float = 8.0
-    sram_write_bytes_per_cycle: float = 4.0
+    instr_startup_cycles: float = 14.3
+    task_cycles: float = 10.0
+    sram_read_bytes_per_cycle: float = 16.0
+    sram_write_bytes_per_cycle: float = 8.0
     link_bits_per_cycle: float = 32.0
+    ramp_bits_per_cycle: float = 32.0
     hop_latency_cycles: float = 1.0
+    ramp_latency_cycles: float = 2.0
     edge_io_bits_per_s: float = 1.2e12
 
     def __post_init__(self):
@@ -110,6 +139,20 @@ class WaferSpec:
             )
         _check_int(self, "sram_banks", 1, 1024)
         _check_int(self, "router_colors", 1, 1024)
+        _check_int(self, "reserved_colors", 0, 1023)
+        if isinstance(self.reserved_colors, int) and isinstance(self.router_colors, int):
+            if self.reserved_colors >= self.router_colors:
+                raise ValueError(
+                    f"WaferSpec.reserved_colors must be less than router_colors ({self.router_colors}), got "
+                    f"{self.reserved_colors}"
+                )
+        _check_int(self, "code_bytes_per_core", 0, 1 << 30)
+        if isinstance(self.code_bytes_per_core, int) and isinstance(self.sram_bytes_per_core, int):
+            if self.code_bytes_per_core % 4 or self.code_bytes_per_core >= self.sram_bytes_per_core:
+                raise ValueError(
+                    f"WaferSpec.code_bytes_per_core must be a multiple of 4 below sram_bytes_per_core "
+                    f"({self.sram_bytes_per_core}), got {self.code_bytes_per_core}"
+                )
         _check_int(self, "memcpy_cols_west", 0, 1000)
         _check_int(self, "memcpy_cols_east", 0, 1000)
         if not isinstance(self.overlap, bool):
@@ -125,10 +168,14 @@ class WaferSpec:
         ):
             _check_float(self, f, 0.125, 1024.0)
         _check_float(self, "special_cycles", 0.0, 1e4)
+        _check_float(self, "instr_startup_cycles", 0.0, 1e4)
+        _check_float(self, "task_cycles", 0.0, 1e6)
         _check_float(self, "sram_read_bytes_per_cycle", 0.125, 1e4)
         _check_float(self, "sram_write_bytes_per_cycle", 0.125, 1e4)
         _check_float(self, "link_bits_per_cycle", 1.0, 1e5)
+        _check_float(self, "ramp_bits_per_cycle", 1.0, 1e5)
         _check_float(self, "hop_latency_cycles", 0.0, 1e4)
+        _check_float(self, "ramp_latency_cycles", 0.0, 1e4)
         _check_float(self, "edge_io_bits_per_s", 1e3, 1e18)
 
     # ---- derived figures -------------------------------------------------------------------------------------
@@ -142,6 +189,11 @@ class WaferSpec:
     def sram_words_per_core(self) -> int:
         """32-bit words of SRAM per core."""
         return self.sram_bytes_per_core // 4
+
+    @property
+    def data_bytes_per_core(self) -> int:
+        """SRAM bytes per core left for a program's data: the SRAM less the code's reservation."""
+        return self.sram_bytes_per_core - self.code_bytes_per_core
 
     @property
     def sram_bytes_total(self) -> int:

@@ -168,7 +168,7 @@ def init(spec: WaferSpec, words: int = 0, dtype="float32", *, value=None) -> Waf
       words: elements per core of the "data" allocation ([rows, cols, words] of `dtype`).
       value: its initial contents (broadcastable to [rows, cols, words]); zeros by default.
     """
-    memory = MemoryMap(spec.rows, spec.cols, spec.sram_bytes_per_core)
+    memory = MemoryMap(spec.rows, spec.cols, spec.data_bytes_per_core)  # the code keeps the rest
     state = WaferState(
         sram={},
         links=jnp.zeros((4, spec.rows, spec.cols), jnp.float32),

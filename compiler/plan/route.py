@@ -45,7 +45,7 @@ import numpy as np
 
 from compiler import relax
 from compiler.errors import RouteError
-from wafer.fabric import Phase, Traffic
+from wafer.fabric import CHANNELS, RAMP_IN, RAMP_OUT, Phase, Traffic
 from wafer.memory import Rect
 
 HOST = "host"
@@ -311,7 +311,15 @@ def route(
             ends = flow_lanes(s, d, lanes=lanes)
         per_lane = words / len(ends)
         top, left, counts = lane_loads(ends)
-        parts.append((top, left, counts * per_lane))
+        load = np.zeros((CHANNELS, *counts.shape[1:]))
+        load[:4] = counts * per_lane
+        # ramps: a kernel's core puts each of its lanes' words on its ramp, the destination's core takes them off
+        # (the host's side is the edge I/O)
+        if s is not None:
+            np.add.at(load[RAMP_OUT], (ends[:, 0] - top, ends[:, 1] - left), per_lane)
+        if d is not None:
+            np.add.at(load[RAMP_IN], (ends[:, 2] - top, ends[:, 3] - left), per_lane)
+        parts.append((top, left, load))
         hops[(src, dst)] = int((np.abs(ends[:, 1] - ends[:, 3]) + np.abs(ends[:, 0] - ends[:, 2])).max())
         all_lanes[(src, dst)] = ends
         lane_words[(src, dst)] = per_lane

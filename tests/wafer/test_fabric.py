@@ -182,10 +182,12 @@ LINE = {
     "mcast0": (lambda x: multicast(x, "row", src=0), {"E": [1, 1, 1, 1, 0]}, 4),
     "mcast2": (lambda x: multicast(x, "row", src=2), {"E": [0, 0, 1, 1, 0], "W": [0, 1, 1, 0, 0]}, 2),
     "mcast-1": (lambda x: multicast(x, "row", src=-1), {"W": [0, 1, 1, 1, 1]}, 4),
-    "reduce-to-0": (lambda x: reduce(x, "row", to=0), {"W": [0, 1, 1, 1, 1]}, 4),
-    "reduce-to-last": (lambda x: reduce(x, "row", to="last"), {"E": [1, 1, 1, 1, 0]}, 4),
-    "reduce-to-1": (lambda x: reduce(x, "row", "max", to=1), {"E": [1, 0, 0, 0, 0], "W": [0, 0, 1, 1, 1]}, 3),
-    "allreduce": (lambda x: reduce(x, "row", to="all"), {"E": [1, 1, 1, 1, 0], "W": [0, 1, 1, 1, 1]}, 2),
+    # a chain reduction's streams each cross one link (its length is in the depth: dependent stages)
+    "reduce-to-0": (lambda x: reduce(x, "row", to=0), {"W": [0, 1, 1, 1, 1]}, 1),
+    "reduce-to-last": (lambda x: reduce(x, "row", to="last"), {"E": [1, 1, 1, 1, 0]}, 1),
+    "reduce-to-1": (lambda x: reduce(x, "row", "max", to=1), {"E": [1, 0, 0, 0, 0], "W": [0, 0, 1, 1, 1]}, 1),
+    # to the middle core (1 hop streams), then multicast back (2 hops)
+    "allreduce": (lambda x: reduce(x, "row", to="all"), {"E": [1, 1, 1, 1, 0], "W": [0, 1, 1, 1, 1]}, 1 + 2),
     "halo1": (lambda x: halo_exchange(x, 1), {"E": [1, 1, 1, 1, 0], "W": [0, 1, 1, 1, 1]}, 1),
     "halo2": (lambda x: halo_exchange(x, 2), {"E": [1, 2, 2, 2, 0], "W": [0, 2, 2, 2, 1]}, 2),
 }
@@ -201,7 +203,46 @@ def test_line_link_counts_by_hand(case, z, dtype, words):
         expected[DIR[d], 0] = np.asarray(v) * words
     np.testing.assert_array_equal(t.link_words(1, 5), expected)
     assert t.words == expected.sum()
-    assert t.hops == (2 * hops if case == "allreduce" else hops)  # allreduce: to the middle core and back
+    assert t.hops == hops
+
+
+# Words each core of a 1 x 5 line takes off its ramp (in) and puts on it (out), by hand, in a core's data.
+RAMPS = {
+    "E1": (lambda x: shift(x, "E", 1), [0, 1, 1, 1, 1], [1, 1, 1, 1, 0]),
+    "E2": (lambda x: shift(x, "E", 2), [0, 0, 1, 1, 1], [1, 1, 1, 0, 0]),
+    # the source injects its data once; every router delivers it to its own core and forwards it
+    "mcast2": (lambda x: multicast(x, "row", src=2), [1, 1, 0, 1, 1], [0, 0, 1, 0, 0]),
+    # a chain to core 0: each core takes its neighbour's partial sum in and sends its own on
+    "reduce-to-0": (lambda x: reduce(x, "row", to=0), [1, 1, 1, 1, 0], [0, 1, 1, 1, 1]),
+    # to core 1: it takes in both sides' partial sums
+    "reduce-to-1": (lambda x: reduce(x, "row", to=1), [0, 2, 1, 1, 0], [1, 0, 1, 1, 1]),
+    # a star to core 4: it takes in four cores' data; a tree to core 4: in rounds from cores 3 and 2
+    "star-to-last": (lambda x: reduce(x, "row", to="last", pattern="star"), [0, 0, 0, 0, 4], [1, 1, 1, 1, 0]),
+    # (rounds: cores 3 and 1 send one hop, core 2 two hops, core 0 four: core 4 takes three partial sums in)
+    "tree-to-last": (lambda x: reduce(x, "row", to="last", pattern="tree"), [0, 0, 1, 0, 3], [1, 1, 1, 1, 0]),
+    # radius 1 halo: one stream from each neighbour, one sent each way
+    "halo1": (lambda x: halo_exchange(x, 1), [1, 2, 2, 2, 1], [1, 2, 2, 2, 1]),
+}
+
+
+@pytest.mark.parametrize("case", list(RAMPS), ids=list(RAMPS))
+def test_line_ramp_counts_by_hand(case):
+    fn, ramp_in, ramp_out = RAMPS[case]
+    _, t = fn(rand(2, (1, 5, 3)))  # 3 words a core
+    ramps = t.ramp_words(1, 5)
+    np.testing.assert_array_equal(ramps[0, 0], 3 * np.asarray(ramp_in, float))
+    np.testing.assert_array_equal(ramps[1, 0], 3 * np.asarray(ramp_out, float))
+
+
+def test_ramp_contention_is_charged():
+    """A core taking k streams in pays for all k words (a wavelet a cycle through its ramp): a radius-1 halo on a
+    region moves Z words on each link but takes 4 Z into an inner core."""
+    spec = wafer.WSE2
+    halo, t = halo_exchange(rand(3, (3, 3, 6)), 1)
+    (phase,) = t.phases
+    assert phase.max_link_words == 6 and phase.max_ramp_words == 4 * 6  # the centre core: four neighbours
+    assert t.cycles(spec) == 24  # the ramp bounds it: max(24, 6, 6 + 1 hop)
+    assert t.cycles(spec.with_(ramp_bits_per_cycle=128.0)) == 7  # a wide ramp: the link and the hop
 
 
 # ---- multicast ---------------------------------------------------------------------------------------------------
@@ -257,11 +298,12 @@ def test_reduce(axis, op, to):
         phases = [reduce_streams(h, w, ax, d, Z), multicast_streams(h, w, ax, d, Z)]
         for p, streams in zip(t.phases, phases):
             np.testing.assert_array_equal(p.link_words(h, w), walk(h, w, streams))
-        assert t.hops == 2 * max(d, n - 1 - d)
+        # the chain's streams cross one link each, in max(d, n - 1 - d) dependent stages; the multicast back
+        assert t.hops == 1 + max(d, n - 1 - d) and t.depth == max(d, n - 1 - d)
     else:
         d = {"last": n - 1}.get(to, to) % n
         np.testing.assert_array_equal(t.link_words(h, w), walk(h, w, reduce_streams(h, w, ax, d, Z)))
-        assert t.hops == max(d, n - 1 - d)
+        assert t.hops == 1 and t.depth == max(d, n - 1 - d)
 
 
 # ---- halo exchange -----------------------------------------------------------------------------------------------
@@ -332,10 +374,11 @@ def test_concurrent_transfers_share_links():
     assert both.hops == 4  # the longer route sets the latency
     assert a.cycles(spec) == 3 + 1 and b.cycles(spec) == 3 + 4
     assert both.cycles(spec) == 6 + 4  # contention: the shared links carry both streams
-    # Traffic on disjoint links does not contend.
+    # Traffic on disjoint links does not contend on links; a core taking in both streams takes both on its ramp
     x = rand(9, (1, 5, 3))
     c = shift(x, "W", 1)[1]
-    assert (a | c).cycles(spec) == a.cycles(spec)
+    assert (a | c).phases[0].max_link_words == 3 and (a | c).phases[0].max_ramp_words == 6
+    assert (a | c).cycles(spec) == 6 and a.cycles(spec) == c.cycles(spec) == 4
 
 
 def test_sequential_transfers_add():
@@ -356,7 +399,9 @@ def test_concurrent_with_different_phase_counts():
     assert len(both.phases) == 2
     np.testing.assert_array_equal(both.phases[0].link_words(1, 5)[DIR["E"], 0], [2, 2, 1, 1, 0])
     np.testing.assert_array_equal(both.phases[1].link_words(1, 5), a.phases[1].link_words(1, 5))
-    assert both.cycles(wafer.WSE2) == (2 + 2) + (1 + 2)
+    # phase 0: the middle core takes in 3 words (both sides' sums and the shift's word): max(3, 2 on the busiest
+    # link, 8 link words over 6 links + 1 hop) + 2 dependent stages x (2 T_R + 1); phase 1: multicast back, 1 + 2
+    assert both.cycles(wafer.WSE2) == (3 + 2 * 5) + (1 + 2)
 
 
 def test_traffic_at_offsets_regions():
@@ -385,19 +430,28 @@ def test_cycles_formula(bits, latency):
     spec = wafer.WaferSpec.mini(4, 5, link_bits_per_cycle=bits, hop_latency_cycles=latency)
     x = rand(12)
     for t in (shift(x, "E", 2)[1], multicast(x, "col", src=1)[1], halo_exchange(x, 2)[1], reduce(x, 1, to="all")[1]):
-        expected = sum(p.link_words(H, W).max() * 32 / bits + p.hops * latency for p in t.phases)
+        expected = 0.0
+        for p in t.phases:
+            link = p.link_words(H, W)
+            mean = link.sum() / np.count_nonzero(link)
+            stream = max(link.max() * 32 / bits, mean * 32 / bits + p.hops * latency)
+            expected += max(p.loads(H, W)[4:].max() * 32 / spec.ramp_bits_per_cycle, stream) + p.depth * 5
         assert t.cycles(spec) == pytest.approx(expected, rel=1e-12)
-        assert t.cycles(spec) == pytest.approx(
-            sum(cost.transfer_cycles(spec, p.max_link_words, p.hops) for p in t.phases), rel=1e-12
-        )
-    # shift E by 2 of 3 words: the busiest link carries 2 streams of 3 words; 2 hops.
-    assert shift(x, "E", 2)[1].cycles(spec) == pytest.approx(6 * 32 / bits + 2 * latency)
+    # shift E by 2 of 3 words: the busiest link carries 2 streams of 3 words; every core takes 3 in; the E links
+    # carry 3, 6, 6, 3 words (mean 4.5); 2 hops.
+    assert shift(x, "E", 2)[1].cycles(spec) == pytest.approx(
+        max(3 * 32 / spec.ramp_bits_per_cycle, 6 * 32 / bits, 4.5 * 32 / bits + 2 * latency)
+    )
 
 
 def test_traffic_cycles_grad_wrt_spec():
-    t = halo_exchange(rand(13), 2)[1]
+    t = multicast(rand(13), "row", src=0)[1]  # latency-bound: 3 words, 4 hops
     g = jax.grad(t.cycles)(wafer.WaferSpec.mini(H, W))
     np.testing.assert_allclose(g.hop_latency_cycles, t.hops, rtol=1e-6)
+    t = halo_exchange(rand(13), 2)[1]  # ramp-bound: a core of the 4 x 5 region takes up to 7 streams of 3 words in
+    g = jax.grad(t.cycles)(wafer.WaferSpec.mini(H, W))
+    assert float(g.hop_latency_cycles) == 0.0
+    np.testing.assert_allclose(g.ramp_bits_per_cycle, -7 * 3 * 32 / 32.0**2, rtol=1e-6)
     np.testing.assert_allclose(g.link_bits_per_cycle, -t.phases[0].max_link_words * 32 / 32.0**2, rtol=1e-6)
 
 

@@ -1,4 +1,5 @@
-"""Per-core programs: map_cores output, instruction counts, SRAM bytes and kernel cycles."""
+"""Per-core programs: map_cores output, instruction counts (arithmetic, SRAM bytes per instruction, instructions
+issued, tasks) and kernel cycles by hand under wafer/cost.py's rules."""
 
 import os
 
@@ -10,7 +11,7 @@ from jax import lax
 
 import wafer
 from wafer import cost
-from wafer.kernel import count
+from wafer.kernel import arithmetic, count
 
 SPEC = wafer.WSE2
 F32, F16, BF16 = jnp.float32, jnp.float16, jnp.bfloat16
@@ -25,7 +26,8 @@ def sds(*shape, dtype=F32):
 
 
 def counts_of(fn, *args):
-    return count(fn, *args)[0]
+    """The arithmetic of a count: {(op class, dtype class): elements}."""
+    return arithmetic(count(fn, *args))
 
 
 # ---- map_cores ---------------------------------------------------------------------------------------------------
@@ -44,7 +46,9 @@ def test_map_cores_equals_vmapped_reference():
     np.testing.assert_allclose(out, jax.vmap(jax.vmap(dense))(x, wt, b), rtol=1e-6, atol=1e-6)
     assert kc.rect == wafer.Rect(0, 0, h, w)
     # w @ x: n * k FMACs; + b: n ALU adds (only a mul feeding an add fuses); tanh: n special.
-    assert kc.counts == {("fmac", "fp32"): n * k, ("alu", "fp32"): n, ("special", "fp32"): n}
+    assert arithmetic(kc.counts) == {("fmac", "fp32"): n * k, ("alu", "fp32"): n, ("special", "fp32"): n}
+    # w [6, 5] @ x [5]: 5 FMAC instructions along w's columns (against 6 dot products), the add, tanh's sequence
+    assert kc.counts[("instr",)] == 5 + 1 + wafer.kernel.SPECIAL_INSTRUCTIONS and kc.counts[("task",)] == 1
 
 
 def test_map_cores_pytrees_and_origin():
@@ -61,7 +65,16 @@ def test_map_cores_pytrees_and_origin():
     np.testing.assert_allclose(out["z"], ref["z"], rtol=1e-6)
     assert out["y"].shape == (h, w, 2) and out["z"].shape == (h, w)
     assert kc.rect == wafer.Rect(5, 7, h, w) and kc.at(1, 1).rect == wafer.Rect(6, 8, h, w)
-    assert kc.read_bytes == 4 * (4 + 1 + 8) and kc.write_bytes == 4 * (2 + 1)
+    # m [2, 4] @ a [4]: 2 dot products of length 4 (reading both vectors, accumulating in a register); * s (a
+    # one-element scalar in a register): 2 elements read and written; sum(a): 4 read into a scalar
+    assert kc.counts == {
+        ("fmac", "fp32", 8, 0): 8,
+        ("alu", "fp32", 4, 4): 2,
+        ("alu", "fp32", 4, 0): 4,
+        ("instr",): 2 + 1 + 1,
+        ("task",): 1,
+    }
+    assert kc.sram_bytes == (8 * 8 + 2 * 4 + 4 * 4, 2 * 4)
 
 
 @pytest.mark.parametrize(
@@ -172,7 +185,7 @@ def test_fp16_vs_fp32_lanes():
         c32 = counts_of(fn, *(sds(64),) * n_args)
         c16 = counts_of(fn, *(sds(64, dtype=F16),) * n_args)
         assert c32 == {(cls, "fp32"): 64} and c16 == {(cls, "fp16"): 64}
-        ratio = cost.compute_cycles(SPEC, c32) / cost.compute_cycles(SPEC, c16)
+        ratio = cost.compute_cycles(SPEC, c32) / cost.compute_cycles(SPEC, c16)  # pure arithmetic keys
         assert ratio == SPEC.simd_width(cls, "fp16") / SPEC.simd_width(cls, "fp32")
     # WSE-2: fp16 FMAC 4 lanes, fp32 add 2 lanes (published), fp32 FMAC 1 lane (assumed).
     assert cost.compute_cycles(SPEC, counts_of(fused, *(sds(64, dtype=F16),) * 3)) == 16
@@ -220,35 +233,102 @@ def test_unsupported_primitive_names_primitive_and_source(fn, primitive):
     [
         (lambda x, y: x + y, (sds(8), sds(8)), 64, 32),
         (lambda x, y: x + y, (sds(8, dtype=F16), sds(8, dtype=F16)), 32, 16),
-        (lambda a, b: jnp.dot(a, b, preferred_element_type=F32), (sds(3, 5, dtype=F16), sds(5, 4, dtype=F16)), 70, 48),
-        (lambda x: (jnp.sum(x), x * 2), (sds(2, 3, dtype=BF16),), 12, 2 + 12),
+        # 12 dot products of length 5 reading two 2-byte operands, accumulated in registers
+        (lambda a, b: jnp.dot(a, b, preferred_element_type=F32), (sds(3, 5, dtype=F16), sds(5, 4, dtype=F16)), 240, 0),
+        # sum into a register (jnp.sum widens bf16 to float32 first: 24 B read), x * 2 (12 B in, 12 B out)
+        (lambda x: (jnp.sum(x), x * 2), (sds(2, 3, dtype=BF16),), 24 + 12, 12),
     ],
     ids=["add-f32", "add-f16", "mixed-dot", "two-outputs"],
 )
 def test_sram_bytes(fn, args, read, write):
-    _, r, w = count(fn, *args)
-    assert (r, w) == (read, write)
+    assert wafer.kernel.sram_bytes(count(fn, *args)) == (read, write)
 
 
-def test_cycles_are_max_of_compute_and_sram():
-    spec = SPEC
-    # fp32 add of 8: compute 8 / 2 lanes = 4; SRAM max(64 B / 8, 32 B / 4) = 8: SRAM-bound.
+# Every instruction reads its vector operands from SRAM and writes its result there (memory to memory).
+FULL_CASES = {
+    # 8 fp32 adds: two 4-byte operands in, 4 out per element, one instruction
+    "add": (lambda x, y: x + y, (sds(8), sds(8)), {("alu", "fp32", 8, 4): 8, ("instr",): 1}),
+    # a scalar operand (a literal, or a one-element value) lives in a register: not read from SRAM
+    "scale": (lambda x: x * 2.0, (sds(8),), {("alu", "fp32", 4, 4): 8, ("instr",): 1}),
+    # a broadcast operand is read element by element (a stride-0 descriptor)
+    "bias": (lambda x, b: x + b[None], (sds(3, 4), sds(4)), {("alu", "fp32", 8, 4): 12, ("instr",): 1}),
+    # x * y + z: one FMAC instruction reading three vectors
+    "fmac": (fused, (sds(8), sds(8), sds(8)), {("fmac", "fp32", 12, 4): 8, ("instr",): 1}),
+    "fmac-fp16": (fused, (sds(8, dtype=F16),) * 3, {("fmac", "fp16", 6, 2): 8, ("instr",): 1}),
+    # [32, 1] @ [1, 8]: along the longer free axis (32 rows): 1 x min(32, 8) = 8 instructions, each reading the
+    # 32-vector and the accumulator, writing the accumulator; dot products would take 32 x 8 = 256
+    "outer": (lambda a, b: a @ b, (sds(32, 1), sds(1, 8)), {("fmac", "fp32", 8, 4): 256, ("instr",): 8}),
+    # [3, 5] @ [5, 4]: dot products of length 5 (3 x 4 = 12 instructions) beat 5 x min(3, 4) = 15
+    "dot": (lambda a, b: a @ b, (sds(3, 5), sds(5, 4)), {("fmac", "fp32", 8, 0): 60, ("instr",): 12}),
+    # mixed, [4, 16] @ [16, 8]: 16 x min(4, 8) = 64 instructions along the 8 columns (16-bit W row and fp32
+    # accumulator read, accumulator written) against 32 dot products of length 16: the dot products
+    "dot-mixed": (
+        lambda a, b: jnp.dot(a, b, preferred_element_type=F32),
+        (sds(4, 16, dtype=F16), sds(16, 8, dtype=F16)),
+        {("fmac", "mixed", 4, 0): 512, ("instr",): 32},
+    ),
+    # [64, 2] @ [2, 8] mixed: 2 x 8 = 16 instructions along the 64 rows (reading x's column and the accumulator)
+    "outer-mixed": (
+        lambda a, b: jnp.dot(a, b, preferred_element_type=F32),
+        (sds(64, 2, dtype=F16), sds(2, 8, dtype=F16)),
+        {("fmac", "mixed", 6, 4): 1024, ("instr",): 16},
+    ),
+    # a reduction to a scalar: one instruction accumulating in a register
+    "sum": (lambda x: jnp.sum(x), (sds(24),), {("alu", "fp32", 4, 0): 24, ("instr",): 1}),
+    # [4, 6] summed over its rows: 4 outputs, 6 each: 4 instructions into registers (4 x 4 <= 24)
+    "sum-rows": (lambda x: jnp.sum(x, axis=1), (sds(4, 6),), {("alu", "fp32", 4, 0): 24, ("instr",): 4}),
+    # [6, 8] summed over its columns: acc[:] += x[i, :], 6 instructions over 8 outputs
+    "sum-cols": (lambda x: jnp.sum(x, axis=0), (sds(6, 8),), {("alu", "fp32", 8, 4): 48, ("instr",): 6}),
+    # a move reads and writes each element
+    "transpose": (lambda x: x.T, (sds(3, 4),), {("alu", "fp32", 4, 4): 12, ("instr",): 1}),
+    # a special function: special_cycles per element and a sequence of SPECIAL_INSTRUCTIONS instructions
+    "exp": (jnp.exp, (sds(6),), {("special", "fp32", 4, 4): 6, ("instr",): wafer.kernel.SPECIAL_INSTRUCTIONS}),
+    # views are free
+    "free-moves": (lambda x: x.reshape(2, 6)[:, 1:].astype(F16), (sds(12),), {}),
+}
+
+
+@pytest.mark.parametrize("case", list(FULL_CASES), ids=list(FULL_CASES))
+def test_full_counts_by_hand(case):
+    fn, args, expected = FULL_CASES[case]
+    assert count(fn, *args) == {**expected, ("task",): 1}  # one map_cores program is one task
+
+
+def test_cycles_by_hand():
+    """Per instruction: start-up + elements x max(1 / lanes, read / SRAM read, write / SRAM write); per task."""
+    spec = SPEC  # 16 B read and 8 B written per cycle [LIE]; fp32 add 2 lanes, fp32 FMAC 1, fp16 FMAC 4
+    s, t = spec.instr_startup_cycles, spec.task_cycles
+    # fp32 add of 8: 2 lanes -> 0.5 per element; reads 8 B (0.5), writes 4 B (0.5): 4 + start-up + the task
     _, kc = wafer.map_cores(lambda x, y: x + y, rand(0, (2, 2, 8)), rand(1, (2, 2, 8)))
-    assert cost.compute_cycles(spec, kc.counts) == 4 and cost.sram_cycles(spec, kc.read_bytes, kc.write_bytes) == 8
-    assert kc.cycles(spec) == 8
-    # fp32 4x4 @ 4x4: 64 FMAC at 1 lane = 64; SRAM max(128 / 8, 64 / 4) = 16: compute-bound.
+    assert kc.cycles(spec) == s + 8 * 0.5 + t
+    # with SDK-style ports (8 B read, 4 B written) the same add is SRAM-bound: 1 per element
+    assert kc.cycles(spec.with_(sram_read_bytes_per_cycle=8.0, sram_write_bytes_per_cycle=4.0)) == s + 8 + t
+    # fp16 FMAC of 64 reading three 2-byte vectors: 4 lanes (0.25), reads 6 B (0.375): SRAM-bound, 24 + s
+    _, kc = wafer.map_cores(fused, *(rand(i, (1, 1, 64), F16) for i in range(3)))
+    assert kc.cycles(spec) == s + 64 * 0.375 + t
+    # fp32 4x4 @ 4x4: 16 dot products of length 4 (16 instructions) beat 4 x 4; 64 FMACs at 1 lane
     _, kc = wafer.map_cores(lambda a, b: a @ b, rand(2, (1, 1, 4, 4)), rand(3, (1, 1, 4, 4)))
-    assert kc.cycles(spec) == 64 and kc.flops == 128
-    # A faster SRAM or wider SIMD moves the bound.
-    assert kc.cycles(spec.with_(simd_fmac_fp32=8.0)) == 16
-    # exp of 10: special_cycles (16) per element = 160; with 2 per element, 20, still above SRAM's 40 B / 4 = 10.
+    assert kc.cycles(spec) == 16 * s + 64 + t and kc.flops == 128
+    assert kc.cycles(spec.with_(simd_fmac_fp32=8.0)) == 16 * s + 64 * 0.5 + t  # then reading 8 B / 16 bounds it
+    # exp of 10: special_cycles per element and the sequence's start-ups
     _, kc = wafer.map_cores(jnp.exp, rand(4, (1, 1, 10)))
-    assert kc.cycles(spec) == 160 and kc.cycles(spec.with_(special_cycles=2.0)) == 20
-    assert kc.cycles(spec.with_(special_cycles=0.5)) == 10
+    n = wafer.kernel.SPECIAL_INSTRUCTIONS
+    assert kc.cycles(spec) == n * s + 10 * spec.special_cycles + t
+    assert kc.cycles(spec.with_(special_cycles=0.1)) == n * s + 10 * 0.5 + t  # its 4 B written / 8 bound it
+
+
+def test_fabric_operand_runs_at_the_ramp():
+    """An instruction taking an operand off the ramp runs at most a wavelet a cycle (`cost.unit_cycles`)."""
+    key = ("alu", "fp32", 4, 4, 1.0)  # @fadds(mem, mem, fabin): own operand from SRAM, the other off the ramp
+    assert cost.unit_cycles(SPEC, key) == 1.0
+    assert cost.unit_cycles(SPEC.with_(ramp_bits_per_cycle=64.0), key) == 0.5
+    assert cost.unit_cycles(SPEC, key[:4]) == 0.5  # from SRAM only: the 2 lanes
 
 
 def test_kernel_cycles_grad_wrt_spec():
     _, kc = wafer.map_cores(lambda a, b: a @ b, rand(2, (1, 1, 4, 4)), rand(3, (1, 1, 4, 4)))
     g = jax.grad(kc.cycles)(SPEC)
     np.testing.assert_allclose(g.simd_fmac_fp32, -64.0, rtol=1e-6)  # d(64 / s) / ds at s = 1
+    np.testing.assert_allclose(g.instr_startup_cycles, 16.0, rtol=1e-6)  # 16 instructions
+    np.testing.assert_allclose(g.task_cycles, 1.0, rtol=1e-6)
     np.testing.assert_allclose(g.sram_read_bytes_per_cycle, 0.0, atol=0)  # not the bound

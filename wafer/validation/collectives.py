@@ -9,7 +9,8 @@ with, for the algorithm's messages (as the paper and its public summaries define
   E  energy: total hops travelled by all wavelets (words x hops, summed),
   N  the number of links the algorithm uses,
   L  distance: the most hops one message travels between two cores that compute on it,
-  C  contention: the most wavelets that have to cross one link (or enter one core),
+  C  contention: the most wavelets one core has to take in (through its ramp, one a cycle: the root of a
+     reduction to the middle takes in both sides' streams),
   D  depth: the longest chain of dependent receive-add-send steps,
   T_R the latency of a wavelet from a core to its router and back, so each dependent step costs 2 T_R + 1
       cycles (the ramp down, the add, the ramp up).
@@ -80,17 +81,19 @@ def model_terms(pattern: str, n: int, words: int, *, to: str = "last", group: in
     group = wafer.fabric.default_group(n) if group is None else group
     d = n - 1 if to == "last" else (n - 1) // 2
     sides = [d + 1, n - d] if to == "middle" else [n]
-    energy, links, distance, contention, depth = 0.0, 0, 0, 0.0, 0
+    energy, links, distance, contention, depth, root = 0.0, 0, 0, 0.0, 0, 0.0
     for m in sides:
-        load = np.zeros(m)
+        load, received = np.zeros(m), np.zeros(m)
         for src, dst in _messages(m, pattern, group):
             load[dst + 1 : src + 1] += words  # the link from j to j - 1 is load[j]
+            received[dst] += words
             energy += words * (src - dst)
             distance = max(distance, src - dst)
         links += int(np.count_nonzero(load))
-        contention = max(contention, float(load.max(initial=0.0)))
+        root += received[0]  # the root is every side's core 0
+        contention = max(contention, float(received[1:].max(initial=0.0)))
         depth = max(depth, _depth(m, pattern, group))
-    return {"E": energy, "N": links, "L": distance, "C": contention, "D": depth}
+    return {"E": energy, "N": links, "L": distance, "C": max(contention, root), "D": depth}
 
 
 def model_formula(terms: dict, t_r: float) -> float:

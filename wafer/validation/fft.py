@@ -66,7 +66,16 @@ def twiddles(n: int) -> np.ndarray:
 
 
 def fft_pencil(re, im, tw):
-    """One core's 1D FFT of its pencil (forward, unnormalised, like jnp.fft.fft).
+    """One core's 1D FFT of its pencil (forward, unnormalised, like jnp.fft.fft), instruction by instruction as
+    Cerebras's radix-2 FFT issues them (csl-examples benchmarks/FFT/fft.csl).
+
+    Stockham (self-sorting) order, log2 n stages. A stage of sub-transform length L has L twiddle factors; as
+    fft.csl does, it loops over them: for each factor, scalar in registers, vector instructions over the `half`
+    residues it applies to (the complex multiply, two multiplies and two FMACs on separate real and imaginary
+    planes; the butterfly, an add and a subtract per plane), then one move per plane reorders the stage's results.
+    So a stage issues about 8 L instructions of length n / 2L: short vectors late in the transform, whose start-up
+    dominates (fft.csl: an @fmuls and two @fmacs per factor, four @fmovs per factor reshaping, an add, subtract and
+    move per stage).
 
     Args:
       re, im: [n] float32, the pencil's real and imaginary parts (n a power of two).
@@ -80,12 +89,19 @@ def fft_pencil(re, im, tw):
     length = 1
     while length < n:
         half = n // (2 * length)  # residues left after this stage
-        er, ei, orr, oi = yr[:half], yi[:half], yr[half:], yi[half:]  # even and odd subsequences: views
-        wr, wi = tw[0, :: n // (2 * length)], tw[1, :: n // (2 * length)]  # w_2L^k = w_n^(k n / 2L): a stride
-        tr = wr * orr - wi * oi
-        ti = wr * oi + wi * orr
-        yr = jnp.concatenate([er + tr, er - tr], axis=1)
-        yi = jnp.concatenate([ei + ti, ei - ti], axis=1)
+        step = n // (2 * length)  # w_2L^k = w_n^(k n / 2L): the factor's place in the table
+        left_r, left_i, right_r, right_i = [], [], [], []
+        for k in range(length):  # one twiddle factor at a time, a scalar
+            wr, wi = tw[0, k * step], tw[1, k * step]
+            er, ei, orr, oi = yr[:half, k], yi[:half, k], yr[half:, k], yi[half:, k]  # views
+            tr = orr * wr - oi * wi
+            ti = oi * wr + orr * wi
+            left_r.append(er + tr)
+            left_i.append(ei + ti)
+            right_r.append(er - tr)
+            right_i.append(ei - ti)
+        yr = jnp.stack(left_r + right_r, axis=1)  # the stage's reorder: one move per plane
+        yi = jnp.stack(left_i + right_i, axis=1)
         length *= 2
     return yr.reshape(n), yi.reshape(n)
 
