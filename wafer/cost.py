@@ -62,15 +62,30 @@ def unit_cycles(spec, key, *, maximum=maximum):
         return spec.instr_startup_cycles
     if key[0] == "task":
         return spec.task_cycles
-    op_class, dtype_class = key[0], key[1]
-    arith = spec.special_cycles if op_class == "special" else 1.0 / spec.simd_width(op_class, dtype_class)
+    if key[0] == "ops":  # a tally of operations for partitioning (their instructions are counted under "instr")
+        return 0.0
     if len(key) < 4:
-        return arith
-    out = arith
-    if key[2] or key[3]:
-        out = maximum(out, maximum(key[2] / spec.sram_read_bytes_per_cycle, key[3] / spec.sram_write_bytes_per_cycle))
-    if len(key) > 4 and key[4]:
-        out = maximum(out, key[4] * (WORD_BITS / spec.ramp_bits_per_cycle))
+        return _arith_cycles(spec, key[0], key[1])
+    return element_cycles(spec, key[0], key[1], key[2], key[3], key[4] if len(key) > 4 else 0.0, maximum=maximum)
+
+
+def _arith_cycles(spec, op_class, dtype_class):
+    return spec.special_cycles if op_class == "special" else 1.0 / spec.simd_width(op_class, dtype_class)
+
+
+def element_cycles(spec, op_class, dtype_class, read, write, fabric=0.0, *, maximum=maximum):
+    """Cycles per element of a vector instruction of `op_class` on `dtype_class` operands that reads `read` and
+    writes `write` SRAM bytes per element and takes `fabric` 32-bit words per element off the core's ramp: the
+    slowest of its arithmetic, its SRAM reads, its SRAM writes and its ramp (module docstring). `read`, `write` and
+    `fabric` may be arrays (a compiler's kernels, each with its own operand bytes)."""
+    out = _arith_cycles(spec, op_class, dtype_class)
+    for amount, rate in (
+        (read, spec.sram_read_bytes_per_cycle),
+        (write, spec.sram_write_bytes_per_cycle),
+        (fabric, spec.ramp_bits_per_cycle / WORD_BITS),
+    ):
+        if not (isinstance(amount, int | float) and amount == 0):  # (a smooth max of a zero term would add to it)
+            out = maximum(out, amount / rate)
     return out
 
 

@@ -829,6 +829,56 @@ def reduce_cycles(n, words, spec, *, pattern: str = "chain", to="last", group=No
     return out
 
 
+def reduce_receives(n, *, pattern: str = "chain", to="last", group=None):
+    """Incoming partial results the busiest core of `reduce(..., pattern=pattern, to=to)` along a line of n cores
+    adds to its own (`reduce_adds`): array-generic, equal to the records' largest count."""
+    _check_pattern(pattern)
+    xp = _mod(n)
+    if group is None:
+        group = xp.maximum(xp.round(xp.sqrt(n)), 1.0)
+    m_l, m_r = _sides(n, xp.floor((n - 1) / 2) if to == "all" else to)  # (an allreduce reduces to the middle)
+    if pattern == "chain":  # the root takes one stream per side; every other core but the ends one
+        return xp.maximum(_ind(m_l > 1) + _ind(m_r > 1), _ind(xp.maximum(m_l, m_r) > 2))
+    if pattern == "star":  # the root takes all of them (one instruction: `reduce_adds`)
+        return n - 1.0
+    if pattern == "tree":  # the root adds once per round on each side
+        return _ceil_log2(m_l) + _ceil_log2(m_r)
+    s = group
+    side_root = lambda m: _ind((s > 1) & (m > 1)) + _ind(s < m)  # noqa: E731  from its group, from the next leader
+    root = side_root(m_l) + side_root(m_r)
+    big = xp.maximum(m_l, m_r)
+    leader = _ind((s > 1) & (s + 1 < big)) + _ind(2 * s < big)  # the first leader out: its group and the next
+    member = _ind((s > 2) & (2 < big))  # a group member between its neighbours
+    return xp.maximum(root, xp.maximum(leader, member))
+
+
+def reduce_adds_cycles(
+    n, elements, spec, *, dtype_class: str = "fp32", itemsize=4, pattern: str = "chain", to="last", group=None
+):
+    """Cycles the busiest core of a reduction along n cores spends adding what it takes in (`reduce_adds`): one
+    `@fadds(mem, mem, fabin)` per incoming partial of `elements` elements (a star's root: one for all of them)."""
+    xp = _mod(n, elements)
+    k = reduce_receives(n, pattern=pattern, to=to, group=group)
+    per = cost.element_cycles(spec, "alu", dtype_class, itemsize, itemsize, itemsize / 4.0)
+    instructions = xp.minimum(k, 1.0) if pattern == "star" else k
+    return k * elements * per + instructions * spec.instr_startup_cycles
+
+
+def strided_allreduce_cycles(n, stride, words, spec):
+    """Cycles of `stride` interleaved chain allreduces, each over n cores `stride` apart along a line (core i of
+    every block of `stride` consecutive cores with core i of the other blocks: the gradient sum over the copies of
+    a weight kernel's tile grid, compiler/schedule.py): each stream crosses `stride` links, every link carries
+    `stride` streams of `words`; reduce to the middle block, then multicast back."""
+    xp = _mod(n, stride, words)
+    m_l, m_r = _sides(n, xp.floor((n - 1) / 2))
+    big = xp.maximum(m_l, m_r)
+    root = _ind(m_l > 1) + _ind(m_r > 1)
+    link = stride * words
+    up = _phase_cycles(spec, link, words * xp.maximum(root, 1.0), stride, big - 1.0, link)
+    down = _phase_cycles(spec, link, words, stride * (big - 1.0), 0.0, link)
+    return _ind(n > 1) * (up + down)
+
+
 def allreduce_cycles(n, words, spec, *, pattern: str = "chain", group=None):
     """`reduce_cycles(..., to="all")`."""
     return reduce_cycles(n, words, spec, pattern=pattern, to="all", group=group)
@@ -848,5 +898,5 @@ def all_to_all_cycles(n, block_words, spec, *, pattern: str = "relay"):
     mean = energy / xp.maximum(2.0 * (n - 1.0), 1.0)  # over the 2 (n - 1) directed links of the line
     ramp = (n - 1) * (2.0 if pattern == "relay_padded" else 1.0)
     return _ind(n > 1) * _phase_cycles(
-        spec, busiest * block_words, ramp * block_words, n - 1.0, 1.0, mean * block_words
+        spec, busiest * block_words, ramp * block_words, n - 1.0, 0.0, mean * block_words
     )

@@ -142,6 +142,9 @@ _DOT = {"dot_general", "conv_general_dilated"}
 # issued and task activations.
 INSTRUCTIONS = ("instr",)
 TASKS = ("task",)
+# A tally of the vector operations issued (each one instruction at least; a matmul or a reduction more): what a
+# partitioner needs to split a program's instructions over cores. It costs nothing of its own.
+OPS = ("ops",)
 OP_KINDS = ("fmac", "alu", "special")
 # A special function (division, square root, transcendentals) is a software sequence of about this many vector
 # instructions (a polynomial and a Newton step); its element cost is `WaferSpec.special_cycles`.
@@ -273,28 +276,55 @@ def _arith(counts, op_class, dtype, n, read, write, instructions=1) -> None:
         return
     counts[(op_class, dtype_class(dtype) if not isinstance(dtype, str) else dtype, int(read), int(write))] += n
     counts[INSTRUCTIONS] += instructions
+    counts[OPS] += 1
 
 
-def _matmul(counts, lhs_isz, rhs_isz, acc_isz, cls, batch, rows, cols, depth) -> None:
-    """A matmul out[batch, rows, cols] = sum over depth of lhs[batch, rows, depth] rhs[batch, depth, cols], as
-    vector FMAC instructions in the loop order that issues fewer of them:
+def matmul_loop(rows, cols, depth, lhs_isz, rhs_isz, acc_isz, batch=1):
+    """How a core runs a matmul out[batch, rows, cols] = sum over depth of lhs[batch, rows, depth] rhs[batch,
+    depth, cols]: (vector instructions, SRAM read bytes per element, write bytes per element), in the loop order
+    that issues fewer instructions:
       along the longer free axis (`@fmacs`): y[r, :] += x[r, k] * W[k, :], one instruction per (batch, shorter-axis
         index, depth index), reading the vector operand and the accumulator and writing the accumulator, the other
         factor a scalar;
       along the depth (dot products): y[r, c] = x[r, :] . W[:, c], one instruction per output element, reading both
-        vector operands, accumulating in a register."""
+        vector operands, accumulating in a register.
+    The one statement of the rule: counting (Python numbers) and the compiler's per-core tiles (NumPy arrays or JAX
+    tracers) both call it."""
+    along_free = batch * depth * _min(rows, cols)
+    along_depth = batch * rows * cols
+    free = along_free <= along_depth
+    vector_isz = _where(cols >= rows, rhs_isz, lhs_isz)
+    instructions = _where(free, along_free, along_depth)
+    read = _where(free, vector_isz + acc_isz, lhs_isz + rhs_isz)
+    write = _where(free, acc_isz, 0 * acc_isz)
+    return instructions, read, write
+
+
+def _xp(*xs):
+    if any(cost._is_jax(x) for x in xs):
+        return jnp
+    return np if any(isinstance(x, np.ndarray) for x in xs) else None
+
+
+def _min(a, b):
+    xp = _xp(a, b)
+    return min(a, b) if xp is None else xp.minimum(a, b)
+
+
+def _where(c, a, b):
+    xp = _xp(c, a, b)
+    return (a if c else b) if xp is None else xp.where(c, a, b)
+
+
+def _matmul(counts, lhs_isz, rhs_isz, acc_isz, cls, batch, rows, cols, depth) -> None:
+    """Charge a matmul as vector FMAC instructions (`matmul_loop`)."""
     n = batch * rows * cols * depth
     if n == 0:
         return
-    along_free = batch * depth * min(rows, cols)
-    along_depth = batch * rows * cols
-    if along_free <= along_depth:
-        vector_isz = rhs_isz if cols >= rows else lhs_isz
-        counts[("fmac", cls, int(vector_isz + acc_isz), int(acc_isz))] += n
-        counts[INSTRUCTIONS] += along_free
-    else:
-        counts[("fmac", cls, int(lhs_isz + rhs_isz), 0)] += n
-        counts[INSTRUCTIONS] += along_depth
+    instructions, read, write = matmul_loop(rows, cols, depth, lhs_isz, rhs_isz, acc_isz, batch)
+    counts[("fmac", cls, int(read), int(write))] += n
+    counts[INSTRUCTIONS] += instructions
+    counts[OPS] += 1
 
 
 def count_jaxpr(jaxpr, *, where: str = "per-core kernel") -> Counter:
@@ -303,7 +333,8 @@ def count_jaxpr(jaxpr, *, where: str = "per-core kernel") -> Counter:
     Returns a Counter of
       (op_class, dtype_class, read, write): elements, op_class "fmac", "alu" or "special", `read` and `write` the
         SRAM bytes per element of its vector instructions (memory-to-memory: operands from SRAM, results to it);
-      ("instr",): vector instructions issued (each pays a start-up: `WaferSpec.instr_startup_cycles`).
+      ("instr",): vector instructions issued (each pays a start-up: `WaferSpec.instr_startup_cycles`);
+      ("ops",): the vector operations among them (each at least one instruction), a tally for partitioning.
     """
     counts: Counter = Counter()
     # FMA fusion: a mul whose single use is an add/sub becomes part of that add's FMAC.
@@ -368,6 +399,7 @@ def count_jaxpr(jaxpr, *, where: str = "per-core kernel") -> Counter:
             read = _operand_bytes(eqn.invars)
             counts[("special", dtype_class(out.dtype), int(read), _isz(out))] += _size(out)
             counts[INSTRUCTIONS] += SPECIAL_INSTRUCTIONS
+            counts[OPS] += 1
         elif name in _REDUCE:
             x = eqn.invars[0].aval
             n, m = _size(x), max(1, _size(out))
@@ -402,7 +434,7 @@ def count_jaxpr(jaxpr, *, where: str = "per-core kernel") -> Counter:
                 counts[key] += n * eqn.params["length"]
         elif name == "cond":
             branches = [count_jaxpr(b.jaxpr, where=where) for b in eqn.params["branches"]]
-            worst = max(branches, key=lambda c: sum(v for k, v in c.items() if k != INSTRUCTIONS))
+            worst = max(branches, key=lambda c: sum(v for k, v in c.items() if k[0] in OP_KINDS))
             counts.update(worst)
         elif name == "while":
             raise UnsupportedPrimitiveError(
@@ -434,8 +466,8 @@ def flops(counts: Mapping) -> float:
 
 def sram_bytes(counts: Mapping) -> tuple[float, float]:
     """(read, write) SRAM bytes the instructions of a count move."""
-    read = sum(n * key[2] for key, n in counts.items() if key[0] in OP_KINDS and len(key) == 4)
-    write = sum(n * key[3] for key, n in counts.items() if key[0] in OP_KINDS and len(key) == 4)
+    read = sum(n * key[2] for key, n in counts.items() if key[0] in OP_KINDS and len(key) >= 4)
+    write = sum(n * key[3] for key, n in counts.items() if key[0] in OP_KINDS and len(key) >= 4)
     return float(read), float(write)
 
 

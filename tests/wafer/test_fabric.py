@@ -13,7 +13,7 @@ import pytest
 from jax.test_util import check_grads
 
 import wafer
-from wafer import Traffic, cost, halo_exchange, multicast, reduce, shift
+from wafer import Traffic, halo_exchange, multicast, reduce, shift
 
 H, W, Z = 4, 5, 3
 STEP = {"N": (-1, 0), "E": (0, 1), "S": (1, 0), "W": (0, -1)}
@@ -445,14 +445,19 @@ def test_cycles_formula(bits, latency):
 
 
 def test_traffic_cycles_grad_wrt_spec():
-    t = multicast(rand(13), "row", src=0)[1]  # latency-bound: 3 words, 4 hops
+    # latency-bound: every E link of a row carries the 3 words (mean 3), 4 hops: max(3 ramp, 3 link, 3 + 4)
+    t = multicast(rand(13), "row", src=0)[1]
     g = jax.grad(t.cycles)(wafer.WaferSpec.mini(H, W))
     np.testing.assert_allclose(g.hop_latency_cycles, t.hops, rtol=1e-6)
-    t = halo_exchange(rand(13), 2)[1]  # ramp-bound: a core of the 4 x 5 region takes up to 7 streams of 3 words in
+    np.testing.assert_allclose(g.link_bits_per_cycle, -3 * 32 / 32.0**2, rtol=1e-6)  # d(3 x 32 / bits) / d bits
+    assert float(g.ramp_bits_per_cycle) == 0.0
+    # ramp-bound: a core of the 4 x 5 region takes up to 7 streams of 3 words in (21 words), while its busiest link
+    # carries 2 streams (6 words): neither the links nor the hops set the time
+    t = halo_exchange(rand(13), 2)[1]
+    assert t.phases[0].max_ramp_words == 21 and t.phases[0].max_link_words == 6
     g = jax.grad(t.cycles)(wafer.WaferSpec.mini(H, W))
-    assert float(g.hop_latency_cycles) == 0.0
+    assert float(g.hop_latency_cycles) == 0.0 and float(g.link_bits_per_cycle) == 0.0
     np.testing.assert_allclose(g.ramp_bits_per_cycle, -7 * 3 * 32 / 32.0**2, rtol=1e-6)
-    np.testing.assert_allclose(g.link_bits_per_cycle, -t.phases[0].max_link_words * 32 / 32.0**2, rtol=1e-6)
 
 
 # ---- errors ------------------------------------------------------------------------------------------------------

@@ -126,9 +126,14 @@ def test_capacity_error_explains_fragmentation():
 
 
 def test_capacity_of_wse2_core():
-    state = wafer.init(wafer.WaferSpec.mini(2, 2))
-    state = state.allocate("fits", Rect(0, 0, 2, 2), (12 * 1024,))  # 48 KB exactly
-    assert int(state.occupancy().max()) == 48 * 1024
+    # 48 KB of SRAM less the 4 KB every core keeps for its code: 44 KB (11 x 1024 fp32 words) for data
+    spec = wafer.WaferSpec.mini(2, 2)
+    assert spec.data_bytes_per_core == 44 * 1024
+    with pytest.raises(wafer.SramCapacityError) as info:
+        wafer.init(spec).allocate("all", Rect(0, 0, 2, 2), (12 * 1024,))  # the whole 48 KB does not fit
+    assert (info.value.bytes_needed, info.value.bytes_free, info.value.capacity) == (48 * 1024, 44 * 1024, 44 * 1024)
+    state = wafer.init(spec).allocate("fits", Rect(0, 0, 2, 2), (11 * 1024,))  # 44 KB exactly
+    assert int(state.occupancy().max()) == 44 * 1024
     with pytest.raises(wafer.SramCapacityError) as info:
         state.allocate("one_more", Rect(1, 1, 1, 1), (1,), "float16")
     assert (info.value.bytes_needed, info.value.bytes_free) == (4, 0)

@@ -23,6 +23,8 @@ PRESET_FIGURES = {
         sram_bytes_per_core=48 * 1024,
         sram_banks=8,
         router_colors=24,
+        reserved_colors=6,
+        code_bytes_per_core=4 * 1024,
         memcpy_cols_west=3,
         memcpy_cols_east=2,
         simd_fmac_fp16=4.0,
@@ -30,9 +32,14 @@ PRESET_FIGURES = {
         simd_alu_fp32=2.0,
         clock_hz=850e6,
         link_bits_per_cycle=32.0,
+        ramp_bits_per_cycle=32.0,
         hop_latency_cycles=1.0,
-        sram_read_bytes_per_cycle=8.0,
-        sram_write_bytes_per_cycle=4.0,
+        ramp_latency_cycles=2.0,
+        # two 64-bit reads and one 64-bit write per cycle [LIE]
+        sram_read_bytes_per_cycle=16.0,
+        sram_write_bytes_per_cycle=8.0,
+        instr_startup_cycles=14.3,
+        task_cycles=10.0,
         edge_io_bits_per_s=1.2e12,
         overlap=True,
     ),
@@ -49,6 +56,7 @@ def test_preset_figures(preset):
         assert getattr(spec, field) == expected, field
     assert spec.cores == spec.rows * spec.cols
     assert spec.sram_words_per_core == 12 * 1024
+    assert spec.data_bytes_per_core == 44 * 1024  # 4 KB kept for code
 
 
 def test_wse2_totals_match_public_figures():
@@ -122,15 +130,22 @@ BAD_VALUES = {
     "sram_bytes_per_core=0": ("sram_bytes_per_core", 0),
     "sram_banks=0": ("sram_banks", 0),
     "router_colors=0": ("router_colors", 0),
+    "reserved_colors=24": ("reserved_colors", 24),  # every colour reserved: none left to route
+    "code_bytes_per_core=6": ("code_bytes_per_core", 6),
+    "code_bytes_per_core=48K": ("code_bytes_per_core", 48 * 1024),  # no room left for data
     "memcpy_cols_west=-1": ("memcpy_cols_west", -1),
     "clock_hz=0": ("clock_hz", 0),
     "clock_hz='fast'": ("clock_hz", "fast"),
     "simd_fmac_fp16=0": ("simd_fmac_fp16", 0),
     "simd_alu_int=-2": ("simd_alu_int", -2.0),
     "special_cycles=-1": ("special_cycles", -1.0),
+    "instr_startup_cycles=-1": ("instr_startup_cycles", -1.0),
+    "task_cycles=-1": ("task_cycles", -1.0),
     "sram_read_bytes_per_cycle=0": ("sram_read_bytes_per_cycle", 0.0),
     "link_bits_per_cycle=0": ("link_bits_per_cycle", 0),
     "hop_latency_cycles=-1": ("hop_latency_cycles", -1.0),
+    "ramp_bits_per_cycle=0": ("ramp_bits_per_cycle", 0),
+    "ramp_latency_cycles=-1": ("ramp_latency_cycles", -1.0),
     "edge_io_bits_per_s=True": ("edge_io_bits_per_s", True),
     "overlap='yes'": ("overlap", "yes"),
     "overlap=1": ("overlap", 1),

@@ -13,6 +13,7 @@ import pytest
 
 import wafer
 from wafer import validation
+from wafer.kernel import arithmetic
 from wafer.validation import bicgstab, cases, collectives, fft
 
 
@@ -33,11 +34,28 @@ def test_fft_pencil_against_jnp(n):
 
 
 def test_fft_pencil_counts_by_hand():
-    # per stage: the twiddle product (one multiply and one FMAC per component over n/2 points), one add and one
-    # subtract per component over n/2 points, and the reorder of n points per component: n FMACs and 5 n ALU ops
+    # n = 32: stages of L = 1, 2, 4, 8, 16 twiddle factors, each factor (a scalar in registers) applied by vector
+    # instructions over half = n / 2L points: per component of the twiddle product a multiply (ALU) and an FMAC
+    # (the other multiply fused with the add or subtract), then the butterfly's add and subtract per component.
+    # So 2 FMAC and 6 ALU instructions per factor, 8 L a stage; per stage 2 x n/2 = n FMAC elements and 6 x n/2 ALU
+    # ones; then the stage's reorder, one move of n points per plane (2 instructions, 2 n elements).
+    # Bytes per element: a multiply reads its vector (4 B), the FMAC its two vectors (8 B), the add or subtract two
+    # (8 B), each writes 4 B; a move reads and writes 4 B. In the last stage (half = 1) every operand is a
+    # one-element value, a scalar in a register: nothing read from SRAM.
     n = 32
     _, kcost = wafer.map_cores(fft.fft_pencil, jnp.zeros((1, 1, n)), jnp.zeros((1, 1, n)), jnp.zeros((1, 1, 2, n // 2)))
-    assert kcost.counts == {("fmac", "fp32"): n * 5, ("alu", "fp32"): 5 * n * 5}
+    instructions = 8 * (1 + 2 + 4 + 8 + 16) + 2 * 5  # 258
+    assert kcost.counts == {
+        ("fmac", "fp32", 8, 4): 4 * n,  # stages L = 1..8
+        ("fmac", "fp32", 0, 4): n,  # the last stage
+        ("alu", "fp32", 4, 4): 4 * n + 5 * 2 * n,  # the multiplies of stages L = 1..8, every stage's moves
+        ("alu", "fp32", 8, 4): 4 * 2 * n,  # the adds and subtracts of stages L = 1..8
+        ("alu", "fp32", 0, 4): 3 * n,  # the multiplies, adds and subtracts of the last stage
+        ("instr",): instructions,
+        ("ops",): instructions,  # each one instruction
+        ("task",): 1,
+    }
+    assert arithmetic(kcost.counts) == {("fmac", "fp32"): 5 * n, ("alu", "fp32"): 5 * 5 * n}  # n and 5 n a stage
 
 
 @pytest.mark.parametrize("n", [8, 16, 32])
@@ -85,7 +103,10 @@ def test_fft_records_from_shapes_equal_records_of_a_run():
 
 
 def test_fft_predictions_follow_the_rules():
-    # the predicted cycles are the records' cycles: wider links shorten the transposes and nothing else
+    # the predicted cycles are the records' cycles: wider links shorten the transposes and nothing else. A transpose
+    # of n = 64 moves both planes (2 words a block): its last link carries n (n - 1) / 2 blocks, 4,032 words, which
+    # bound it (the mean, 64 x 63 x 127 / 3 blocks over 126 links, 2,709 words, + 63 hops; each ramp 126 words); at
+    # 64 bits a cycle that link still bounds it (2,016 > 1,354.7 + 63), at half the cycles
     n = 64
     base = fft.records(wafer.WSE2, n)
     wide = wafer.WSE2.with_(link_bits_per_cycle=64.0)
@@ -152,11 +173,17 @@ def test_bicgstab_paper_size_from_shapes():
 
 
 def test_bicgstab_column_is_what_fits():
-    # 7 diagonals and 7 vectors of Z fp16 values (28 Z bytes) and 40 bytes of scalars: Z = 1536 fits in 48 KB,
-    # Z = 1800 does not
-    bicgstab.make_state(wafer.WaferSpec.mini(2, 2), (2, 2, 1536))
+    # 7 diagonals and 7 vectors of Z fp16 values (28 Z bytes, each array rounded up to whole words) and 40 bytes of
+    # scalars in the 44 KB (45,056 B) left beside the 4 KB code reservation: the paper's Z = 1536 takes 43,048 B;
+    # Z = 1607 takes 22,500 + 7 x 3,216 + 40 = 45,052 B and fits; Z = 1608 takes 22,512 + 7 x 3,216 + 40 = 45,064 B
+    # and does not (it would in the whole 48 KB)
+    spec = wafer.WaferSpec.mini(2, 2)
+    state = bicgstab.make_state(spec, (2, 2, 1536))
+    assert int(state.occupancy().max()) == 28 * 1536 + 40
+    assert int(bicgstab.make_state(spec, (2, 2, 1607)).occupancy().max()) == 45_052
     with pytest.raises(wafer.SramCapacityError):
-        bicgstab.make_state(wafer.WaferSpec.mini(2, 2), (2, 2, 1800))
+        bicgstab.make_state(spec, (2, 2, 1608))
+    bicgstab.make_state(spec.with_(code_bytes_per_core=0), (2, 2, 1608))
 
 
 def test_region_allreduce_against_jnp():
@@ -166,7 +193,8 @@ def test_region_allreduce_against_jnp():
         np.testing.assert_allclose(total, jnp.broadcast_to(v.sum((0, 1)), v.shape), rtol=1e-5, atol=1e-5)
         per_core = np.zeros((5, 6))
         for k in adds:
-            per_core[k.rect.rows, k.rect.cols] += next(iter(k.counts.values())) * k.mask
+            ((_, elements),) = arithmetic(k.counts).items()
+            per_core[k.rect.rows, k.rect.cols] += elements * k.mask
         assert per_core.sum() == (5 * 6 - 1) * 2  # 29 combines of 2 words in any pattern
 
 
@@ -176,16 +204,21 @@ def test_region_allreduce_against_jnp():
 @pytest.mark.parametrize("pattern", collectives.PATTERNS)
 @pytest.mark.parametrize("n,b", [(2, 1), (7, 3), (64, 1), (100, 16)])
 def test_model_terms_match_the_fabric_records(pattern, n, b):
-    terms = collectives.model_terms(pattern, n, b)
-    rec = collectives.emulated_record(pattern, n, b)
-    links = rec.traffic.link_words(1, n)
-    assert terms["E"] == pytest.approx(rec.traffic.words)
-    assert terms["C"] == pytest.approx(links.max())
-    assert terms["N"] == np.count_nonzero(links)
-    assert terms["D"] == rec.traffic.depth
-    middle = collectives.model_terms(pattern, n, b, to="middle")
-    reduce_part = collectives.emulated_record(pattern, n, b, kind="allreduce").traffic.phases[:-1]
-    assert middle["E"] == pytest.approx(sum(w.sum() for p in reduce_part for _, _, w in p.parts))
+    # the reference model's terms, counted from its own list of messages, against the emulator's records: E the
+    # words x hops on links, N the links in use, C the most words one core takes in through its ramp (over the
+    # whole collective), L the longest single message (the longest stream of any phase), D the dependent stages
+    def check(terms, traffic):
+        links = traffic.link_words(1, n)
+        assert terms["E"] == pytest.approx(traffic.words)  # words x links crossed, all phases
+        assert terms["N"] == np.count_nonzero(links)
+        assert terms["C"] == pytest.approx(traffic.ramp_words(1, n)[0].max())
+        assert terms["L"] == max(p.hops for p in traffic.phases)
+        assert terms["D"] == traffic.depth
+
+    check(collectives.model_terms(pattern, n, b), collectives.emulated_record(pattern, n, b).traffic)
+    # the reduce half of an allreduce (to the middle core), without the multicast back
+    allreduce = collectives.emulated_record(pattern, n, b, kind="allreduce").traffic
+    check(collectives.model_terms(pattern, n, b, to="middle"), wafer.Traffic(allreduce.phases[:-1]))
 
 
 def test_model_formula_by_hand():
