@@ -26,7 +26,7 @@ from compiler.analysis.search import (
     simulated_annealing,
 )
 from compiler.analysis.sweep import pareto_front, sweep, what_if
-from compiler.errors import CompilerError, PlacementError, RouteError, UnsupportedOpError
+from compiler.errors import ColorError, CompilerError, PlacementError, RouteError, UnsupportedOpError
 from compiler.frontend.graph import KINDS, SUPPORTED_PRIMITIVES, Graph, Kernel, build_graph
 from compiler.frontend.precision import Policy, apply_policy, round_cb16
 from compiler.frontend.trace import Traced, split_module, trace
@@ -71,6 +71,7 @@ __all__ = [
     "UnsupportedOpError",
     "PlacementError",
     "RouteError",
+    "ColorError",
     "trace",
     "Traced",
     "split_module",

@@ -345,7 +345,7 @@ def validate(prog: Program, spec, placement, execution: str = "auto") -> str:
         lines.append(f"{name:<16}{p.kind:<12}{str(plan.placement[name]):<20}{p.cores:>9,}{p.sram_bytes:>13,}")
     lines += [
         f"cores in use     {cores:,} of {spec.cores:,}",
-        f"peak SRAM        {int(occ.max()):,} of {spec.sram_bytes_per_core:,} bytes per core",
+        f"peak SRAM        {int(occ.max()):,} of {spec.data_bytes_per_core:,} data bytes per core",
         "fits: yes (not lowered; run with --compile-only for the report and pictures)",
     ]
     return "\n".join(lines)

@@ -5,6 +5,7 @@ message saying what was wrong and what would be right.
       UnsupportedOpError   a primitive with no kernel or cost rule (also a wafer.UnsupportedPrimitiveError)
       PlacementError       kernels that do not fit the wafer, or a bad hand placement
       RouteError           a flow that cannot be routed
+        ColorError         a router that would need more colours than the wafer has
 
 A kernel whose tiles do not fit its cores raises the machine's `wafer.SramCapacityError`, naming the kernel.
 """
@@ -58,3 +59,25 @@ class PlacementError(CompilerError, ValueError):
 
 class RouteError(CompilerError, ValueError):
     """A flow cannot be routed: an unknown kernel, bad words, or overlapping rectangles."""
+
+
+class ColorError(RouteError):
+    """A router would need more colours (virtual channels) than the spec leaves a program.
+
+    Attributes:
+      core: (row, col) of the router.
+      needed: colours it would need; available: router_colors - reserved_colors.
+      streams: the streams whose lanes pass it; kernel: the kernel whose cores it serves (or None).
+    """
+
+    def __init__(self, core, needed: int, available: int, streams=(), kernel: str | None = None, own: int = 0):
+        self.core, self.needed, self.available = tuple(core), int(needed), int(available)
+        self.streams, self.kernel = tuple(streams), kernel
+        names = ", ".join(f"{s}->{d}" for s, d in self.streams[:8]) + (" ..." if len(self.streams) > 8 else "")
+        where = f" inside kernel {kernel!r} (whose multicasts and reductions use {own})" if kernel else ""
+        super().__init__(
+            f"the router at core {self.core}{where} would need {self.needed} colours, more than the "
+            f"{self.available} a program has (router_colors - reserved_colors): {len(self.streams)} streams pass it "
+            f"({names}). Place the kernels those streams join closer together (a hand placement or other "
+            f"PlacementParams), or merge kernels so that fewer streams cross"
+        )

@@ -42,8 +42,9 @@ import numpy as np
 from compiler import relax
 from compiler.plan import features as ft
 from compiler.plan.partition import kernel_shape, update_counts
-from compiler.plan.route import flow_hops, host_hops
-from wafer import cost
+from compiler.plan.route import flow_hops, flow_lane_count, host_hops
+from wafer import cost, fabric
+from wafer import kernel as wkernel
 from wafer.step import paint
 
 # ---- the layout ---------------------------------------------------------------------------------------------------
@@ -82,35 +83,131 @@ def layout_of(placement, names) -> Layout:
 
 # ---- kernels --------------------------------------------------------------------------------------------------------
 
+# The reduction patterns a WEIGHT kernel may sum its partial results with (wafer/fabric.py); the schedule picks the
+# cheapest for each kernel's shape (a star's root takes every partial in, never the cheapest of these on a line).
+PATTERNS = ("chain", "tree", "two_phase")
+
 
 def _smooth_max(tau):
     return functools.partial(relax.smax2, tau=tau)
 
 
+def _by_class(classes, fn):
+    """fn(dtype class) per kernel, [n]: each kernel's own static class (`Features.fmac_class`, `acc_class`)."""
+    kinds = sorted(set(classes))
+    if len(kinds) <= 1:
+        return fn(kinds[0] if kinds else "fp32")
+    out = 0.0
+    for c in kinds:
+        out = out + relax.where(np.array([x == c for x in classes]), fn(c), 0.0)
+    return out
+
+
+def matmul_cycles(spec, classes, p, c, d, lhs_isz, rhs_isz, acc_isz, maximum=cost.maximum):
+    """Cycles of a core's matmul out[p, c] += lhs[p, d] rhs[d, c] ([n] arrays): wafer/kernel.py's loop rule
+    (`matmul_loop`: instructions and SRAM bytes per element) under wafer/cost.py's rates, FMACs of each kernel's
+    dtype class."""
+    instr, read, write = wkernel.matmul_loop(p, c, d, lhs_isz, rhs_isz, acc_isz)
+    per = _by_class(classes, lambda k: cost.element_cycles(spec, "fmac", k, read, write, maximum=maximum))
+    return instr * spec.instr_startup_cycles + p * c * d * per
+
+
+def reduction(spec, f, n, words, elements, itemsize, *, to: str):
+    """The cheapest of `PATTERNS` for a reduction along n cores of `words` words (`elements` elements of
+    `itemsize` bytes) per core to core `to`, per kernel: (transfer cycles, the busiest core's adds, pattern index),
+    wafer/fabric.py's closed forms of the primitive the per-core path runs."""
+    ns = relax.xp(n, words)
+    comm, adds = [], []
+    for p in PATTERNS:
+        comm.append(fabric.reduce_cycles(n, words, spec, pattern=p, to=to))
+        adds.append(
+            _by_class(
+                f.acc_class,
+                lambda k, p=p: fabric.reduce_adds_cycles(
+                    n, elements, spec, dtype_class=k, itemsize=itemsize, pattern=p, to=to
+                ),
+            )
+        )
+    total = ns.stack(ns.broadcast_arrays(*[a + b for a, b in zip(comm, adds)]))
+    pick = ns.argmin(total, axis=0)
+    take = lambda xs: ns.take_along_axis(ns.stack(ns.broadcast_arrays(*xs)), pick[None], axis=0)[0]  # noqa: E731
+    return take(comm), take(adds), pick
+
+
 def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
     """Every kernel's partition and cycles on its rectangle ([n] arrays; module docstring).
 
-    Returns `kernel_shape`'s dict plus: compute, comm, cycles (per batch: a forward pass), sram_bytes (per core);
-    in training forward (= cycles), backward, update (per step); in weight streaming io (weights in, per pass).
+    Returns `kernel_shape`'s dict plus (cycles per batch, per core: the busiest core):
+      compute, comm, cycles: a forward pass's compute, communication and superstep;
+      anchor, adds, multicast, reduction, reduce_pattern (index into PATTERNS): a WEIGHT kernel's matmul on its
+        tiles, its reduction's adds, the multicast of its input chunks and the reduction of its partial sums;
+      sram_bytes (per core);
+    in training: forward (= cycles), backward, bwd_compute, bwd_comm, bwd_pattern, grad_sum (the sum of the
+    weight gradient over the tile grid's copies), update (per step: the gradient sum and the optimizer's update;
+    weight streaming: the gradient sum is the backward's), io (weight streaming: weights in, per pass).
     """
     mx = _smooth_max(tau)
     k = kernel_shape(f, lay.height, lay.width)
-    per_core = {key: k["counts"][:, j] for j, key in enumerate(f.keys)}
-    compute = cost.kernel_cycles(spec, per_core, k["read_bytes"], k["write_bytes"], maximum=mx)
     weight = f.anchor == ft.WEIGHT
-    multicast = relax.where(k["gw"] > 1, cost.transfer_cycles(spec, k["in_words"], k["gw"] - 1.0), 0.0)
-    reduction = relax.where(k["gh"] > 1, cost.transfer_cycles(spec, k["out_words"], k["gh"] - 1.0), 0.0)
-    comm = relax.where(weight, multicast + reduction, 0.0)
+    per_core = lambda counts: {key: counts[:, j] for j, key in enumerate(f.keys)}  # noqa: E731
+    # forward: the anchor's matmul on the core's tiles, the rest of the kernel spread over its cores
+    anchor = matmul_cycles(spec, f.fmac_class, k["mm_p"], k["mm_c"], k["mm_d"], f.isz_in, f.isz_w, f.isz_out, mx)
+    multicast = fabric.multicast_cycles(k["gw"], k["in_words"], spec, src="first")
+    red, adds, pattern = reduction(spec, f, k["gh"], k["out_words"], k["out_elems"], f.isz_out, to="last")
+    zero = 0.0 * k["cores"]
+    anchor, adds = relax.where(weight, anchor, zero), relax.where(weight, adds, zero)
+    multicast, red = relax.where(weight, multicast, zero), relax.where(weight, red, zero)
+    compute = cost.compute_cycles(spec, per_core(k["counts"]), maximum=mx) + anchor + adds
+    comm = multicast + red
     cycles = cost.superstep_cycles(spec, compute, comm, maximum=mx)
-    k.update(compute=compute, comm=comm, cycles=cycles, sram_bytes=k["weight_bytes"] + k["act_bytes"])
-    if f.task == "training":
-        upd = update_counts(f, k)
-        k.update(
-            forward=cycles,
-            backward=2.0 * cycles,  # the input gradient and the weight gradient each cost a forward
-            update=cost.compute_cycles(spec, {key: upd[:, j] for j, key in enumerate(f.keys)}),
-            io=cost.io_cycles(spec, f.stream_bytes),
-        )
+    k.update(
+        compute=compute,
+        comm=comm,
+        cycles=cycles,
+        anchor=anchor,
+        adds=adds,
+        multicast=multicast,
+        reduction=red,
+        reduce_pattern=pattern,
+        sram_bytes=k["weight_bytes"] + k["act_bytes"],
+    )
+    if f.task != "training":
+        return k
+    # backward: the weight's cotangent on every core (x^T g), the input's where it carries a gradient (g W^T, its
+    # partials reduced along the rows to the west edge the input came in at), the output cotangent multicast up
+    # the columns from the bottom row; the rest of the kernel's backward program spread over its cores
+    dx = f.dx * weight
+    dw = matmul_cycles(spec, f.fmac_class, k["mm_d"], k["mm_c"], k["mm_p"], f.isz_in, f.isz_out, f.isz_w, mx)
+    dxm = matmul_cycles(spec, f.fmac_class, k["mm_pin"], k["ta"], k["mm_c"] * f.lead, f.isz_out, f.isz_w, f.isz_in, mx)
+    in_elems = f.n_in * k["rows_in"] * k["ta"]
+    b_red, b_adds, b_pattern = reduction(spec, f, k["gw"], k["in_words"], in_elems, f.isz_in, to="first")
+    b_multicast = fabric.multicast_cycles(k["gh"], k["out_words"], spec, src="last")
+    b_compute = cost.compute_cycles(spec, per_core(k["bwd_counts"]), maximum=mx)
+    b_compute = b_compute + relax.where(weight, dw, zero) + dx * (dxm + b_adds)
+    b_comm = relax.where(weight, b_multicast, zero) + dx * b_red
+    backward = cost.superstep_cycles(spec, b_compute, b_comm, maximum=mx)
+    # the weight gradient summed over the copies of the tile grid (chains between copies, then back): every copy
+    # updates with the same sum
+    tile_elems = k["ta"] * k["tb"] * f.lead
+    sums = 0.0
+    for copies, stride in ((k["rr"], k["gh"]), (k["rc"], k["gw"])):
+        moves = fabric.strided_allreduce_cycles(copies, stride, k["tile_words"], spec)
+        adds_ = fabric.reduce_adds_cycles(copies, tile_elems, spec, itemsize=f.isz_w, pattern="chain", to="all")
+        sums = sums + moves + adds_
+    grad_sum = relax.where(weight, sums, zero)
+    upd = update_counts(f, k)
+    optimizer = cost.compute_cycles(spec, {key: upd[:, j] for j, key in enumerate(f.keys)}, maximum=mx)
+    streaming = f.mode == "weight_streaming"
+    k.update(
+        forward=cycles,
+        backward=backward + grad_sum if streaming else backward,
+        bwd_compute=b_compute,
+        bwd_comm=b_comm,
+        bwd_pattern=b_pattern,
+        grad_sum=grad_sum,
+        update=optimizer if streaming else optimizer + grad_sum,
+        io=cost.io_cycles(spec, f.stream_bytes),
+    )
     return k
 
 
@@ -130,29 +227,55 @@ def route_hops(f: ft.Features, lay: Layout, spec):
     return ns.max(hops)
 
 
+def stream_cycles(f: ft.Features, lay: Layout, spec):
+    """Cycles per sample the busiest link of the streams between kernels (and from and to the host) is busy, [F]
+    per stream: its words over its lanes (`flow_lane_count`: the host's streams run along every row of the first
+    and last kernels), times the streams sharing the link (`Features.flow_share`), at a word per cycle per link."""
+    ns = relax.xp(lay.height, lay.row)
+    if f.flow_src.shape[0] == 0:
+        return ns.zeros((0,))
+    src = ns.asarray(f.flow_src).astype(int)
+    dst = ns.asarray(f.flow_dst).astype(int)
+    s, d = ns.maximum(src, 0), ns.maximum(dst, 0)
+    r, c, h, w = lay.row, lay.col, lay.height, lay.width
+    between = flow_lane_count(r[s], c[s], h[s], w[s], r[d], c[d], h[d], w[d])
+    lanes = relax.where(src < 0, h[d], relax.where(dst < 0, h[s], between))
+    words = f.flow_words / relax.maximum(lanes, 1.0) * f.flow_share
+    return words * (cost.WORD_BITS / spec.link_bits_per_cycle)
+
+
 # ---- programs -------------------------------------------------------------------------------------------------------
 
 
 def program_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
-    """The program's figures (module docstring), from `kernel_figures` and the longest route.
+    """The program's figures (module docstring), from `kernel_figures`, the streams and the longest route.
 
-    Returns a dict: kernel (the per-kernel dict), cycles_per_sample [n] (of each kernel), bottleneck_cycles (of the
-    slowest kernel, per sample), step_cycles (a call, or a training step), samples_per_s, latency_cycles, hops,
-    io_cycles (the batch over the edge I/O, training), compute_cycles (a training step's compute), cores (active),
-    peak_sram_bytes.
+    Returns a dict: kernel (the per-kernel dict), cycles_per_sample [n] (of each kernel), stream_cycles [F] (per
+    sample, of each stream's busiest link), io_sample_cycles (a sample over the edge I/O, inference), pace [n + 2]
+    (per sample: the kernels, the busiest stream, the edge I/O), bottleneck_cycles (the slowest of them),
+    step_cycles (a call, or a training step), samples_per_s, latency_cycles, hops, io_cycles (the batch over the
+    edge I/O, training), compute_cycles (a training step's compute), cores (active), peak_sram_bytes.
     """
     k = kernel_figures(f, lay, spec, tau)
     ns = relax.xp(k["cycles"], spec.clock_hz)
     batch = f.batch
     hops = route_hops(f, lay, spec)
     latency = hops * spec.hop_latency_cycles
-    out = dict(kernel=k, hops=hops, peak_sram_bytes=relax.smax(k["sram_bytes"], 0.0), io_cycles=0.0)
+    streams = stream_cycles(f, lay, spec)
+    stream = relax.smax(streams, tau) if streams.shape[0] else 0.0 * batch
+    out = dict(kernel=k, hops=hops, peak_sram_bytes=relax.smax(k["sram_bytes"], 0.0), stream_cycles=streams)
     if f.task == "inference":
         s = k["cycles"] / batch
-        worst = relax.smax(s, tau)
-        call = ns.sum(s) + latency
+        # inputs in and outputs out over the edge I/O at once (full duplex)
+        io = cost.io_cycles(spec, relax.maximum(f.io_bytes, f.io_out_bytes)) / batch
+        pace = ns.concatenate([s, ns.stack([stream + 0.0 * batch, io + 0.0 * batch])])
+        worst = relax.smax(pace, tau)
+        call = io + ns.sum(s) + latency
         out.update(
             cycles_per_sample=s,
+            io_sample_cycles=io,
+            io_cycles=0.0 * io,
+            pace=pace,
             bottleneck_cycles=worst,
             latency_cycles=call,
             step_cycles=call + (batch - 1) * worst,
@@ -163,19 +286,22 @@ def program_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
         return out
     mx = _smooth_max(tau)
     io = cost.io_cycles(spec, f.io_bytes)
+    s = (k["forward"] + k["backward"]) / batch
     if f.mode == "pipelined":
-        s = (k["forward"] + k["backward"]) / batch
-        worst = relax.smax(s, tau)
+        pace = ns.concatenate([s, ns.stack([stream + 0.0 * batch, 0.0 * batch])])
+        worst = relax.smax(pace, tau)
         compute = ns.sum(s) + 2.0 * latency + (batch - 1) * worst + relax.smax(k["update"], tau)
         cores = ns.sum(k["cores"])
     else:
-        s = (k["forward"] + k["backward"]) / batch
+        pace = ns.concatenate([s, ns.stack([0.0 * batch, 0.0 * batch])])
         worst = relax.smax(s, tau)
         compute = ns.sum(mx(k["forward"], k["io"]) + mx(k["backward"], 2.0 * k["io"]))
         cores = relax.smax(k["cores"], 0.0)
     step = mx(compute, io)
     out.update(
         cycles_per_sample=s,
+        io_sample_cycles=io / batch,
+        pace=pace,
         bottleneck_cycles=worst,
         latency_cycles=step,
         step_cycles=step,
@@ -247,16 +373,25 @@ class Schedule:
 
     def bound(self) -> str:
         """What bounds the throughput: "I/O" (the batch, or streamed weights, over the edge I/O), "fabric" (the
-        kernels' own communication) or "compute"."""
+        busiest stream between kernels, or the slowest kernel's own communication) or "compute"."""
         k, fig = self.kernels, self.figures
+        n = len(self.names)
+        pace = np.asarray(fig["pace"])
+        worst = int(np.argmax(pace))
         if self.plan.task == "inference":
-            i = int(np.argmax(fig["cycles_per_sample"]))
-            return "fabric" if k["comm"][i] > k["compute"][i] else "compute"
+            if worst == n + 1:
+                return "I/O"
+            if worst == n:
+                return "fabric"
+            return "fabric" if k["comm"][worst] > k["compute"][worst] else "compute"
         if float(fig["io_cycles"]) >= float(fig["compute_cycles"]):
             return "I/O"
         if self.plan.mode == "weight_streaming":
             return "I/O" if float(np.sum(3 * k["io"])) >= float(np.sum(k["forward"] + k["backward"])) else "compute"
-        return "fabric" if float(np.sum(k["comm"])) > float(np.sum(k["compute"])) else "compute"
+        if worst == n:
+            return "fabric"
+        comm, compute = k["comm"][worst] + k["bwd_comm"][worst], k["compute"][worst] + k["bwd_compute"][worst]
+        return "fabric" if comm > compute else "compute"
 
     # ---- what the emulator charges ----
 
@@ -293,11 +428,13 @@ class Schedule:
     def _inference_step(self, spans, t0):
         batch = int(float(self.plan.features.batch))
         k, s = self.kernels, np.asarray(self.figures["cycles_per_sample"], np.float64)
-        pace = float(np.max(s, initial=0.0))
+        pace = float(self.figures["bottleneck_cycles"])
+        io = float(self.figures["io_sample_cycles"])
+        _span(spans, "inputs in, outputs out", "host I/O", t0, io * batch, "io", cycles_per_sample=io)
         hops = float(self.figures["hops"])
         latency = hops * float(self.spec.hop_latency_cycles)
-        _span(spans, "input over the fabric", "host I/O", t0, latency, "route", hops=int(hops))
-        start = t0 + latency
+        _span(spans, "first input over the fabric", "routes", t0 + io, latency, "route", hops=int(hops))
+        start = t0 + io + latency
         for i, name in enumerate(self.names):
             compute, comm = float(k["compute"][i]) / batch, float(k["comm"][i]) / batch
             for j in range(batch):
@@ -310,7 +447,7 @@ class Schedule:
     def _pipelined_training_step(self, spans, t0):
         batch = int(float(self.plan.features.batch))
         k, s = self.kernels, np.asarray(self.figures["cycles_per_sample"], np.float64)
-        pace = float(np.max(s, initial=0.0))
+        pace = float(self.figures["bottleneck_cycles"])
         latency = 2 * float(self.figures["hops"]) * float(self.spec.hop_latency_cycles)
         _span(spans, "batch I/O", "host I/O", t0, float(self.figures["io_cycles"]), "io")
         start = t0 + latency
@@ -380,17 +517,19 @@ def compute_map(plan, busy, rows: int | None = None, cols: int | None = None):
 
 def link_words(plan, rows: int | None = None, cols: int | None = None) -> np.ndarray:
     """Words sent per core per direction [4, rows, cols] per call (inference: the streams between kernels for every
-    sample, and every kernel's own traffic) or per step (training: activations forward and their gradients back,
-    and each kernel's traffic three times: forward, input gradient, weight gradient)."""
+    sample, and every kernel's own traffic) or per step (training: activations forward and their cotangents back,
+    every kernel's forward traffic and its backward's)."""
     rows = plan.spec.rows if rows is None else rows
     cols = plan.spec.cols if cols is None else cols
     batch = int(float(plan.features.batch))
-    passes, stream_passes = (1, 1) if plan.task == "inference" else (3, 2)
+    training = plan.task == "training"
     out = np.zeros((4, rows, cols))
     for p in plan.kernels.values():
-        out += passes * p.traffic.link_words(rows, cols)
+        out += p.traffic.link_words(rows, cols)
+        if training:
+            out += p.backward_traffic.link_words(rows, cols)
     if plan.routes is not None:
-        out += stream_passes * batch * plan.routes.link_words(rows, cols)
+        out += (2 if training else 1) * batch * plan.routes.link_words(rows, cols)
     return out
 
 

@@ -79,6 +79,7 @@ import optax
 from compiler.analysis import costmodel as cm
 from compiler.errors import PlacementError
 from compiler.plan import Plan, demands_pass
+from compiler.plan.plan import per_sample_cycles
 from compiler.plan import features as ft
 from compiler.plan.legalise import BandedPlan, Bands, Floor, banded_plan, legalise
 from compiler.plan.place import KernelDemand, PlacementParams, balanced_bound, place, usable_region
@@ -160,7 +161,7 @@ def score_placement(prob: PlacementProblem, placement) -> dict:
     lay = cm.layout_of_placement(placement, prob.names)
     out = _predict(prob.feats, lay, prob.spec)
     peak = float(out["peak_sram_bytes"])
-    feasible = peak <= prob.spec.sram_bytes_per_core
+    feasible = peak <= prob.spec.data_bytes_per_core
     thr = float(out["samples_per_s"])
     return dict(
         samples_per_s=thr,
@@ -377,7 +378,7 @@ def _relaxed_loss(theta, band_id, n_bands, tau, feats, spec, least, rows, width,
     wr = jnp.maximum(cm.st_round(w), 1.0)
     zeros = jnp.zeros_like(h)
     k = cm.kernel_costs(feats, cm.Layout(hr, wr, zeros, zeros), spec, tau)
-    worst = cm.smax(k["cycles"] / feats.batch, tau)
+    worst = cm.smax(per_sample_cycles(feats.task, k) / feats.batch, tau)
     over = jnp.maximum((k["weight_bytes"] + k["act_bytes"]) / cap - 1.0, 0.0)
     under = jnp.maximum(least / (h * w) - 1.0, 0.0)
     return jnp.log(worst) + 10.0 * jnp.sum(over) + 10.0 * jnp.sum(under)
@@ -428,7 +429,7 @@ def gradient_placement(
         jnp.asarray(prob.least, jnp.float32),
         jnp.float32(prob.region.height),
         jnp.float32(prob.region.width),
-        jnp.float32(prob.spec.sram_bytes_per_core),
+        jnp.float32(prob.spec.data_bytes_per_core),
     )
     last_cycles = float(prob.spec.clock_hz) / s if s > 0 else float(np.sum(prob.work)) / prob.usable
     while tr.evals < budget:

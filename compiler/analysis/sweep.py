@@ -285,7 +285,7 @@ def sweep(
                     group_rows.append(len(rows))
                     group_lays.append(cm.layout_of_placement(rects, names))
                     group_specs.append(ls)
-                row["_sram"] = sspec.sram_bytes_per_core
+                row["_sram"] = sspec.data_bytes_per_core
                 rows.append(row)
         if group_rows:
             evaluated.append((group_rows, feats, group_lays, group_specs))

@@ -187,7 +187,7 @@ class Kernel:
       consts: indices into `traced.consts` that it reads.
       inputs: variables read from outside the kernel: graph inputs or other kernels' outputs (not params/consts).
       outputs: variables it defines that later kernels read or that are graph outputs.
-      counts: {(op_class, dtype_class): elements} of one call over the whole batch.
+      counts: what one call over the whole batch executes (wafer.kernel.count_jaxpr's keys).
       flops: FMACs counted twice, every other operation once.
       param_bytes: bytes of the parameters it reads (shared ones included; see `Graph.param_owner`).
       in_bytes, out_bytes: bytes of `inputs` and `outputs`.
@@ -442,7 +442,7 @@ def build_graph(traced: Traced) -> Graph:
                 inputs=tuple(inputs),
                 outputs=tuple(outputs),
                 counts=counts,
-                flops=float(sum(c * (2 if cls == "fmac" else 1) for (cls, _), c in counts.items())),
+                flops=wafer.kernel.flops(counts),
                 param_bytes=sum(nbytes(traced.param_avals[i]) for i in params),
                 in_bytes=sum(nbytes(v.aval) for v in inputs),
                 out_bytes=sum(nbytes(v.aval) for v in outputs),
@@ -502,6 +502,6 @@ def _is_prologue_op(eqn) -> bool:
 
 
 def _count(eqns, outvars) -> Counter:
-    """{(op_class, dtype_class): elements} of one execution of `eqns`, whose `outvars` are used outside."""
+    """What one execution of `eqns`, whose `outvars` are used outside, executes (wafer.kernel.count_jaxpr)."""
     jaxpr = jcore.Jaxpr([], [], list(outvars), list(eqns), debug_info=DEBUG_INFO)
     return Counter(wafer.kernel.count_jaxpr(jaxpr, where="compiler"))

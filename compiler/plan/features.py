@@ -1,29 +1,37 @@
 """Features: the static facts of every kernel that the partition rule and the schedule read.
 
-A kernel's facts do not depend on where it is placed: its instruction counts over the whole batch, the shape of the
-weight its anchor multiplies (the tile grid and the rows of data it can split), its other parameters, its
-activation bytes, the optimizer update a core runs on its tiles (training) and the streams between kernels. The
+A kernel's facts do not depend on where it is placed: its instruction counts over the whole batch (apart from its
+anchor's, which the partition rule counts on each core's tiles), the shape of the weight its anchor multiplies (the
+tile grid and the rows of data it can split), its other parameters, its activation bytes, its backward program's
+counts and the optimizer update a core runs on its tiles (training), and the streams between kernels. The
 partition rule (compiler/plan/partition.py) turns them and a rectangle into a tiling and per-core work; the schedule
 (compiler/schedule.py) turns that into cycles. Both evaluate the same `Features` on a compiled plan's integer
 placement (NumPy, exact) and on a relaxed continuous layout (JAX: the differentiable cost model), so `Features` is a
-pytree of arrays over kernels `[n]` (parameters `[n, P]`, flows `[F]`) with its descriptive fields static.
+pytree of arrays over kernels `[n]` (parameters `[n, P]`, count keys `[n, K]`, flows `[F]`) with its descriptive
+fields static.
+
+Counts are wafer/kernel.py's: keys (op class, dtype class, SRAM read bytes, write bytes) count elements of vector
+instructions, ("instr",) the instructions, ("ops",) the operations among them (a matmul or a reduction is one
+operation of several instructions). Spread over c cores, a kernel's elements divide by c and so do its instructions
+beyond one per operation: every core issues each operation at least once (`partition.kernel_shape`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.extend import core as jcore
 
 from wafer import kernel as wkernel
 from wafer.memory import Rect
 
-# The (op class, dtype class) columns of `Features.counts` (wafer/spec.py's instruction classes).
-KEYS = tuple((c, d) for c in ("fmac", "alu", "special") for d in ("fp16", "mixed", "fp32", "int"))
+INSTR, OPS = wkernel.INSTRUCTIONS, wkernel.OPS
 
 # Anchor kinds (`Features.anchor`).
 SPREAD = 0  # no weight anchor: the work spreads over the rectangle, at most one output word per core
@@ -32,6 +40,45 @@ TILED = 2  # an anchor whose weight is a tiled matrix but not a plain [K, N] (at
 
 # Parameter layouts (`Features.p_layout`), as partition.tile_param stores them.
 NONE, SCALAR, VECTOR, MATRIX = -1, 0, 1, 2
+
+# Per-kernel fields (arrays with a leading kernel axis), for `Features.take`.
+_PER_KERNEL = (
+    "counts",
+    "bwd_counts",
+    "flops",
+    "anchor",
+    "a",
+    "b",
+    "lead",
+    "m",
+    "n_in",
+    "in_s1",
+    "in_s0",
+    "in_full",
+    "n_out",
+    "out_full",
+    "isz_in",
+    "isz_out",
+    "isz_w",
+    "dx",
+    "in_bytes",
+    "out_bytes",
+    "out_words",
+    "p_layout",
+    "p_a",
+    "p_b",
+    "p_lead",
+    "p_isz",
+    "p_anchor",
+    "upd_alpha",
+    "upd_beta",
+    "stream_bytes",
+)
+
+
+def key_order(key) -> tuple:
+    """A total order on count keys (they mix strings and numbers)."""
+    return tuple(str(x) for x in key)
 
 
 def param_layout(shape) -> int:
@@ -46,11 +93,11 @@ def param_layout(shape) -> int:
 class Features:
     """Per-kernel static facts, arrays over kernels in pipeline order (module docstring).
 
-    Instruction counts:
-      counts [n, K]: elements per (op class, dtype class) of the whole kernel per batch; columns `keys`.
-      unit_counts [n, K]: counts / (m * a * b): per row of data and weight element of a WEIGHT kernel (its
-        anchor's FMACs give the weight's elements per (a, b) entry, an exact small number in float32 too).
-      flops [n]: FLOPs of the whole kernel per batch (an FMAC is two).
+    Instruction counts (columns `keys`, wafer/kernel.py's count keys):
+      counts [n, K]: what the whole kernel executes per batch, its anchor's matmul apart for WEIGHT kernels.
+      bwd_counts [n, K]: the same of its backward program (the jaxpr of its VJP: the cotangents of its inputs and
+        parameters from those of its outputs), its anchor's two matmuls apart for WEIGHT kernels; zeros in inference.
+      flops [n]: FLOPs of the whole kernel's forward per batch (an FMAC is two).
     The anchor's weight (anchor WEIGHT or TILED; 1 elsewhere):
       anchor [n]: SPREAD, WEIGHT or TILED.
       a, b [n]: its tiled dims (axes -2 and -1); lead [n]: elements per (a, b) entry (a convolution's window).
@@ -60,6 +107,9 @@ class Features:
       n_out, out_full [n]: a core's partial result is n_out * rows * tb elements, rows = mt, or out_full when
         out_full > 0 (an anchor whose rows cannot be split).
       isz_in, isz_out, isz_w [n]: element bytes of its input, output and weight.
+      fmac_class, acc_class (static, per kernel): the dtype classes of its FMACs and of its partial sums' adds.
+      dx [n]: 1.0 when its input carries a gradient, so that training's backward computes the input's cotangent
+        (not for a first layer reading the program's data).
     Activations and spreading:
       in_bytes, out_bytes [n]: activation bytes per batch in SRAM (16-bit floats under a 16-bit policy).
       out_words [n]: output words as traced (a spread kernel uses at most one core per word).
@@ -68,20 +118,24 @@ class Features:
       elements per (a, b) entry; p_isz: element bytes; p_anchor: 1.0 for the anchor's weight.
     Training (zeros in inference):
       upd_alpha [n, P, K], upd_beta [n, K]: a core's optimizer update on its tiles counts
-        upd_beta + sum_p upd_alpha[p] * (elements of its tile of parameter p) instructions (an affine count,
-        exact for optax's elementwise transformations and global-norm clipping).
+        upd_beta + sum_p upd_alpha[p] * (elements of its tile of parameter p) (an affine count, exact for optax's
+        elementwise transformations and global-norm clipping).
       stream_bytes [n]: weight bytes streamed in per pass in weight streaming (and gradient bytes out).
     Streams:
       flow_src, flow_dst [F]: kernel indices of each stream's ends, -1 for the host (inputs enter, outputs leave).
       flow_words [F]: 32-bit words per sample.
+      flow_share [F]: the busiest link on the stream's lanes carries flow_share times one lane's words (streams
+        sharing links; 1 until the route pass measures it on the plan's routes).
     Program:
-      batch: samples per call (scalar); io_bytes: bytes of the batch streamed in per step (training).
-    Static: names, keys, task ("inference" or "training"), mode ("pipelined" or "weight_streaming"),
-      weight_copies (weight-shaped arrays per tile: 1, or weights + gradient + optimizer slots), act_copies.
+      batch: samples per call (scalar); io_bytes: bytes of the inputs streamed in per call or step; io_out_bytes:
+      bytes of the outputs streamed out per call (inference).
+    Static: names, keys, fmac_class, acc_class, task ("inference" or "training"), mode ("pipelined" or
+      "weight_streaming"), weight_copies (weight-shaped arrays per tile: 1, or weights + gradient + optimizer
+      slots), act_copies.
     """
 
     counts: jax.Array
-    unit_counts: jax.Array
+    bwd_counts: jax.Array
     flops: jax.Array
     anchor: jax.Array
     a: jax.Array
@@ -97,6 +151,7 @@ class Features:
     isz_in: jax.Array
     isz_out: jax.Array
     isz_w: jax.Array
+    dx: jax.Array
     in_bytes: jax.Array
     out_bytes: jax.Array
     out_words: jax.Array
@@ -112,10 +167,14 @@ class Features:
     flow_src: jax.Array
     flow_dst: jax.Array
     flow_words: jax.Array
+    flow_share: jax.Array
     batch: jax.Array
     io_bytes: jax.Array
+    io_out_bytes: jax.Array
     names: tuple = dataclasses.field(default=(), metadata=dict(static=True))
-    keys: tuple = dataclasses.field(default=KEYS, metadata=dict(static=True))
+    keys: tuple = dataclasses.field(default=(), metadata=dict(static=True))
+    fmac_class: tuple = dataclasses.field(default=(), metadata=dict(static=True))
+    acc_class: tuple = dataclasses.field(default=(), metadata=dict(static=True))
     task: str = dataclasses.field(default="inference", metadata=dict(static=True))
     mode: str = dataclasses.field(default="pipelined", metadata=dict(static=True))
     weight_copies: int = dataclasses.field(default=1, metadata=dict(static=True))
@@ -132,23 +191,39 @@ class Features:
         """The same features as JAX arrays (the cost model's form)."""
         return jax.tree.map(lambda x: jnp.asarray(x, dtype), self)
 
-    def compact(self) -> Features:
-        """The same features without the instruction-count columns that are zero for every kernel.
+    def take(self, idx) -> Features:
+        """The features of kernels `idx` (a sequence of kernel indices, repeats allowed), without the streams:
+        what the partition rule and the per-kernel figures need to try one kernel on many rectangles at once."""
+        idx = np.asarray(idx, np.int64)
+        arrays = {f: np.asarray(getattr(self, f))[idx] for f in _PER_KERNEL}
+        pick = lambda t: tuple(t[int(i)] for i in idx)  # noqa: E731
+        empty = np.zeros(0)
+        return dataclasses.replace(
+            self,
+            **arrays,
+            flow_src=empty,
+            flow_dst=empty,
+            flow_words=empty,
+            flow_share=empty,
+            names=pick(self.names),
+            fmac_class=pick(self.fmac_class),
+            acc_class=pick(self.acc_class),
+        )
 
-        Figures are unchanged (a zero count costs nothing) and batched evaluation is several times faster: an MLP in
-        fp32 uses 2 of the 12 (op class, dtype class) columns. Needs concrete (not traced) features.
+    def compact(self) -> Features:
+        """The same features without the count columns that are zero for every kernel (the update's included).
+
+        Figures are unchanged (a zero count costs nothing) and batched evaluation is faster. Needs concrete (not
+        traced) features.
         """
-        counts = np.asarray(self.counts)
-        used = np.any(counts != 0, axis=0) | np.any(np.asarray(self.upd_beta) != 0, axis=0)
-        used |= np.any(np.asarray(self.upd_alpha) != 0, axis=(0, 1))
+        used = np.any(np.asarray(self.counts) != 0, axis=0) | np.any(np.asarray(self.bwd_counts) != 0, axis=0)
+        used |= np.any(np.asarray(self.upd_beta) != 0, axis=0) | np.any(np.asarray(self.upd_alpha) != 0, axis=(0, 1))
         keep = np.nonzero(used)[0]
-        if len(keep) == 0:
-            keep = np.array([0])
         take = lambda x, axis: jnp.take(x, keep, axis=axis) if isinstance(x, jax.Array) else np.take(x, keep, axis)
         return dataclasses.replace(
             self,
             counts=take(self.counts, 1),
-            unit_counts=take(self.unit_counts, 1),
+            bwd_counts=take(self.bwd_counts, 1),
             upd_alpha=take(self.upd_alpha, 2),
             upd_beta=take(self.upd_beta, 1),
             keys=tuple(self.keys[int(i)] for i in keep),
@@ -193,11 +268,12 @@ def flows(graph) -> list[tuple[str, str, float]]:
 
 
 def _anchor_facts(kernel, traced) -> dict:
-    """The anchor weight's facts of one kernel (module docstring of `Features`)."""
+    """The anchor weight's facts of one kernel (module docstring of `Features`), with its equation ("eqn", None
+    without a WEIGHT anchor) and its weight's parameter index ("widx")."""
     from compiler.plan import partition as part
 
     f = dict(anchor=SPREAD, a=1, b=1, lead=1, m=1, n_in=0, in_s1=0, in_s0=0, in_full=0, n_out=0, out_full=0)
-    f.update(isz_in=4, isz_out=4, isz_w=4)
+    f.update(isz_in=4, isz_out=4, isz_w=4, fmac_class="fp32", acc_class="fp32", eqn=None)
     eqn, widx = part.anchor_weight(kernel, traced)
     if widx is None:
         return f | dict(widx=None)
@@ -212,8 +288,9 @@ def _anchor_facts(kernel, traced) -> dict:
         return f | dict(anchor=TILED, widx=widx)
     lhs, out = eqn.invars[0].aval, eqn.outvars[0].aval
     m = part.split_rows(eqn, kind)
-    f.update(anchor=WEIGHT, widx=widx, m=m, lead=math.prod(shape[:-2]))
+    f.update(anchor=WEIGHT, widx=widx, m=m, lead=math.prod(shape[:-2]), eqn=eqn)
     f.update(isz_in=lhs.dtype.itemsize, isz_out=out.dtype.itemsize, isz_w=np.dtype(aval.dtype).itemsize)
+    f.update(fmac_class=wkernel.dtype_class(lhs.dtype, out.dtype), acc_class=wkernel.dtype_class(out.dtype))
     if kind == "dense":
         return f | dict(n_in=1, in_s1=1, in_s0=0, in_full=m, n_out=1, out_full=0)
     dn = eqn.params["dimension_numbers"]
@@ -230,21 +307,105 @@ def _anchor_facts(kernel, traced) -> dict:
     return f
 
 
-def _update_counts(optimizer, tiles) -> dict:
-    """{(op class, dtype class): elements} of one core's optimizer update on tiles (ShapeDtypeStructs)."""
+# ---- counting a kernel's programs ---------------------------------------------------------------------------------
+
+
+def _floating(aval) -> bool:
+    return jnp.issubdtype(aval.dtype, jnp.floating)
+
+
+def _struct(aval):
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype)
+
+
+def _jaxpr(eqns, invars, outvars, constvars=()) -> jcore.Jaxpr:
+    from compiler.frontend.trace import DEBUG_INFO
+
+    return jcore.Jaxpr(list(constvars), list(invars), list(outvars), list(eqns), debug_info=DEBUG_INFO)
+
+
+def _differentiated(kernel, traced) -> set:
+    """The kernel's values that carry a gradient: its floating-point parameters and inputs other than the program's
+    own inputs (data and labels get no cotangent), and what it computes from them."""
+    graph_inputs = set(traced.jaxpr.invars[traced.n_params :])
+    params = [traced.param_vars[i] for i in kernel.params]
+    out = {v for v in [*kernel.inputs, *params] if v not in graph_inputs and _floating(v.aval)}
+    for e in kernel.eqns:
+        if any(isinstance(v, jcore.Var) and v in out for v in e.invars):
+            out.update(v for v in e.outvars if _floating(v.aval))
+    return out
+
+
+def _backward_count(jaxpr: jcore.Jaxpr, consts, diff) -> Counter:
+    """What the backward program of `jaxpr` executes: the equations of the jaxpr of its VJP (the cotangents of the
+    invars marked in `diff` from those of its floating-point outvars) that depend on the output cotangents; the
+    forward recomputation the VJP's trace also holds is the forward's, counted there."""
+    out_fl = [_floating(v.aval) for v in jaxpr.outvars]
+    if not any(diff) or not any(out_fl):
+        return Counter()
+
+    def f(*args):
+        outs = jcore.jaxpr_as_fun(jcore.ClosedJaxpr(jaxpr, list(consts)))(*args)
+        return [o for o, fl in zip(outs, out_fl) if fl]
+
+    def backward(args, cts):
+        def g(*d):
+            it = iter(d)
+            return f(*[next(it) if m else a for a, m in zip(args, diff)])
+
+        _, pull = jax.vjp(g, *[a for a, m in zip(args, diff) if m])
+        return pull(cts)
+
+    args = [_struct(v.aval) for v in jaxpr.invars]
+    cts = [_struct(v.aval) for v, fl in zip(jaxpr.outvars, out_fl) if fl]
+    bj = jax.make_jaxpr(backward)(args, cts).jaxpr
+    tainted = set(bj.invars[len(args) :])
+    keep = []
+    for e in bj.eqns:
+        if any(isinstance(v, jcore.Var) and v in tainted for v in e.invars):
+            keep.append(e)
+            tainted.update(e.outvars)
+    outs = [v for v in bj.outvars if isinstance(v, jcore.Var)]
+    return Counter(wkernel.count_jaxpr(_jaxpr(keep, [], outs), where="compiler (backward)"))
+
+
+def kernel_counts(kernel, traced, anchor_eqn=None, *, backward: bool = False) -> tuple[Counter, float]:
+    """(counts, dx) of a kernel's forward program per batch (`backward`: of its backward program), its WEIGHT
+    anchor's equation `anchor_eqn` left out (the partition rule counts that on each core's tiles); dx: 1.0 when the
+    anchor's input carries a gradient (its backward computes the input's cotangent), else 0.0."""
+    keep = [e for e in kernel.eqns if e is not anchor_eqn]
+    if not backward:
+        jaxpr = _jaxpr(keep, [], kernel.outputs)
+        return Counter(wkernel.count_jaxpr(jaxpr, where="compiler")), 0.0
+    diff_vars = _differentiated(kernel, traced)
+    constvars = [traced.jaxpr.constvars[i] for i in kernel.consts]
+    consts = [traced.consts[i] for i in kernel.consts]
+    invars = [*kernel.inputs, *(traced.param_vars[i] for i in kernel.params)]
+    full = _jaxpr(kernel.eqns, invars, kernel.outputs, constvars)
+    counts = _backward_count(full, consts, [v in diff_vars for v in invars])
+    if anchor_eqn is None:
+        return counts, 0.0
+    a_in = list(dict.fromkeys(v for v in anchor_eqn.invars if isinstance(v, jcore.Var)))
+    a_diff = [v in diff_vars for v in a_in]
+    anchor = _backward_count(_jaxpr([anchor_eqn], a_in, anchor_eqn.outvars), [], a_diff)
+    x = anchor_eqn.invars[0]
+    return counts - anchor, float(isinstance(x, jcore.Var) and x in diff_vars)
+
+
+def _update_counts(optimizer, tiles) -> Counter:
+    """What one core's optimizer update on its tiles (ShapeDtypeStructs) executes, as one task."""
 
     def update(ts):
         state = optimizer.init(ts)
         updates, _ = optimizer.update(ts, state, ts)
         return optax.apply_updates(ts, updates)
 
-    counts, _, _ = wkernel.count(update, list(tiles))
-    return counts
+    return Counter(wkernel.count(update, list(tiles)))
 
 
-def _update_affine(optimizer, params) -> tuple[np.ndarray, np.ndarray]:
-    """(alpha [P, K], beta [K]) of the affine update count of one core holding tiles of `params`
-    ([(layout, rank, dtype)]): counted on unit tiles, and with each tile in turn doubled."""
+def _update_affine(optimizer, params) -> tuple[list[Counter], Counter]:
+    """(alpha, beta) of the affine update count of one core holding tiles of `params` ([(layout, rank, dtype)]):
+    counted on unit tiles, and with each tile in turn doubled; alpha[p] per element of tile p, beta the rest."""
 
     def tiles(doubled=None):
         out = []
@@ -253,13 +414,58 @@ def _update_affine(optimizer, params) -> tuple[np.ndarray, np.ndarray]:
             out.append(jax.ShapeDtypeStruct(shape, dtype))
         return out
 
-    vec = lambda c: np.array([float(c.get(k, 0.0)) for k in KEYS])
-    base = vec(_update_counts(optimizer, tiles()))
-    alpha = np.zeros((len(params), len(KEYS)))
+    base = _update_counts(optimizer, tiles())
+    alpha = []
     for i, (layout, _, _) in enumerate(params):
+        a = Counter()
         if layout != SCALAR:
-            alpha[i] = vec(_update_counts(optimizer, tiles(i))) - base
-    return alpha, base - alpha.sum(axis=0)
+            doubled = _update_counts(optimizer, tiles(i))
+            a = Counter({k: doubled.get(k, 0) - base.get(k, 0) for k in set(doubled) | set(base)})
+        alpha.append(a)
+    beta = Counter({k: base.get(k, 0) - sum(a.get(k, 0) for a in alpha) for k in base})
+    return alpha, beta
+
+
+def _nbytes(aval) -> int:
+    return int(np.prod(aval.shape)) * int(aval.dtype.itemsize)  # (PRNG keys count their key data)
+
+
+def act_bytes(values, act_itemsize: int | None) -> int:
+    """Bytes of activation values in SRAM: floating-point elements at `act_itemsize` bytes when given (a 16-bit
+    precision policy stores activations in 2 bytes), at their dtype's otherwise."""
+    total = 0
+    for v in values:
+        a = v.aval
+        size = int(np.prod(a.shape)) * a.dtype.itemsize
+        if act_itemsize is not None and jax.dtypes.issubdtype(a.dtype, jnp.floating):
+            size = int(np.prod(a.shape)) * min(a.dtype.itemsize, act_itemsize)
+        total += size
+    return total
+
+
+def graph_batch(graph) -> int:
+    """Samples per call: the leading dimension of the first kernel input that has one (1 without)."""
+    for k in graph.kernels:
+        if k.batch:
+            return int(k.batch)
+    return 1
+
+
+def flows(graph) -> list[tuple[str, str, float]]:
+    """(src, dst, words per sample) of the activations between kernels, host input and output included."""
+    batch = graph_batch(graph)
+    out = [(src, dst, nbytes / 4 / batch) for src, dst, nbytes in graph.edges]
+    first, last = graph.kernels[0], graph.kernels[-1]
+    in_bytes = sum(_nbytes(a) for a in graph.traced.input_avals)
+    out_bytes = sum(_nbytes(a) for a in graph.traced.out_avals)
+    out.append(("host", first.name, in_bytes / 4 / batch))
+    out.append((last.name, "host", out_bytes / 4 / batch))
+    return out
+
+
+def _matrix(rows: list, keys: tuple) -> np.ndarray:
+    """[len(rows), len(keys)] of count dicts."""
+    return np.array([[float(r.get(k, 0.0)) for k in keys] for r in rows], np.float64).reshape(len(rows), len(keys))
 
 
 def features(
@@ -288,18 +494,33 @@ def features(
     kernels = graph.kernels
     n = len(kernels)
     P = max((len(k.params) for k in kernels), default=0) or 1
-    rows = {key: [] for key in ("anchor", "a", "b", "lead", "m", "n_in", "in_s1", "in_s0", "in_full", "n_out")}
-    rows.update({key: [] for key in ("out_full", "isz_in", "isz_out", "isz_w")})
+    names = ("anchor", "a", "b", "lead", "m", "n_in", "in_s1", "in_s0", "in_full", "n_out", "out_full")
+    rows = {key: [] for key in (*names, "isz_in", "isz_out", "isz_w", "dx")}
+    fmac_class, acc_class = [], []
     # padding entries (and scalars) get sides 1, so that no rule divides by zero (a NaN would poison gradients)
     p_arrays = {key: np.ones((n, P)) for key in ("p_a", "p_b", "p_lead")}
     p_arrays.update(p_isz=np.zeros((n, P)), p_anchor=np.zeros((n, P)))
     p_layout = np.full((n, P), float(NONE))
-    upd_alpha, upd_beta = np.zeros((n, P, len(KEYS))), np.zeros((n, len(KEYS)))
+    fwd, bwd, alphas, betas = [], [], [], []
     in_b, out_b, stream = np.zeros(n), np.zeros(n), np.zeros(n)
+    training = task == "training"
     for i, k in enumerate(kernels):
         facts = _anchor_facts(k, traced)
+        counts, _ = kernel_counts(k, traced, facts["eqn"])
+        counts[wkernel.TASKS] = 1  # one task per call: its share of the batch
+        fwd.append(counts)
+        dx = 0.0
+        if training:
+            counts, dx = kernel_counts(k, traced, facts["eqn"], backward=True)
+            counts[wkernel.TASKS] = 1
+            bwd.append(counts)
+        else:
+            bwd.append(Counter())
+        facts["dx"] = dx
         for key in rows:
             rows[key].append(float(facts[key]))
+        fmac_class.append(facts["fmac_class"])
+        acc_class.append(facts["acc_class"])
         in_b[i], out_b[i] = act_bytes(k.inputs, act_itemsize), act_bytes(k.outputs, act_itemsize)
         upd_params = []
         for j, idx in enumerate(k.params):
@@ -318,18 +539,24 @@ def features(
             floating = jnp.issubdtype(aval.dtype, jnp.floating)
             isz = stream_itemsize if (stream_itemsize is not None and floating) else itemsize
             stream[i] += math.prod(shape) * isz
+        alpha, beta = [Counter()] * P, Counter()
         if optimizer is not None and upd_params and mode == "pipelined":
             alpha, beta = _update_affine(optimizer, upd_params)
-            upd_alpha[i, : len(upd_params)], upd_beta[i] = alpha, beta
-    names = [k.name for k in kernels]
-    index = {name: i for i, name in enumerate(names)}
-    counts = np.array([[float(k.counts.get(key, 0.0)) for key in KEYS] for k in kernels]).reshape(n, len(KEYS))
-    work = np.array(rows["m"]) * np.array(rows["a"]) * np.array(rows["b"])
+            alpha = alpha + [Counter()] * (P - len(alpha))
+        alphas.append(alpha)
+        betas.append(beta)
+    keys = set()
+    for c in (*fwd, *bwd, *betas, *(a for al in alphas for a in al)):
+        keys.update(c)
+    keys = tuple(sorted(keys, key=key_order))
+    upd_alpha = np.stack([_matrix(al, keys) for al in alphas]) if n else np.zeros((0, P, len(keys)))
+    kernel_names = [k.name for k in kernels]
+    index = {name: i for i, name in enumerate(kernel_names)}
     fl = flows(graph) if mode == "pipelined" else []
     batch = graph_batch(graph)
     return Features(
-        counts=counts,
-        unit_counts=counts / work[:, None],
+        counts=_matrix(fwd, keys),
+        bwd_counts=_matrix(bwd, keys),
         flops=np.array([float(k.flops) for k in kernels]),
         **{key: np.array(v) for key, v in rows.items()},
         in_bytes=in_b,
@@ -338,14 +565,19 @@ def features(
         p_layout=p_layout,
         **p_arrays,
         upd_alpha=upd_alpha,
-        upd_beta=upd_beta,
+        upd_beta=_matrix(betas, keys),
         stream_bytes=stream,
         flow_src=np.array([float(index.get(s, -1)) for s, _, _ in fl]),
         flow_dst=np.array([float(index.get(d, -1)) for _, d, _ in fl]),
         flow_words=np.array([float(w) for _, _, w in fl]),
+        flow_share=np.ones(len(fl)),
         batch=np.asarray(float(batch)),
         io_bytes=np.asarray(float(sum(_nbytes(a) for a in traced.input_avals))),
-        names=tuple(names),
+        io_out_bytes=np.asarray(float(sum(_nbytes(a) for a in traced.out_avals))),
+        names=tuple(kernel_names),
+        keys=keys,
+        fmac_class=tuple(fmac_class),
+        acc_class=tuple(acc_class),
         task=task,
         mode=mode,
         weight_copies=int(weight_copies),

@@ -82,23 +82,42 @@ def grid_copies(gh, gw, m, h, w):
     return rr, rc
 
 
+def per_core_counts(f: ft.Features, counts, cores):
+    """Per-core counts [n, K] of whole-kernel `counts` [n, K] spread over `cores` [n]: elements divide (rounded up),
+    and so do instructions beyond one per operation (every core issues each operation at least once: a vector
+    instruction over the core's share); operations and tasks do not divide."""
+    ns = relax.xp(counts, cores)
+    keys = f.keys
+    element = ns.asarray([len(k) >= 4 for k in keys])
+    instr = ns.asarray([k == ft.INSTR for k in keys])
+    ops_col = [j for j, k in enumerate(keys) if k == ft.OPS]
+    ops = counts[:, ops_col[0]] if ops_col else 0.0 * cores
+    c = cores[:, None]
+    spread_instr = ops[:, None] + relax.ceil(relax.maximum(counts - ops[:, None], 0.0) / c)
+    return relax.where(element[None, :], relax.ceil(counts / c), relax.where(instr[None, :], spread_instr, counts))
+
+
 def kernel_shape(f: ft.Features, h, w) -> dict:
     """The partition of every kernel on an h x w rectangle ([n] arrays), and what each of its cores holds and does.
 
     Returns a dict of [n] arrays (per-core counts [n, K]):
       gh, gw, ta, tb: the anchor weight's tile grid and tile dims (WEIGHT and TILED kernels);
       rr, rc, groups, mt: grid copies, row groups (rr * rc) and rows of data per group (WEIGHT kernels);
-      pad: work per useful work of a WEIGHT kernel (uneven tiles and row groups), 1 elsewhere;
+      pad: work per useful work of a WEIGHT kernel's anchor (uneven tiles and row groups), 1 elsewhere;
       grid_h, grid_w, cores: the cores that do the kernel's work (top-left of the rectangle);
-      counts: per-core instruction counts (whole-kernel counts / cores, rounded up; a WEIGHT kernel's FMACs its
-        core's share mt x ta x tb of the anchor's work, padding included);
+      counts, bwd_counts: per-core counts of the kernel's forward and backward programs, its WEIGHT anchor apart
+        (`per_core_counts` over `cores`);
+      mm_p, mm_c, mm_d: the per-core matmul of a WEIGHT anchor: out[mm_p, mm_c] += in[mm_p, mm_d] W[mm_d, mm_c]
+        (rows x positions, the weight tile's columns, its rows x the window), padding included; mm_pin: the
+        input-chunk positions a core's input cotangent covers (training: in[mm_pin, ta] from out[., tb] W^T);
       weight_bytes, act_bytes: SRAM bytes per core (the fullest core: the first, which holds a tile of every
-        parameter); read_bytes, write_bytes: SRAM bytes a core streams per batch (its weight tiles once and its
-        share of the input; its share of the output);
+        parameter; a WEIGHT kernel's cores each hold their input chunk and their partial result);
       tile_elems [n, P]: elements of a core's tile of each parameter;
       rows_in, rows_out: rows of its input chunk a core of a WEIGHT kernel receives, rows of the partial result it
         produces (the window's halo included for a convolution's row groups);
-      in_words, out_words: words per core a WEIGHT kernel multicasts along rows and reduces along columns.
+      in_words, out_words: words per core a WEIGHT kernel multicasts along rows and reduces along columns;
+      out_elems, tile_words: elements of a core's partial result (its reduction's adds), words of its weight tile
+        (the gradient summed over grid copies in training).
     """
     R = relax
     ns = relax.xp(f.counts, h, w)
@@ -122,11 +141,6 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
     grid_h = R.where(weight, rr * gh, R.where(tiled, gh_t, gh_s))
     grid_w = R.where(weight, rc * gw, R.where(tiled, gw_t, gw_s))
     cores = grid_h * grid_w
-    # a WEIGHT kernel's FMACs: its core's share of the work, mt rows x (ta x tb) weight entries, padding included
-    # (as unit_counts * mt * ta * tb: no rounding where the counts are a whole number per weight entry)
-    fmac = ns.asarray([key[0] == "fmac" for key in f.keys])
-    share = R.where(fmac[None, :] & weight[:, None], f.unit_counts * (mt * ta * tb)[:, None], f.counts / cores[:, None])
-    counts = R.ceil(share)
     # weight tiles: every parameter has a tile on the kernel's first core
     pl = f.p_layout
     _, _, pta, ptb = param_grid(pl, f.p_a, f.p_b, h[:, None], w[:, None])
@@ -137,6 +151,11 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
     in_words_all, out_words_all = R.ceil(f.in_bytes / 4.0), R.ceil(f.out_bytes / 4.0)
     rows_in = R.where(groups > 1, f.in_s1 * mt + f.in_s0, f.in_full)
     rows_out = R.where(f.out_full > 0, f.out_full, mt)
+    in_words = R.ceil(f.n_in * rows_in * ta * f.isz_in / 4.0)
+    out_elems = f.n_out * rows_out * tb
+    out_words = R.ceil(out_elems * f.isz_out / 4.0)
+    # a WEIGHT kernel's core holds its input chunk and its partial result; other kernels' buffers spread evenly
+    act_words = R.where(weight, in_words + out_words, R.ceil((in_words_all + out_words_all) / cores))
     return dict(
         gh=gh,
         gw=gw,
@@ -150,21 +169,26 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
         grid_h=grid_h,
         grid_w=grid_w,
         cores=cores,
-        counts=counts,
+        counts=per_core_counts(f, f.counts, cores),
+        bwd_counts=per_core_counts(f, f.bwd_counts, cores),
+        mm_p=R.maximum(f.n_out * rows_out, 1.0),
+        mm_c=tb,
+        mm_d=ta * f.lead,
+        mm_pin=R.maximum(f.n_in * rows_in, 1.0),
         weight_bytes=f.weight_copies * single,
-        act_bytes=f.act_copies * 4.0 * R.ceil((in_words_all + out_words_all) / cores),
-        read_bytes=single + R.ceil(f.in_bytes / cores),
-        write_bytes=R.ceil(f.out_bytes / cores),
+        act_bytes=f.act_copies * 4.0 * act_words,
         tile_elems=elems,
         rows_in=rows_in,
         rows_out=rows_out,
-        in_words=R.ceil(f.n_in * rows_in * ta * f.isz_in / 4.0),
-        out_words=R.ceil(f.n_out * rows_out * tb * f.isz_out / 4.0),
+        in_words=in_words,
+        out_words=out_words,
+        out_elems=out_elems,
+        tile_words=R.ceil(ta * tb * f.lead * f.isz_w / 4.0),
     )
 
 
 def update_counts(f: ft.Features, shape: dict):
-    """Per-core instruction counts [n, K] of a training step's optimizer update on each core's tiles."""
+    """Per-core counts [n, K] of a training step's optimizer update on each core's tiles."""
     ns = relax.xp(f.upd_alpha, shape["tile_elems"])
     return f.upd_beta + ns.sum(f.upd_alpha * shape["tile_elems"][:, :, None], axis=1)
 
@@ -285,6 +309,10 @@ class KernelPlan:
         the kernel's place on the grid.
       flops: FLOPs of the whole kernel per batch.
       batch: samples per call.
+      reduce_pattern: how a WEIGHT kernel sums its partial results down its columns (one of
+        compiler.schedule.PATTERNS, the cheapest for its shape by the schedule).
+      backward_traffic: training's traffic inside the kernel per batch (the output cotangent multicast up the
+        columns, the input cotangent's partials reduced along the rows in `backward_pattern`); none in inference.
     """
 
     name: str
@@ -297,6 +325,9 @@ class KernelPlan:
     traffic: wafer.Traffic
     flops: float
     batch: int
+    reduce_pattern: str = "chain"
+    backward_pattern: str = "chain"
+    backward_traffic: wafer.Traffic = dataclasses.field(default_factory=wafer.Traffic.none)
 
     @property
     def cores(self) -> int:
@@ -369,13 +400,9 @@ def group_offsets(tiling: ParamTiling):
     return [(p * gh, q * gw) for p in range(rr) for q in range(rc)]
 
 
-def anchor_traffic(eqn, tiling: ParamTiling, rows_in: int, rows_out: int) -> wafer.Traffic:
-    """Region-local traffic of a per-core anchor: in every group, input chunks multicast along rows and partial
-    sums reduced along columns. Shapes are exactly those the per-core path moves (compiler/run/percore.py): a core
-    receives `rows_in` rows of its input chunk and produces `rows_out` rows of its partial result."""
+def _anchor_shapes(eqn, tiling: ParamTiling, rows_in: int, rows_out: int):
+    """Per-core (input chunk, partial result) ShapeDtypeStructs of a per-core anchor on its grid [gh, gw, ...]."""
     kind = per_core_kind(eqn, tiling)
-    if kind is None:
-        return wafer.Traffic.none()
     gh, gw = tiling.grid
     tk, tn = tiling.tile[-2:]
     lhs, out = eqn.invars[0].aval, eqn.outvars[0].aval
@@ -390,33 +417,70 @@ def anchor_traffic(eqn, tiling: ParamTiling, rows_in: int, rows_out: int) -> waf
         )
     x = jax.ShapeDtypeStruct((gh, gw, *in_shape), lhs.dtype)
     p = jax.ShapeDtypeStruct((gh, gw, *out_shape), out.dtype)
+    return x, p
+
+
+def anchor_traffic(eqn, tiling: ParamTiling, rows_in: int, rows_out: int, pattern: str = "chain") -> wafer.Traffic:
+    """Region-local traffic of a per-core anchor: in every group, input chunks multicast along rows and partial
+    sums reduced along columns in `pattern`. Shapes are exactly those the per-core path moves
+    (compiler/run/percore.py): a core receives `rows_in` rows of its input chunk and produces `rows_out` rows of its
+    partial result."""
+    if per_core_kind(eqn, tiling) is None:
+        return wafer.Traffic.none()
+    x, p = _anchor_shapes(eqn, tiling, rows_in, rows_out)
     _, t_in = jax.eval_shape(lambda a: wafer.multicast(a, "row", src=0), x)
-    _, t_out = jax.eval_shape(lambda a: wafer.reduce(a, "col", "sum", to="last"), p)
+    _, t_out = jax.eval_shape(lambda a: wafer.reduce(a, "col", "sum", to="last", pattern=pattern), p)
     return (t_in + t_out).replicate(group_offsets(tiling))
 
 
+def anchor_backward_traffic(
+    eqn, tiling: ParamTiling, rows_in: int, rows_out: int, pattern: str = "chain", dx: bool = True
+) -> wafer.Traffic:
+    """Region-local traffic of a per-core anchor's backward: in every group, the output cotangent multicast up each
+    column from the bottom row, and (`dx`) the input cotangent's partials reduced along each row to the west edge
+    in `pattern`."""
+    if per_core_kind(eqn, tiling) is None:
+        return wafer.Traffic.none()
+    x, p = _anchor_shapes(eqn, tiling, rows_in, rows_out)
+    _, t = jax.eval_shape(lambda a: wafer.multicast(a, "col", src="last"), p)
+    if dx:
+        _, t_dx = jax.eval_shape(lambda a: wafer.reduce(a, "row", "sum", to="first", pattern=pattern), x)
+        t = t + t_dx
+    return t.replicate(group_offsets(tiling))
+
+
 def partition(graph, placement, feats: ft.Features, spec) -> dict[str, KernelPlan]:
-    """Every kernel's `KernelPlan` on its rectangle of `placement`, by `kernel_shape`.
+    """Every kernel's `KernelPlan` on its rectangle of `placement`, by `kernel_shape`, with the reduction patterns
+    the schedule picks (`compiler.schedule.kernel_figures`).
 
     Raises:
-      wafer.SramCapacityError: a kernel's fullest core holds more than `spec.sram_bytes_per_core`; the message
-        names the kernel, its source line, its cores and its bytes.
+      wafer.SramCapacityError: a kernel's fullest core holds more than the spec's data bytes per core (its SRAM
+        less the code's reservation); the message names the kernel, its source line, its cores and its bytes.
     """
+    from compiler.schedule import PATTERNS, kernel_figures, layout_of
+
     traced = graph.traced
     rects = [Rect(*(int(v) for v in placement[k.name])) for k in graph.kernels]
-    h = np.array([float(r.height) for r in rects])
-    w = np.array([float(r.width) for r in rects])
-    shape = kernel_shape(feats, h, w)
+    shape = kernel_figures(feats, layout_of(placement, feats.names), spec)
+    training = feats.task == "training"
+    capacity = spec.data_bytes_per_core
     plans = {}
     for i, (kernel, rect) in enumerate(zip(graph.kernels, rects)):
         tilings = [tile_param(j, traced.param_paths[j], traced.param_avals[j], rect) for j in kernel.params]
-        traffic = wafer.Traffic.none()
+        traffic = backward = wafer.Traffic.none()
+        pattern = PATTERNS[int(shape["reduce_pattern"][i])]
+        b_pattern = PATTERNS[int(shape["bwd_pattern"][i])] if training else "chain"
         if feats.anchor[i] == ft.WEIGHT:
             eqn, widx = anchor_weight(kernel, traced)
             pos = kernel.params.index(widx)
             tilings[pos] = tilings[pos].replicated(int(shape["rr"][i]), int(shape["rc"][i]))
             rows = int(shape["rows_in"][i]), int(shape["rows_out"][i])
-            traffic = anchor_traffic(eqn, tilings[pos], *rows).at(rect.row, rect.col)
+            traffic = anchor_traffic(eqn, tilings[pos], *rows, pattern).at(rect.row, rect.col)
+            if training:
+                dx = bool(feats.dx[i])
+                backward = anchor_backward_traffic(eqn, tilings[pos], *rows, b_pattern, dx).at(rect.row, rect.col)
+        else:
+            pattern = b_pattern = "chain"
         plan = KernelPlan(
             kernel.name,
             kernel.kind,
@@ -428,20 +492,24 @@ def partition(graph, placement, feats: ft.Features, spec) -> dict[str, KernelPla
             traffic,
             float(kernel.flops),
             int(kernel.batch or 1),
+            pattern,
+            b_pattern,
+            backward,
         )
-        if plan.sram_bytes > spec.sram_bytes_per_core:
+        if plan.sram_bytes > capacity:
             g = plan.grid
             raise SramCapacityError(
                 kernel.name,
                 (rect.row, rect.col),
                 plan.sram_bytes,
-                spec.sram_bytes_per_core,
-                spec.sram_bytes_per_core,
+                capacity,
+                capacity,
                 detail=(
                     f"kernel {kernel.name!r} ({kernel.kind}, {kernel.source}) on {g[0]}x{g[1]} cores holds "
                     f"{plan.weight_bytes} B of weights (x{feats.weight_copies} copies) and {plan.act_bytes} B of "
-                    f"activations per core; give it more cores (a larger rectangle or wafer), a smaller batch, or use "
-                    f"weight streaming"
+                    f"activations per core, {capacity} B being free for data ({spec.code_bytes_per_core} B of "
+                    f"{spec.sram_bytes_per_core} kept for code); give it more cores (a larger rectangle or wafer), a "
+                    f"smaller batch, or use weight streaming"
                 ),
             )
         plans[kernel.name] = plan
@@ -477,7 +545,7 @@ def min_cores(
     total = sum(
         sram_need(kernel, traced, weight_copies=weight_copies, act_copies=act_copies, act_itemsize=act_itemsize)
     )
-    return max(1, _cdiv(int(total), int(spec.sram_bytes_per_core * headroom)))
+    return max(1, _cdiv(int(total), int(spec.data_bytes_per_core * headroom)))
 
 
 def max_cores(kernel, traced) -> int:

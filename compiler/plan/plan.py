@@ -38,7 +38,7 @@ from compiler.frontend.trace import trace
 from compiler.plan import features as ft
 from compiler.plan import partition as part
 from compiler.plan.place import KernelDemand, PlacementParams, place, usable_region, validate_placement
-from compiler.plan.route import route
+from compiler.plan.route import KERNEL_COLORS, check_colors, flow_shares, route
 from wafer.memory import MemoryMap, Rect
 
 TASKS = ("inference", "training")
@@ -175,8 +175,44 @@ def graph_pass(plan: Plan) -> Plan:
     return plan.replace(graph=build_graph(plan.traced))
 
 
+# Most useful cores: the smallest area whose cycles per sample come within this fraction of the best any area gives
+# (more cores than that buy a kernel almost nothing: its per-instruction and per-task costs, its multicasts and
+# reductions grow while its share of the work shrinks).
+USEFUL_WITHIN = 0.02
+# Candidate areas (a geometric grid up to the whole wafer) and aspect ratios (height / width) of the search.
+_AREA_STEPS = 48
+_ASPECTS = (0.25, 1.0, 4.0)
+
+
+def per_sample_cycles(task: str, k: dict):
+    """A kernel's cycles per batch that the pipeline paces on: the forward (inference), forward and backward
+    (training), from `compiler.schedule.kernel_figures`."""
+    return k["cycles"] if task == "inference" else k["forward"] + k["backward"]
+
+
+def useful_cores(feats: ft.Features, spec, *, within: float = USEFUL_WITHIN) -> np.ndarray:
+    """Per kernel, the smallest area (of a geometric grid up to the whole wafer, at the best of a few aspect ratios)
+    whose cycles per batch under the schedule are within `within` of the least any area gives [n]."""
+    from compiler.schedule import Layout, kernel_figures
+
+    n = feats.n
+    areas = np.unique(np.round(np.geomspace(1, spec.rows * spec.cols, _AREA_STEPS)))
+    cand = [(a, asp) for a in areas for asp in _ASPECTS]
+    h = np.array([float(np.clip(np.round(np.sqrt(a * asp)), 1, spec.rows)) for a, asp in cand])
+    w = np.array([float(np.clip(np.ceil(a / hh), 1, spec.cols)) for (a, _), hh in zip(cand, h)])
+    idx = np.repeat(np.arange(n), len(cand))
+    tiled = feats.take(idx)
+    zeros = np.zeros(len(idx))
+    k = kernel_figures(tiled, Layout(np.tile(h, n), np.tile(w, n), zeros, zeros), spec)
+    cycles = np.asarray(per_sample_cycles(feats.task, k)).reshape(n, len(areas), len(_ASPECTS)).min(axis=2)
+    best = cycles.min(axis=1, keepdims=True)
+    ok = cycles <= best * (1.0 + within)
+    return areas[np.argmax(ok, axis=1)]
+
+
 def demands_pass(plan: Plan) -> Plan:
-    """The kernels' features, and what placement needs of each: work on one core, fewest and most useful cores."""
+    """The kernels' features, and what placement needs of each: work on one core (cycles per sample), fewest cores
+    (SRAM) and most useful cores (the fewer of the tiles and rows it can split, and `useful_cores`)."""
     from compiler.schedule import Layout, kernel_figures
 
     st = plan.storage
@@ -193,15 +229,16 @@ def demands_pass(plan: Plan) -> Plan:
     )
     n = feats.n
     one = Layout(np.ones(n), np.ones(n), np.zeros(n), np.zeros(n))
-    work = np.asarray(kernel_figures(feats, one, plan.spec)["cycles"]) / float(feats.batch)
+    k1 = kernel_figures(feats, one, plan.spec)
+    work = np.asarray(per_sample_cycles(plan.task, k1)) / float(feats.batch)
+    useful = useful_cores(feats, plan.spec) if plan.mode == "pipelined" else np.full(n, np.inf)
     traced, copies = plan.traced, dict(weight_copies=st.weight_copies, act_copies=st.act_copies)
     demands = []
-    for k, wk in zip(plan.graph.kernels, work):
+    for k, wk, u in zip(plan.graph.kernels, work, useful):
         lo = part.min_cores(k, traced, plan.spec, act_itemsize=st.act_itemsize, **copies)
+        hi = min(part.max_cores(k, traced), u)
         demands.append(
-            KernelDemand(
-                name=k.name, work=max(float(wk), 1e-9), min_cores=lo, max_cores=max(lo, part.max_cores(k, traced))
-            )
+            KernelDemand(name=k.name, work=max(float(wk), 1e-9), min_cores=lo, max_cores=max(lo, int(hi)))
         )
     return plan.replace(features=feats, demands=tuple(demands))
 
@@ -233,17 +270,35 @@ def partition_pass(plan: Plan) -> Plan:
 
 
 def route_pass(plan: Plan) -> Plan:
-    """The activation streams between kernels and the host (none in weight streaming: one layer at a time)."""
+    """The activation streams between kernels and the host (none in weight streaming: one layer at a time); the
+    links each stream shares with others (`Features.flow_share`), and the colours every router needs, checked
+    against the spec's (`compiler.plan.route.check_colors`: a ColorError names the router and its streams)."""
+    feats = plan.features
     if plan.mode == "weight_streaming":
-        return plan.replace(routes=None)
-    return plan.replace(routes=route(plan.placement, ft.flows(plan.graph), plan.spec))
+        routes = None
+    else:
+        flows = ft.flows(plan.graph)
+        routes = route(plan.placement, flows, plan.spec)
+        feats = dataclasses.replace(feats, flow_share=flow_shares(routes, [(s, d) for s, d, _ in flows]))
+    colors = {}
+    for i, (name, kp) in enumerate(plan.kernels.items()):
+        if feats.anchor[i] != ft.WEIGHT:
+            continue
+        c = KERNEL_COLORS["multicast"] + KERNEL_COLORS[kp.reduce_pattern]
+        if plan.task == "training":
+            c += KERNEL_COLORS["multicast"] + KERNEL_COLORS[kp.backward_pattern] * int(feats.dx[i])
+            if any(t.replicas != (1, 1) for t in kp.params):  # the gradient's sum over copies: a chain and back
+                c += KERNEL_COLORS["chain"] + KERNEL_COLORS["multicast"]
+        colors[name] = c
+    check_colors(routes, plan.placement, colors, plan.spec)
+    return plan.replace(routes=routes, features=feats)
 
 
 def layout_pass(plan: Plan) -> Plan:
     """The SRAM layout: per weight tile one allocation per storage slot (the other copies of a tile grid reserved),
     and an activation buffer per kernel; in weight streaming one buffer for the largest layer, streamed in turn."""
     spec = plan.spec
-    memory = MemoryMap(spec.rows, spec.cols, spec.sram_bytes_per_core)
+    memory = MemoryMap(spec.rows, spec.cols, spec.data_bytes_per_core)
     if plan.mode == "weight_streaming":
         biggest = max(plan.kernels.values(), key=lambda p: p.sram_bytes)
         rect = Rect(biggest.rect.row, biggest.rect.col, *biggest.grid)
@@ -295,6 +350,6 @@ def _with_sram_need(err: PlacementError, plan: Plan) -> PlacementError:
     )
     return PlacementError(
         f"{err.reason} (kernel {d.name!r} keeps {weights:,} bytes of weights and {acts:,} bytes of activations in "
-        f"SRAM, {plan.spec.sram_bytes_per_core:,} bytes per core: at least {d.min_cores:,} cores)",
+        f"SRAM, {plan.spec.data_bytes_per_core:,} bytes of data per core: at least {d.min_cores:,} cores)",
         err.kernel,
     )

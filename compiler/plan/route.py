@@ -44,7 +44,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from compiler import relax
-from compiler.errors import RouteError
+from compiler.errors import ColorError, RouteError
 from wafer.fabric import CHANNELS, RAMP_IN, RAMP_OUT, Phase, Traffic
 from wafer.memory import Rect
 
@@ -193,6 +193,21 @@ def flow_hops(sr, sc, sh, sw, dr, dc, dh, dw, *, cols=None):
     return R.where(diagonal, x_far + y_far, R.where(east | west, side, vert))
 
 
+def flow_lane_count(sr, sc, sh, sw, dr, dc, dh, dw):
+    """Lanes of the stream from rectangle s to rectangle d under "auto" lanes (`flow_lanes`): the rows (columns)
+    the rectangles share when side by side (one above the other), min(source height, destination width) corner
+    lanes when diagonal. Array-generic (compiler/relax.py), as `flow_hops`."""
+    R = relax
+    east, west = dc >= sc + sw, dc + dw <= sc
+    south, north = dr >= sr + sh, dr + dh <= sr
+    rows = R.minimum(sr + sh, dr + dh) - R.maximum(sr, dr)
+    cols = R.minimum(sc + sw, dc + dw) - R.maximum(sc, dc)
+    side = R.where(rows > 0, rows, R.minimum(sh, dh))
+    vert = R.where(cols > 0, cols, R.minimum(sw, dw))
+    diagonal = (east | west) & (north | south)
+    return R.where(diagonal, R.minimum(sh, dw), R.where(east | west, side, vert))
+
+
 def host_hops(col, width, *, inbound, cols):
     """Hops of the host streams: input from column 0 along the rows to the rectangle's west edge, output from its
     east edge to column cols - 1 (the off-wafer hop is the edge I/O's)."""
@@ -333,3 +348,78 @@ def route(
         rows=spec.rows,
         cols=spec.cols,
     )
+
+
+# ---- what the routes occupy ---------------------------------------------------------------------------------------
+
+# Colours a WEIGHT kernel's own transfers take at each of its routers (ASSUMED; the SDK's collectives library
+# uses one colour for a multicast and alternates two along a chain so that a core's receive and send differ; a
+# two-phase reduction's groups and leaders alternate two each): see docs/fidelity.md.
+KERNEL_COLORS = {"multicast": 1, "chain": 2, "tree": 2, "two_phase": 4}
+
+
+def flow_shares(routes: Routes, keys) -> np.ndarray:
+    """For each flow of `keys` ((src, dst) pairs), the busiest link on its lanes carries this many times one lane's
+    words (1 when no other stream shares its links): `Features.flow_share`, measured on the plan's routes."""
+    if not routes.lanes:
+        return np.ones(len(keys))
+    (phase,) = routes.traffic.phases
+    total = phase.loads(routes.rows, routes.cols)[:4]
+    index = {key: i for i, key in enumerate(routes.lanes)}
+    out = np.ones(len(keys))
+    for j, key in enumerate(keys):
+        i = index.get(tuple(key))
+        if i is None or routes.lane_words[key] <= 0:
+            continue
+        top, left, load = phase.parts[i]
+        _, h, w = load.shape
+        mine = load[:4] > 0
+        busiest = float(total[:, top : top + h, left : left + w][mine].max(initial=0.0))
+        out[j] = max(busiest / routes.lane_words[key], 1.0)
+    return out
+
+
+def streams_through(routes: Routes) -> tuple[np.ndarray, list]:
+    """(count [rows, cols], parts): how many streams' lanes pass each router (endpoints included; a stream's lanes
+    share one colour), and each stream's (key, top, left, mask) for naming them."""
+    count = np.zeros((routes.rows, routes.cols), np.int64)
+    parts = []
+    if not routes.lanes:
+        return count, parts
+    (phase,) = routes.traffic.phases
+    for key, (top, left, load) in zip(routes.lanes, phase.parts):
+        mask = np.any(load > 0, axis=0)
+        _, h, w = load.shape
+        count[top : top + h, left : left + w] += mask
+        parts.append((key, top, left, mask))
+    return count, parts
+
+
+def check_colors(routes: Routes | None, kernel_rects: Mapping, kernel_colors: Mapping, spec) -> np.ndarray:
+    """Colours in use at every router [rows, cols]: the streams passing it and the transfers of the kernel whose
+    cores it serves (`kernel_colors`: {kernel: colours}).
+
+    Raises:
+      ColorError: a router would need more than spec.router_colors - spec.reserved_colors.
+    """
+    available = spec.router_colors - spec.reserved_colors
+    used, parts = streams_through(routes) if routes is not None else (np.zeros((spec.rows, spec.cols), np.int64), [])
+    owner = np.full((spec.rows, spec.cols), -1)
+    names = list(kernel_rects)
+    own = np.zeros((spec.rows, spec.cols), np.int64)
+    for i, name in enumerate(names):
+        r = kernel_rects[name]
+        own[r.row : r.row + r.height, r.col : r.col + r.width] = kernel_colors.get(name, 0)
+        owner[r.row : r.row + r.height, r.col : r.col + r.width] = i
+    total = used + own
+    if total.size and total.max() > available:
+        row, col = np.unravel_index(int(np.argmax(total)), total.shape)
+        streams = [key for key, top, left, mask in parts if _covers(mask, top, left, row, col)]
+        kernel = names[owner[row, col]] if owner[row, col] >= 0 else None
+        raise ColorError((int(row), int(col)), int(total[row, col]), available, streams, kernel, int(own[row, col]))
+    return total
+
+
+def _covers(mask, top, left, row, col) -> bool:
+    h, w = mask.shape
+    return top <= row < top + h and left <= col < left + w and bool(mask[row - top, col - left])

@@ -35,7 +35,7 @@ def _groups(tiles, tiling):
     return jnp.broadcast_to(tiles[None], (rr * rc, *tiles.shape))
 
 
-def _grouped(xg, tiles, tiling, op):
+def _grouped(xg, tiles, tiling, op, pattern="chain"):
     """Run `op(chunk, tile)` on every core of every group, with the fabric moving data as the partitioner says.
 
     Args:
@@ -49,12 +49,12 @@ def _grouped(xg, tiles, tiling, op):
     west = jnp.pad(xg[:, :, None], [(0, 0), (0, 0), (0, gw - 1)] + [(0, 0)] * (xg.ndim - 2))
     xin, t_in = jax.vmap(lambda a: wafer.multicast(a, "row", src=0))(west)
     partial, _ = jax.vmap(lambda a, w: wafer.map_cores(op, a, w))(xin, _groups(tiles, tiling))
-    summed, t_out = jax.vmap(lambda a: wafer.reduce(a, "col", "sum", to="last"))(partial)
+    summed, t_out = jax.vmap(lambda a: wafer.reduce(a, "col", "sum", to="last", pattern=pattern))(partial)
     traffic = (t_in + t_out).replicate(group_offsets(tiling))
     return summed[:, 0], traffic
 
 
-def _dense_per_core(x, tiles, tiling, eqn):
+def _dense_per_core(x, tiles, tiling, eqn, pattern="chain"):
     """y = x @ W with W's tiles on cores and x's rows split over groups; returns (y, traffic)."""
     gh, gw = tiling.grid
     rr, rc = tiling.replicas
@@ -69,12 +69,12 @@ def _dense_per_core(x, tiles, tiling, eqn):
     pet = eqn.params.get("preferred_element_type")
     prec = eqn.params.get("precision")
     op = lambda a, w: jnp.matmul(a, w, precision=prec, preferred_element_type=pet)
-    summed, traffic = _grouped(xg, tiles, tiling, op)  # [G, gw, mt, tn]
+    summed, traffic = _grouped(xg, tiles, tiling, op, pattern)  # [G, gw, mt, tn]
     y = jnp.transpose(summed, (0, 2, 1, 3)).reshape(groups * mt, gw * tn)[:m, :n_dim]
     return y.reshape(*lead, n_dim).astype(eqn.outvars[0].aval.dtype), traffic
 
 
-def _conv_per_core(x, tiles, tiling, eqn):
+def _conv_per_core(x, tiles, tiling, eqn, pattern="chain"):
     """Convolution: input features over a group's rows, output features over its columns, output rows (first
     spatial axis) over groups; each group reads its rows of the padded input with the window's halo."""
     p = eqn.params
@@ -124,7 +124,7 @@ def _conv_per_core(x, tiles, tiling, eqn):
         precision=p["precision"],
         preferred_element_type=p["preferred_element_type"],
     )
-    summed, traffic = _grouped(xg, tiles, tiling, conv)  # [G, gw, *out with features tn and rows mt]
+    summed, traffic = _grouped(xg, tiles, tiling, conv, pattern)  # [G, gw, *out with features tn and rows mt]
     y = jnp.moveaxis(summed, 1, o_ax + 1)  # [G, ..., gw, tn, ...]
     y = y.reshape(*y.shape[: o_ax + 1], gw * tn, *y.shape[o_ax + 3 :])
     y = jax.lax.slice_in_dim(y, 0, cout, axis=o_ax + 1)
@@ -167,7 +167,7 @@ def run_per_core(plan, leaves, state, inputs):
                 if kind is not None:
                     tiles = state.sram[f"{kplan.name}:{tiling.path}"]
                     run = _dense_per_core if kind == "dense" else _conv_per_core
-                    y, t = run(invals[0], tiles, tiling, eqn)
+                    y, t = run(invals[0], tiles, tiling, eqn, kplan.reduce_pattern)
                     traffic = traffic | t.at(kplan.rect.row, kplan.rect.col)
                     outs, done = [y], True
             if not done:

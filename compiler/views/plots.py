@@ -375,7 +375,7 @@ def sram_map(state_or_memory, spec=None, ax=None, *, unit: str = "bytes", path=N
     if spec is None and isinstance(state_or_memory, Program):
         spec = state_or_memory.spec
     if spec is not None:
-        capacity = int(spec.sram_bytes_per_core)
+        capacity = int(spec.data_bytes_per_core)
     if unit == "percent" and capacity is None:
         raise ValueError("unit='percent' needs the capacity: pass spec= (or a state or memory map)")
     rows, cols = occ.shape

@@ -48,7 +48,7 @@ class Report:
     batch: int
     kernels: tuple[KernelRow, ...]
     bottleneck: str
-    cycles_per_sample: float  # of the bottleneck kernel (the pipeline's initiation interval per sample)
+    cycles_per_sample: float  # the pipeline's initiation interval per sample (its slowest kernel, stream or I/O)
     samples_per_s: float
     latency_cycles: float
     latency_s: float
@@ -100,20 +100,20 @@ class Report:
             lines.append(line + mark)
         lines += [
             "-" * len(head),
-            f"bottleneck            {self.bottleneck} ({self.cycles_per_sample:.4g} cycles/sample)",
+            f"bottleneck            {self.bottleneck}; pace {self.cycles_per_sample:.4g} cycles/sample",
             f"predicted throughput  {self.samples_per_s:,.1f} samples/s at {self.clock_hz / 1e6:.0f} MHz",
             f"latency               {self.latency_cycles:,.0f} cycles ({self.latency_s * 1e6:.2f} us)",
             f"active cores          {self.active_cores:,} of {self.total_cores:,} "
             f"({100 * self.active_cores / self.total_cores:.2f}%)",
             f"compute utilization   {100 * self.compute_utilization:.2f}% of active cores' peak",
-            f"peak SRAM per core    {self.peak_sram_bytes_per_core:,} of {self.sram_bytes_per_core:,} bytes",
+            f"peak SRAM per core    {self.peak_sram_bytes_per_core:,} of {self.sram_bytes_per_core:,} bytes for data",
             f"busiest link          {self.max_link_words_per_sample:,.1f} words/sample; longest route "
             f"{self.route_hops} hops",
         ]
         if training:
             lines.append(f"bound by              {self.bound} (batch I/O {self.io_cycles_per_step:,.0f} cycles/step)")
         else:
-            lines.append(f"bound by              {self.bound} (the bottleneck kernel's slower side)")
+            lines.append(f"bound by              {self.bound} (the slowest of kernels, streams and edge I/O)")
         return "\n".join(lines)
 
 
@@ -163,8 +163,9 @@ def build_report(schedule: sched.Schedule) -> Report:
         cycles_per_sample, latency = step / batch, step
         mode = f"{plan.mode} training"
     else:
-        util = flops / (active * 2 * lanes * float(s[worst])) if s[worst] else 0.0
-        cycles_per_sample, latency = float(s[worst]), float(fig["latency_cycles"])
+        pace = float(fig["bottleneck_cycles"])  # the slowest kernel, stream or the edge I/O, per sample
+        util = flops / (active * 2 * lanes * pace) if pace else 0.0
+        cycles_per_sample, latency = pace, float(fig["latency_cycles"])
         mode = "layer-pipelined inference"
     links = schedule.link_words()
     return Report(
@@ -181,7 +182,7 @@ def build_report(schedule: sched.Schedule) -> Report:
         total_cores=spec.cores,
         compute_utilization=float(min(util, 1.0)),
         peak_sram_bytes_per_core=int(fig["peak_sram_bytes"]),
-        sram_bytes_per_core=spec.sram_bytes_per_core,
+        sram_bytes_per_core=spec.data_bytes_per_core,
         max_link_words_per_sample=float(links.max() / batch) if links.size else 0.0,
         route_hops=int(fig["hops"]),
         clock_hz=float(spec.clock_hz),
