@@ -16,6 +16,16 @@ Passes: trace (compiler/trace.py) -> kernel graph (graph.py) -> placement (place
 
 from compiler.data import Batches, Prefetcher, prefetch
 from compiler.errors import UnsupportedOpError
+from compiler.frontend import (
+    MissingExtraError,
+    UnsupportedTorchOpError,
+    from_keras,
+    from_tf,
+    from_torch,
+    stateful,
+    to_keras,
+    to_torch,
+)
 from compiler.graph import KINDS, SUPPORTED_PRIMITIVES, Graph, Kernel, build_graph
 from compiler.host import NonFiniteLossError, fit, latest_checkpoint, restore_checkpoint, save_checkpoint
 from compiler.lower import Executable, PipelineRecord, compile
@@ -92,4 +102,12 @@ __all__ = [
     "random_search",
     "simulated_annealing",
     "compare_searches",
+    "from_torch",
+    "to_torch",
+    "from_keras",
+    "to_keras",
+    "from_tf",
+    "stateful",
+    "MissingExtraError",
+    "UnsupportedTorchOpError",
 ]
