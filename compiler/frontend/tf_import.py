@@ -62,7 +62,7 @@ def from_tf(tf_fn, *example_inputs, train: bool = False) -> tuple[Callable, dict
     jax_fn, variables = tf2jax.convert(target, *examples)
     trainable, state, consts = {}, {}, {}
     for name, v in variables.items():
-        x = jnp.asarray(np.asarray(v))
+        x = jnp.array(np.array(v))  # a copy: TF may update the variable in place
         if getattr(v, "trainable", True) and jnp.issubdtype(x.dtype, jnp.floating):
             trainable[name] = x
         elif jnp.issubdtype(x.dtype, jnp.floating):

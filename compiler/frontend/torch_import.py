@@ -114,8 +114,13 @@ def torch_dtype(dtype):
 
 
 def to_jax(t) -> jax.Array:
-    """A torch tensor as a JAX array (detached, on the CPU)."""
-    return jnp.asarray(t.detach().cpu().numpy(), dtype=jax_dtype(t.dtype))
+    """A torch tensor as a JAX array (detached, on the CPU), in memory of its own.
+
+    A copy, never a view: on the CPU `jnp.asarray` may alias the NumPy buffer that `Tensor.numpy()` shares with the
+    tensor, and torch updates buffers in place (a BatchNorm forward in train mode), under a JAX computation that
+    has been dispatched asynchronously and not yet read them.
+    """
+    return jnp.array(np.array(t.detach().cpu().numpy()), dtype=jax_dtype(t.dtype))
 
 
 # ---- params ----------------------------------------------------------------------------------------------------
@@ -179,7 +184,7 @@ def to_torch(module, params) -> Any:
             t = tensors[name]
             if tuple(x.shape) != tuple(t.shape):
                 raise ValueError(f"to_torch: {name!r} has shape {x.shape}, the module's is {tuple(t.shape)}")
-            t.copy_(torch.from_numpy(np.ascontiguousarray(x)).to(t.dtype))
+            t.copy_(torch.from_numpy(np.array(x)).to(t.dtype))  # a writable copy
     return module
 
 
@@ -543,7 +548,7 @@ def _max_pool(ctx, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=F
     init = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
     y = jax.lax.reduce_window(
         x,
-        jnp.array(init, x.dtype),
+        np.array(init, x.dtype),  # a concrete identity: JAX then uses reduce_window_max, which has a VJP
         jax.lax.max,
         (1,) * lead + k,
         (1,) * lead + s,
@@ -561,7 +566,7 @@ def _avg_pool(ctx, x, kernel_size, stride=(), padding=0, ceil_mode=False, count_
     lead = x.ndim - nd
     pads = [(0, 0)] * lead + [_pool_pads(x.shape[lead + i], k[i], s[i], p[i], 1, ceil_mode)[0] for i in range(nd)]
     window, strides = (1,) * lead + k, (1,) * lead + s
-    total = jax.lax.reduce_window(x, jnp.array(0, x.dtype), jax.lax.add, window, strides, pads)
+    total = jax.lax.reduce_window(x, np.array(0, x.dtype), jax.lax.add, window, strides, pads)
     if divisor:
         return total / divisor
     if count_include_pad:
@@ -569,11 +574,11 @@ def _avg_pool(ctx, x, kernel_size, stride=(), padding=0, ceil_mode=False, count_
         ones = jnp.pad(jnp.ones(x.shape[lead:], x.dtype), [(pp, pp) for pp in p])
         extra = [(0, 0)] + [(0, pads[lead + i][1] - p[i]) for i in range(nd)]
         count = jax.lax.reduce_window(
-            ones[None], jnp.array(0, x.dtype), jax.lax.add, (1, *k), (1, *s), [(a, max(b, 0)) for a, b in extra]
+            ones[None], np.array(0, x.dtype), jax.lax.add, (1, *k), (1, *s), [(a, max(b, 0)) for a, b in extra]
         )[0]
     else:
         count = jax.lax.reduce_window(
-            jnp.ones(x.shape[lead:], x.dtype), jnp.array(0, x.dtype), jax.lax.add, k, s, pads[lead:]
+            jnp.ones(x.shape[lead:], x.dtype), np.array(0, x.dtype), jax.lax.add, k, s, pads[lead:]
         )
     return total / count
 
