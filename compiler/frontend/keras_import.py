@@ -5,11 +5,13 @@ How: Keras 3 on the JAX backend computes with `jax.numpy`, and `model.stateless_
 *inputs, training=...)` runs the model on explicit variable values and returns `(outputs, new_non_trainable)`, so
 tracing it gives plain lax primitives (Keras' own `jit`-wrapped helpers are inlined by `trace`).
 
-Params: `{"params": {path: array}, "state": {path: array}}` keyed by each variable's `path` ("dense/kernel",
-"batch_normalization/moving_mean"): trainable variables in "params", float non-trainable ones (BatchNorm's moving
-statistics, weights of frozen layers) in "state". Keras' kernels are already in the wafer's layouts (Dense
-[in, out], Conv [*kernel, in, out]). The values are copied when imported: `model.predict`/`fit` donate the
-variables' buffers, so an array read from a variable can be deleted under us by a later Keras call.
+Params: `{"params": {name: array}, "state": {name: array}}` keyed by each variable's `path` with Keras'
+per-process layer numbering taken out and repeats numbered in model order ("dense/kernel", "dense/kernel#1",
+"batch_normalization/moving_mean"), so that two instances of one architecture share names: trainable variables
+in "params", float non-trainable ones (BatchNorm's moving statistics, weights of frozen layers) in "state".
+Keras' kernels are already in the wafer's layouts (Dense [in, out], Conv [*kernel, in, out]). The values are
+copied when imported: `model.predict`/`fit` donate the variables' buffers, so an array read from a variable can be
+deleted under us by a later Keras call.
 
 Random state: a Keras `SeedGenerator` keeps its state in an integer non-trainable variable. Those are not params:
 in train mode `fn(params, *inputs, rng=key)` derives each generator's state from `rng` (fold_in by generator), so
@@ -23,6 +25,7 @@ list argument (`fn(params, [a, b])`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import jax
@@ -44,11 +47,14 @@ def _keras():
 
 
 def _names(variables) -> list[str]:
-    """Unique names for variables: their paths, with "#i" added to a repeated path."""
+    """Names of variables that do not depend on how many layers this process has made before: each variable's
+    path with Keras' per-process numbering taken out of its parts ("dense_3/kernel" -> "dense/kernel"), and "#i"
+    added to the i-th repeat in model order ("dense/kernel#1"). Two instances of one architecture so share names,
+    which checkpoints and `to_keras` onto a freshly built model rely on."""
     seen: dict[str, int] = {}
     out = []
     for v in variables:
-        name = v.path
+        name = "/".join(re.sub(r"_\d+$", "", part) for part in v.path.split("/"))
         if name in seen:
             seen[name] += 1
             name = f"{name}#{seen[name]}"
