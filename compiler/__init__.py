@@ -27,7 +27,16 @@ from compiler.frontend import (
     to_torch,
 )
 from compiler.graph import KINDS, SUPPORTED_PRIMITIVES, Graph, Kernel, build_graph
-from compiler.host import NonFiniteLossError, fit, latest_checkpoint, restore_checkpoint, save_checkpoint
+from compiler.host import (
+    Estimator,
+    EstimatorSpec,
+    ModeKeys,
+    NonFiniteLossError,
+    fit,
+    latest_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from compiler.lower import Executable, PipelineRecord, compile
 from compiler.partition import KernelPlan, ParamTiling
 from compiler.place import (
@@ -110,4 +119,7 @@ __all__ = [
     "stateful",
     "MissingExtraError",
     "UnsupportedTorchOpError",
+    "Estimator",
+    "EstimatorSpec",
+    "ModeKeys",
 ]

@@ -82,6 +82,36 @@ def is_keras_model(obj) -> bool:
     return keras is not None and isinstance(obj, keras.layers.Layer)
 
 
+def is_framework_model(obj) -> bool:
+    """Whether `obj` is a torch module or a Keras model (what `as_function` imports)."""
+    return is_torch_module(obj) or is_keras_model(obj)
+
+
+def to_array(x):
+    """A torch or TF tensor as a NumPy array (torch: detached, on the CPU); anything else unchanged."""
+    root = type(x).__module__.split(".")[0]
+    if root == "torch" and hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    if root == "tensorflow" and hasattr(x, "numpy"):
+        return x.numpy()
+    return x
+
+
+def native_forward(obj, *inputs):
+    """`obj(*inputs)` run by its own framework on NumPy/JAX inputs (the reference an emulated run is checked
+    against): a torch module on torch tensors, under no_grad; a Keras model with training=False. Outputs as NumPy."""
+    import numpy as np
+
+    if is_torch_module(obj):
+        torch = _loaded("torch")
+        with torch.no_grad():
+            out = obj(*[torch.from_numpy(np.array(x)) for x in inputs])
+        return jax.tree_util.tree_map(to_array, out, is_leaf=lambda x: isinstance(x, torch.Tensor))
+    if is_keras_model(obj):
+        return jax.tree_util.tree_map(np.asarray, obj(*inputs, training=False))
+    raise TypeError(f"native_forward: {type(obj).__name__} is neither a torch module nor a Keras model")
+
+
 def _loaded(name):
     import sys
 
