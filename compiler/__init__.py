@@ -10,6 +10,11 @@ precision policies (precision.py). Research: the differentiable cost model (cost
 compiler.what_if (sweep.py), placement search (search.py), pictures (plots.py), traces (trace_export.py), the
 `wafer` command (cli.py).
 
+Frameworks (compiler/frontend/): compiler.from_torch / from_keras / from_tf give a plain JAX function and params
+(to_torch / to_keras put trained params back; stateful trains a model whose train-mode forward updates state);
+compile and trace accept a torch module or a Keras model directly. compiler.Estimator (host/estimator.py) is the
+TF / Cerebras Estimator programming model.
+
 Passes: trace (compiler/trace.py) -> kernel graph (graph.py) -> placement (place.py) -> partition (partition.py)
 -> routes (route.py) -> Executable (lower.py; per-core path in percore.py) -> report (report.py).
 """

@@ -148,7 +148,7 @@ def test_exact_gelu_and_a_torch_written_loss():
     """torch's exact GELU is erf-based (not the tanh approximation), and a loss written in torch imports too."""
     x = jnp.linspace(-4, 4, 101)
     fn, params = compiler.from_torch(torch.nn.GELU().eval())
-    ref = torch.nn.functional.gelu(torch.from_numpy(np.asarray(x))).numpy()
+    ref = torch.nn.functional.gelu(torch.tensor(np.asarray(x))).numpy()
     assert rel(fn(params, x), ref) < 1e-6
     loss_fn, lp = compiler.from_torch(torch.nn.CrossEntropyLoss(), train=False)  # (new modules are in train mode)
     logits = jax.random.normal(jax.random.key(0), (6, 4))
