@@ -3,76 +3,84 @@
     exe = compiler.compile(fn, params, *example_inputs, spec=wafer.WSE2)   # or compile(nnx_module, *inputs, spec=)
     state = exe.load(params)          # weights into their kernels' SRAM tiles
     out, state = exe(state, *inputs)  # emulated forward == fn(params, *inputs)
-    exe.report, exe.placement, exe.read_params(state)
+    exe.report, exe.placement, exe.read_params(state), exe.plan, compiler.estimate(exe, other_spec)
 
-Training: compiler.compile_train (train.py), the host loop compiler.fit with checkpoints (host.py, data.py),
-precision policies (precision.py). Research: the differentiable cost model (costmodel.py), compiler.sweep and
-compiler.what_if (sweep.py), placement search (search.py), pictures (plots.py), traces (trace_export.py), the
-`wafer` command (cli.py).
+The pipeline, top to bottom (docs/compiler.md has the diagram):
+  frontend/   trace (a flat jaxpr), precision policies, the kernel graph
+  plan/       the Plan and its passes: demands, place, partition, route, lay out
+  schedule.py every timing, from a plan and a spec, written once
+  run/        programs: inference (fast and per-core paths) and training (pipelined, weight streaming)
+  analysis/   the differentiable cost model (the schedule on a relaxed layout), sweeps, what-ifs, placement search
+  views/      the report, pictures, Perfetto traces
+  host/       the input pipeline and the training loop with checkpoints
+  cli.py      the `wafer` command
 
-Frameworks (compiler/frontend/): compiler.from_torch / from_keras / from_tf give a plain JAX function and params
-(to_torch / to_keras put trained params back; stateful trains a model whose train-mode forward updates state);
-compile and trace accept a torch module or a Keras model directly. compiler.Estimator (host/estimator.py) is the
-TF / Cerebras Estimator programming model.
-
-Passes: trace (compiler/trace.py) -> kernel graph (graph.py) -> placement (place.py) -> partition (partition.py)
--> routes (route.py) -> Executable (lower.py; per-core path in percore.py) -> report (report.py).
+Frameworks: compiler.from_torch / from_keras / from_tf (frontend/torch_import.py, keras_import.py, tf_import.py)
+give a plain JAX function and params; to_torch / to_keras put trained params back; stateful trains a model whose
+train-mode forward updates state (frontend/frameworks.py); compile and trace accept a torch module or a Keras model
+directly. compiler.Estimator (host/estimator.py) is the TF / Cerebras Estimator programming model.
 """
 
-from compiler.data import Batches, Prefetcher, prefetch
-from compiler.errors import UnsupportedOpError
-from compiler.frontend import (
-    MissingExtraError,
-    UnsupportedTorchOpError,
-    from_keras,
-    from_tf,
-    from_torch,
-    stateful,
-    to_keras,
-    to_torch,
+from compiler import schedule
+from compiler.analysis import costmodel
+from compiler.analysis.search import (
+    compare_searches,
+    gradient_placement,
+    random_search,
+    search_placement,
+    simulated_annealing,
 )
-from compiler.graph import KINDS, SUPPORTED_PRIMITIVES, Graph, Kernel, build_graph
-from compiler.host import (
-    Estimator,
-    EstimatorSpec,
-    ModeKeys,
-    NonFiniteLossError,
-    fit,
-    latest_checkpoint,
-    restore_checkpoint,
-    save_checkpoint,
-)
-from compiler.lower import Executable, PipelineRecord, compile
-from compiler.partition import KernelPlan, ParamTiling
-from compiler.place import (
+from compiler.analysis.sweep import pareto_front, sweep, what_if
+from compiler.errors import CompilerError, PlacementError, RouteError, UnsupportedOpError
+from compiler.frontend.frameworks import MissingExtraError, stateful
+from compiler.frontend.graph import KINDS, SUPPORTED_PRIMITIVES, Graph, Kernel, build_graph
+from compiler.frontend.keras_import import from_keras, to_keras
+from compiler.frontend.precision import Policy, apply_policy, round_cb16
+from compiler.frontend.tf_import import from_tf
+from compiler.frontend.torch_import import UnsupportedTorchOpError, from_torch, to_torch
+from compiler.frontend.trace import Traced, split_module, trace
+from compiler.host.data import Batches, Prefetcher, prefetch
+from compiler.host.estimator import Estimator, EstimatorSpec, ModeKeys
+from compiler.host.fit import NonFiniteLossError, fit, latest_checkpoint, restore_checkpoint, save_checkpoint
+from compiler.plan import Plan, Storage
+from compiler.plan.legalise import legalise
+from compiler.plan.partition import KernelPlan, ParamTiling
+from compiler.plan.place import (
     KernelDemand,
-    PlacementError,
     PlacementParams,
     balanced_bound,
-    pipeline_cycles,
     place,
     usable_region,
     validate_placement,
 )
-from compiler.precision import Policy, apply_policy, round_cb16
-from compiler.report import KernelRow, Report
-from compiler.route import HOST, RouteError, Routes, route
-from compiler.search import compare_searches, gradient_placement, random_search, search_placement, simulated_annealing
+from compiler.plan.route import HOST, Routes, route
+from compiler.run.infer import compile
+from compiler.run.program import Program
+from compiler.run.train import TrainState, compile_train
+from compiler.views import plots, sweep_plots, trace_export
+from compiler.views.report import KernelRow, Report, estimate
 
-# Bound last: `compiler.sweep` is the function (DESIGN.md's API); the module stays importable as compiler.sweep
-# through `from compiler.sweep import ...`.
-from compiler.sweep import pareto_front, sweep, what_if  # noqa: E402, I001
-from compiler.trace import Traced, split_module, trace
-from compiler.train import Trainer, TrainState, compile_train
+# The names of the programs compile and compile_train return, as earlier releases named them.
+Executable = Trainer = Program
 
 __all__ = [
+    "compile",
+    "compile_train",
+    "estimate",
+    "Program",
+    "Executable",
+    "Trainer",
+    "TrainState",
+    "Plan",
+    "Storage",
+    "schedule",
     "Policy",
     "apply_policy",
     "round_cb16",
-    "compile",
-    "Executable",
-    "PipelineRecord",
+    "CompilerError",
     "UnsupportedOpError",
+    "PlacementError",
+    "RouteError",
     "trace",
     "Traced",
     "split_module",
@@ -83,23 +91,18 @@ __all__ = [
     "SUPPORTED_PRIMITIVES",
     "KernelDemand",
     "PlacementParams",
-    "PlacementError",
     "place",
     "validate_placement",
     "balanced_bound",
-    "pipeline_cycles",
     "usable_region",
+    "legalise",
     "route",
     "Routes",
-    "RouteError",
     "HOST",
     "KernelPlan",
     "ParamTiling",
     "Report",
     "KernelRow",
-    "compile_train",
-    "Trainer",
-    "TrainState",
     "Batches",
     "Prefetcher",
     "prefetch",
@@ -116,6 +119,10 @@ __all__ = [
     "random_search",
     "simulated_annealing",
     "compare_searches",
+    "costmodel",
+    "plots",
+    "sweep_plots",
+    "trace_export",
     "from_torch",
     "to_torch",
     "from_keras",

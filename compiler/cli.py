@@ -4,6 +4,7 @@
     wafer compile MODULE:FACTORY [--preset wse2] [--validate-only | --compile-only] [--params params.yaml] [--out DIR]
     wafer train MODULE:FACTORY --mode train|eval|train_and_eval --model-dir DIR --max-steps N [--preset ...]
     wafer sweep ...
+    wafer validate [CASE ...] [--execute small|all|none] [--tolerance REL]
 
 MODULE:FACTORY names a callable in an importable module (`compiler.examples:mlp`) or in a file
 (`path/to/model.py:make`); it returns a dict describing the program (the factory contract, in
@@ -125,7 +126,7 @@ def make_spec(preset: str, rows: int | None = None, cols: int | None = None, ove
 
 
 def make_placement_params(section: dict):
-    from compiler.place import PlacementParams
+    from compiler.plan.place import PlacementParams
 
     fields = [f.name for f in dataclasses.fields(PlacementParams)]
     unknown = [k for k in section if k not in fields]
@@ -335,29 +336,27 @@ def compile_program(prog: Program, spec, placement, execution: str = "auto"):
 
 def validate(prog: Program, spec, placement, execution: str = "auto") -> str:
     """Trace, build the kernel graph, place, partition and lay out SRAM (no lowering); a summary."""
-    import compiler
-    from compiler.lower import lay_out
+    from compiler import plan as planning
 
     if prog.kind == "train":
-        tx = compile_program(prog, spec, placement, execution)  # its layout: slots for gradients and optimizer
-        graph, rects, plans, memory, mode = tx.graph, tx.placement, tx.plans, tx.memory, f"{tx.mode} training"
+        plan = compile_program(prog, spec, placement, execution).plan  # its layout: gradient and optimizer slots
     else:
-        traced = compiler.trace(*prog.forward_args())
-        graph = compiler.build_graph(traced)
-        rects, plans, _, memory = lay_out(traced, graph, spec, None, placement)
-        mode = "layer-pipelined inference"
-    occ = memory.occupancy()
+        plan = planning.build(planning.trace_program(*prog.forward_args(), spec=spec, placement_params=placement))
+    streaming = plan.mode == "weight_streaming"
+    mode = f"{plan.mode} training" if plan.task == "training" else "layer-pipelined inference"
+    occ = plan.memory.occupancy()
     kinds: dict[str, int] = {}
-    for k in graph.kernels:
+    for k in plan.graph.kernels:
         kinds[k.kind] = kinds.get(k.kind, 0) + 1
-    cores = sum(p.cores for p in plans.values()) if "streaming" not in mode else max(p.cores for p in plans.values())
+    plans = plan.kernels
+    cores = max(p.cores for p in plans.values()) if streaming else sum(p.cores for p in plans.values())
     lines = [
-        f"validated {prog.target} for {mode} on {spec.name}: {len(graph.kernels)} kernels "
+        f"validated {prog.target} for {mode} on {spec.name}: {len(plan.graph.kernels)} kernels "
         f"({', '.join(f'{n} {k}' for k, n in kinds.items())})",
         f"{'kernel':<16}{'kind':<12}{'rectangle':<20}{'cores':>9}{'SRAM B/core':>13}",
     ]
     for name, p in plans.items():
-        lines.append(f"{name:<16}{p.kind:<12}{str(rects[name]):<20}{p.cores:>9,}{p.sram_bytes:>13,}")
+        lines.append(f"{name:<16}{p.kind:<12}{str(plan.placement[name]):<20}{p.cores:>9,}{p.sram_bytes:>13,}")
     lines += [
         f"cores in use     {cores:,} of {spec.cores:,}",
         f"peak SRAM        {int(occ.max()):,} of {spec.sram_bytes_per_core:,} bytes per core",
@@ -368,8 +367,8 @@ def validate(prog: Program, spec, placement, execution: str = "auto") -> str:
 
 def write_outputs(prog_or_target, compiled, out_dir, state=None, *, pictures: bool = True) -> list[str]:
     """report.json, report.txt, trace.json and the pictures of a compiled program into `out_dir`."""
-    from compiler import plots
-    from compiler.trace_export import chrome_trace
+    from compiler.views import plots
+    from compiler.views.trace_export import chrome_trace
 
     os.makedirs(out_dir, exist_ok=True)
     report = compiled.report
@@ -594,9 +593,9 @@ def cmd_sweep(args) -> int:
     """Sweep PlacementParams knobs x spec figures for a forward program with the batched cost model."""
     import dataclasses
 
-    from compiler.place import PlacementParams
-    from compiler.sweep import sweep
-    from compiler.sweep_plots import sweep_figures
+    from compiler.analysis.sweep import sweep
+    from compiler.plan.place import PlacementParams
+    from compiler.views.sweep_plots import sweep_figures
 
     params, spec, placement, prog = _setup(args)
     if prog.kind == "train":
@@ -627,6 +626,14 @@ def cmd_sweep(args) -> int:
     print(f"\nbest: {', '.join(f'{k}={best[k]}' for k in swept)}: {best['samples_per_s']:,.0f} samples/s")
     print(f"wrote {len(df)} points: {', '.join(os.path.basename(p) for p in written)} to {args.out}")
     return 0
+
+
+def cmd_validate(args) -> int:
+    """`wafer validate`: the table of wafer.validation; exit 1 when a case is outside its tolerance."""
+    from wafer import validation
+
+    tolerance = [] if args.tolerance is None else ["--tolerance", str(args.tolerance)]
+    return validation.main([*args.cases, "--execute", args.execute, *tolerance])
 
 
 # ---- the parser ----------------------------------------------------------------------------------------------------
@@ -702,6 +709,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/sweep", metavar="DIR", help="sweep.csv and the pictures (out/sweep)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_sweep)
+
+    p = sub.add_parser(
+        "validate", parents=[common], help="calibration cases: predicted vs published figures (docs/fidelity.md)"
+    )
+    p.add_argument("cases", nargs="*", metavar="CASE", help="case names or prefixes (default: every case)")
+    p.add_argument("--execute", choices=("small", "all", "none"), default="small", help="run data: small (default)")
+    p.add_argument("--tolerance", type=float, metavar="REL", help="override every case's tolerance (default 0.1)")
+    p.set_defaults(run=cmd_validate)
     return parser
 
 
@@ -723,7 +738,9 @@ def main(argv=None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
-            raise CLIError("no command given; the commands are info, compile, train, sweep (see 'wafer --help')", 2)
+            raise CLIError(
+                "no command given; the commands are info, compile, train, sweep, validate (see 'wafer --help')", 2
+            )
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         if debug:

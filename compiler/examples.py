@@ -200,7 +200,7 @@ def digits(
     Returns the training contract: loss_fn (softmax cross-entropy), params, an example batch, an Adam optimizer,
     the training batches, the held-out batches and eval_fn(params) -> {"accuracy": ...} on the held-out images.
     """
-    from compiler.data import Batches
+    from compiler.host.data import Batches
 
     x, y = load_digits()
     x = (x / 16.0).astype(np.float32)

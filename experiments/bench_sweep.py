@@ -1,7 +1,7 @@
 """Benchmark: placements evaluated per second by the batched cost model, and through the emulator for scale.
 
 The program is a 24-kernel MLP (784 -> 23 x Dense(1024, relu) -> Dense(10), batch 64) compiled onto WSE-2. Its
-cost-model features are extracted once; then `compiler.sweep.evaluate` (a jitted `jax.vmap(costmodel.predict)`,
+cost-model features are extracted once; then `compiler.analysis.sweep.evaluate` (a jitted `jax.vmap(costmodel.predict)`,
 called on chunks of 8,192 placements) scores batches of 65,536 random placements (sides 1-64 cores, corners on the
 grid). Compilation is timed apart; the rate is the median of the timed repeats, each ended when its results are on
 the host (samples/s, bottleneck, latency, cores and peak SRAM of every placement).
@@ -30,8 +30,9 @@ import numpy as np
 import compiler
 import wafer
 from compiler import costmodel as cm
-from compiler.search import legalise, placement_problem
-from compiler.sweep import placements_per_second
+from compiler.analysis.search import placement_problem
+from compiler.analysis.sweep import placements_per_second
+from compiler.plan.legalise import legalise
 
 
 class MLP(nn.Module):

@@ -1,5 +1,6 @@
 """Placement search on WSE-2: gradient descent on the relaxed cost model against random search and simulated
-annealing, at equal evaluation budgets (compiler/search.py describes the methods, the legaliser and the budget).
+annealing, at equal evaluation budgets (compiler/analysis/search.py describes the methods, the legaliser and the
+budget).
 
 Models (layer-pipelined inference on the full WSE-2, 757 x 996 cores less the 5 host-I/O columns):
   mlp          784-8192-8192-8192-8192-10 MLP (relu), batch 64: 214M parameters, 5 kernels
@@ -13,7 +14,7 @@ best legal placement, scored by the exact cost model, as a fraction of the balan
 busy on an equal share of the one-core work). Every best placement is compiled with `compiler.compile(...,
 placement=...)`, and its report's samples/s checked against the search's prediction (the run fails beyond 2%).
 Wall times exclude the one-off XLA compile of the gradient step (a warm-up run, reported apart). Every method's
-legalisations are tile-grid snapped (compiler/search.py): without it all three stalled near 52% on the CNN, whose
+legalisations are tile-grid snapped (compiler/plan/legalise.py): without it all three stalled near 52% on the CNN, whose
 convs speed up only at whole multiples of their tile grids.
 
     python experiments/placement_search.py                  # budget 300 evaluations per method
@@ -31,8 +32,14 @@ import jax.numpy as jnp
 
 import compiler
 import wafer
+from compiler.analysis.search import (
+    METHODS,
+    gradient_placement,
+    heuristic_placement,
+    placement_problem,
+    search_placement,
+)
 from compiler.examples import MLP, VGG, Transformer
-from compiler.search import METHODS, gradient_placement, heuristic_placement, placement_problem, search_placement
 
 MODELS = {
     "mlp": (lambda: MLP((8192, 8192, 8192, 8192, 10)), (64, 784)),

@@ -1,10 +1,10 @@
 """Sweep placement knobs x hardware figures x model sizes with the batched cost model, and plot the results.
 
-`compiler.sweep.sweep` evaluates every combination (compiler.place on the host per placement point, the hardware
+`compiler.sweep` evaluates every combination (compiler.place on the host per placement point, the hardware
 leaves vmapped, static figures such as SRAM per core in an outer loop) and returns one DataFrame row per point;
 this script saves it as CSV, draws throughput against each swept parameter, the Pareto fronts of throughput
 against cores used and against peak SRAM per core, and maps of the best and worst placements
-(`compiler.sweep_plots`), then asks `compiler.sweep.what_if` what would most speed up the middle model size.
+(`compiler.sweep_plots`), then asks `compiler.what_if` what would most speed up the middle model size.
 
 Models (sizes are the swept widths):
   mlp          784 -> width -> width -> width -> 10 (relu), batch 64; sizes = width
@@ -30,8 +30,8 @@ import pandas as pd
 import compiler
 import wafer
 from compiler import sweep_plots
+from compiler.analysis.sweep import sweep, what_if
 from compiler.examples import MLP, VGG, Transformer
-from compiler.sweep import sweep, what_if
 
 
 def make_model(name: str):

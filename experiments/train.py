@@ -302,7 +302,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help=f"learning rate (default per optimizer: {OPTIMIZERS})")
     p.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
     p.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
-    p.add_argument("--mode", choices=compiler.train.MODES, default="auto", help="execution mode (default auto)")
+    p.add_argument("--mode", choices=compiler.run.train.MODES, default="auto", help="execution mode (default auto)")
     p.add_argument("--eval-every", type=int, default=50, help="steps between test evaluations (default 50)")
     p.add_argument("--checkpoint-dir", default=None, help="keep orbax checkpoints here, and resume from them")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")

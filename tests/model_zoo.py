@@ -4,7 +4,7 @@
 runs as `fn(*inputs)` (the compiler splits it). Shapes are small (batch 2-4, widths 8-32) and include uneven sizes
 (10, 13) on purpose, so partitioning must pad. Everything is deterministic: values come from fixed NumPy seeds.
 
-`MODELS` maps a name to its factory; `EXPECTED_KINDS` gives the kernel kinds `compiler.graph.build_graph` should
+`MODELS` maps a name to its factory; `EXPECTED_KINDS` gives the kernel kinds `compiler.build_graph` should
 produce, in order.
 """
 

@@ -2,13 +2,24 @@
 
 A machine, not a model library: a spec (`WaferSpec`, presets `WSE1`, `WSE2`, `WSE3`), a state (`WaferState`:
 SRAM segmented by allocation, link and compute counters, the clock), an SRAM allocator, fabric primitives
-(shift, multicast, reduce, halo exchange), per-core programs (`map_cores`) and one set of cost rules
-(`wafer.cost`). Research code can program it directly; the `compiler` package builds on it.
+(shift, multicast, reduce and allreduce in several patterns, all-to-all, halo exchange), per-core programs
+(`map_cores`) and one set of cost rules (`wafer.cost`). Research code can program it directly; the `compiler`
+package builds on it.
 """
 
 from wafer import cost, fabric, kernel, mesh
 from wafer.errors import SramCapacityError, UnsupportedPrimitiveError, WaferError
-from wafer.fabric import DIRECTIONS, Traffic, halo_exchange, multicast, reduce, shift
+from wafer.fabric import (
+    DIRECTIONS,
+    Traffic,
+    all_to_all,
+    allreduce,
+    halo_exchange,
+    multicast,
+    reduce,
+    reduce_adds,
+    shift,
+)
 from wafer.kernel import KernelCost, map_cores
 from wafer.memory import Allocation, MemoryMap, Rect
 from wafer.mesh import make_mesh, shard
@@ -33,6 +44,9 @@ __all__ = [
     "shift",
     "multicast",
     "reduce",
+    "allreduce",
+    "reduce_adds",
+    "all_to_all",
     "halo_exchange",
     "KernelCost",
     "UnsupportedPrimitiveError",

@@ -59,14 +59,16 @@ def compute_cycles(spec, counts: Mapping[tuple[str, str], float]):
     return total
 
 
-def sram_cycles(spec, read_bytes, write_bytes):
-    """Cycles to stream a kernel's operands out of and results into one core's SRAM."""
+def sram_cycles(spec, read_bytes, write_bytes, *, maximum=maximum):
+    """Cycles to stream a kernel's operands out of and results into one core's SRAM.
+
+    `maximum`: the max to use (a caller relaxing the rules for gradients passes a smooth one)."""
     return maximum(read_bytes / spec.sram_read_bytes_per_cycle, write_bytes / spec.sram_write_bytes_per_cycle)
 
 
-def kernel_cycles(spec, counts, read_bytes, write_bytes):
+def kernel_cycles(spec, counts, read_bytes, write_bytes, *, maximum=maximum):
     """Cycles of one per-core program: arithmetic and SRAM streaming overlap, the slower one bounds."""
-    return maximum(compute_cycles(spec, counts), sram_cycles(spec, read_bytes, write_bytes))
+    return maximum(compute_cycles(spec, counts), sram_cycles(spec, read_bytes, write_bytes, maximum=maximum))
 
 
 def transfer_cycles(spec, link_words, hops):
@@ -74,7 +76,7 @@ def transfer_cycles(spec, link_words, hops):
     return link_words * (WORD_BITS / spec.link_bits_per_cycle) + hops * spec.hop_latency_cycles
 
 
-def superstep_cycles(spec, compute, comm):
+def superstep_cycles(spec, compute, comm, *, maximum=maximum):
     """A superstep's cycles from its slowest core's compute and its communication."""
     return maximum(compute, comm) if spec.overlap else compute + comm
 

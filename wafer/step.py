@@ -33,13 +33,7 @@ class Superstep:
         """Compute cycles per core, [rows, cols] (kernels sharing a core add up)."""
         rows = spec.rows if rows is None else rows
         cols = spec.cols if cols is None else cols
-        out = np.zeros((rows, cols))
-        for k in self.kernels:
-            mask = np.zeros((rows, cols))
-            m = 1.0 if k.mask is None else k.mask
-            mask[k.rect.rows, k.rect.cols] = m
-            out = out + k.cycles(spec) * mask
-        return out
+        return paint(rows, cols, [(k.rect, k.cycles(spec), k.mask) for k in self.kernels])
 
     def compute_cycles(self, spec):
         """Cycles of the slowest core's compute."""
@@ -80,6 +74,22 @@ class Superstep:
 
     def __or__(self, other: Superstep) -> Superstep:
         return Superstep(self.kernels + other.kernels, self.traffic | other.traffic)
+
+
+def paint(rows: int, cols: int, items) -> np.ndarray:
+    """A [rows, cols] map of per-core values: `value` on every core of `rect` (where `mask` [h, w] is set, if
+    given), summed where rectangles overlap. Values may be JAX tracers (a spec passed through jit or grad); the map
+    is then a JAX array.
+
+    Args:
+      items: (rect, value, mask or None) triples.
+    """
+    out = np.zeros((rows, cols))
+    for rect, value, mask in items:
+        m = np.zeros((rows, cols))
+        m[rect.rows, rect.cols] = 1.0 if mask is None else mask
+        out = out + value * m
+    return out
 
 
 def superstep(*parts) -> Superstep:

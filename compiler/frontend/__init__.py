@@ -1,27 +1,8 @@
-"""frontend: programs of other frameworks as plain JAX functions and params (the compiler's entry side).
+"""The front end: a user's program as a flat jaxpr (trace.py), under a precision policy (precision.py), grouped
+into kernels (graph.py). What comes out, a `Traced` program and its `Graph`, is what the plan passes read.
 
-    fn, params = compiler.from_torch(module)          # torch.nn.Module, eval or train mode (torch_import.py)
-    fn, params = compiler.from_keras(model)           # Keras 3 on the JAX backend (keras_import.py)
-    fn, params = compiler.from_tf(tf_fn, *inputs)     # tf.function or TF-backend Keras model (tf_import.py)
-    compiler.to_torch(module, params); compiler.to_keras(model, params)   # trained params back
-
-Each framework is an optional extra; a missing one raises `MissingExtraError` naming the extra and the pip command.
-frameworks.py holds what they share: the dispatcher `trace()` uses and `stateful` for training with state.
-"""
-
-from compiler.frontend.frameworks import MissingExtraError, as_function, stateful
-from compiler.frontend.keras_import import from_keras, to_keras
-from compiler.frontend.tf_import import from_tf
-from compiler.frontend.torch_import import UnsupportedTorchOpError, from_torch, to_torch
-
-__all__ = [
-    "MissingExtraError",
-    "UnsupportedTorchOpError",
-    "as_function",
-    "stateful",
-    "from_torch",
-    "to_torch",
-    "from_keras",
-    "to_keras",
-    "from_tf",
-]
+Programs of other frameworks enter as plain JAX functions and params through the importers: torch_import.py
+(`from_torch`, `to_torch`: torch.export -> core ATen -> lax), keras_import.py (`from_keras`, `to_keras`: Keras 3's
+`stateless_call`), tf_import.py (`from_tf`: tf2jax); frameworks.py holds what they share (the dispatcher `trace()`
+uses for a torch module or Keras model, `MissingExtraError`, and `stateful` for training with state).
+docs/frameworks.md says what is and is not supported."""

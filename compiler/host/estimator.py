@@ -101,7 +101,7 @@ def _import(model, *, train: bool):
     from flax import nnx
 
     if isinstance(model, nnx.Module):
-        from compiler.trace import split_module
+        from compiler.frontend.trace import split_module
 
         fn, params = split_module(model)
         return fn, params, False
@@ -135,20 +135,22 @@ def _arrays(tree):
 
 
 class _Stream:
-    """An input_fn as the training loop's batches: `iterate(start, stop)` runs input_fn anew (as TF's Estimator
-    does on every train call) and gives each batch the PRNG key of its global step."""
+    """An input_fn as the training loop's batches, started at global step `start`.
 
-    def __init__(self, make: Callable[[], Any], seed: int):
-        self.make, self.seed = make, seed
+    TF's Estimator runs input_fn anew on every train call. `compiler.fit` replays a plain iterable from its start
+    and skips the steps already taken (so that a resumed run sees the batches it would have seen); this iterable
+    therefore gives `start` placeholders for fit to skip, then input_fn's batches from its beginning, each with the
+    PRNG key of its global step.
+    """
 
-    def iterate(self, start: int = 0, stop: int | None = None) -> Iterator:
-        step = start
-        for item in self.make():
-            if stop is not None and step >= stop:
-                return
+    def __init__(self, make: Callable[[], Any], seed: int, start: int):
+        self.make, self.seed, self.start = make, seed, start
+
+    def __iter__(self) -> Iterator:
+        yield from (None for _ in range(self.start))
+        for step, item in enumerate(self.make(), self.start):
             features, labels = _split(item)
             yield {"features": features, "labels": labels, "rng": np.array([self.seed, step], np.uint32)}
-            step += 1
 
 
 class Estimator:
@@ -229,7 +231,7 @@ class Estimator:
         _, history = fit(
             tx,
             tx.init(params0),
-            _Stream(make, self.seed),
+            _Stream(make, self.seed, done),
             steps=total,
             checkpoint_dir=self.checkpoint_dir,
             checkpoint_every=self.checkpoint_every,

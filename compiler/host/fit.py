@@ -39,7 +39,7 @@ import jax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from compiler.data import prefetch
+from compiler.host.data import Batches, prefetch
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -142,27 +142,24 @@ def restore_checkpoint(directory, like, *, step: int | None = None) -> tuple[Any
 
 
 def _batches(train_batches, start: int, stop: int) -> Iterable:
-    if hasattr(train_batches, "iterate"):  # random access (Batches): start where the run left off
+    if isinstance(train_batches, Batches):  # random access: start where the run left off
         return train_batches.iterate(start, stop)
     return itertools.islice(iter(train_batches), start, stop)  # replay a plain iterable up to the same place
 
 
 def _describe(train_batches):
-    describe = getattr(train_batches, "describe", None)
-    return describe() if callable(describe) else None
+    return train_batches.describe() if isinstance(train_batches, Batches) else None
 
 
 def _header(tx) -> str:
     spec, report = tx.spec, tx.report
     line = f"training on {spec.name} ({report.mode}), batch {report.batch}: "
     line += f"predicted {report.samples_per_s:,.0f} samples/s"
-    record = getattr(tx, "record", None)
-    if record is not None:
-        io, cycles = float(record.io_cycles(spec)), float(record.cycles(spec))
-        line += (
-            f"\n  each batch streams in over the edge I/O in {io:,.0f} of the step's {cycles:,.0f} cycles "
-            f"({100 * io / cycles:.1f}%); a step is {report.bound}-bound"
-        )
+    io, cycles = report.io_cycles_per_step, report.latency_cycles
+    line += (
+        f"\n  each batch streams in over the edge I/O in {io:,.0f} of the step's {cycles:,.0f} cycles "
+        f"({100 * io / cycles:.1f}%); a step is {report.bound}-bound"
+    )
     return line
 
 

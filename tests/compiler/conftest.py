@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from model_zoo import MODELS, Case
 
-from compiler.graph import Graph, build_graph
-from compiler.trace import Traced, trace
+from compiler.frontend.graph import Graph, build_graph
+from compiler.frontend.trace import Traced, trace
 
 
 @pytest.fixture(scope="session")

@@ -141,9 +141,9 @@ def test_per_core_kernels_move_words_inside_their_rectangle(ran, name):
     links = np.asarray(state.links).sum(axis=0)
     n = 0
     for plan in exe.plans.values():
-        anchor, widx = compiler.partition.anchor_weight(exe.graph.kernel(plan.name), exe.traced)
+        anchor, widx = compiler.plan.partition.anchor_weight(exe.graph.kernel(plan.name), exe.traced)
         tiling = next((t for t in plan.params if t.index == widx), None)
-        if compiler.partition.per_core_kind(anchor, tiling) is None:
+        if compiler.plan.partition.per_core_kind(anchor, tiling) is None:
             continue
         n += 1
         r = plan.rect
@@ -163,7 +163,7 @@ def test_busy_exactly_on_kernel_grids(ran, name):
     np.testing.assert_array_equal(busy > 0, grids)
     for plan in exe.plans.values():
         g = _grid_rect(plan)
-        np.testing.assert_allclose(busy[g.rows, g.cols], float(plan.compute_cycles(SPEC)), rtol=1e-6)
+        np.testing.assert_allclose(busy[g.rows, g.cols], exe.schedule.kernel(plan.name)["compute"], rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["mlp", "lenet", "decoder_lm"])
@@ -171,7 +171,7 @@ def test_charge_in_box_equals_wafer_charge(ran, name):
     """The executables charge only the bounding box of the cores a call uses; the counters are wafer.charge's."""
     _, exe, _, state = ran(name, "fast")  # counters already nonzero
     want = wafer.charge(state, SPEC, exe.record)
-    got = jax.jit(compiler.lower.charge_in_box, static_argnums=(1, 2))(state, SPEC, exe.record)
+    got = jax.jit(compiler.run.program.charge, static_argnums=(1, 2))(state, SPEC, exe.record)
     for a, b in ((got.links, want.links), (got.busy, want.busy), (got.clock, want.clock), (got.steps, want.steps)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -247,7 +247,8 @@ def test_input_gradient_equals_native(compiled, name, path):
     state = load(exe, case)
     loss = lambda y: jnp.sum(jnp.sin(y) * y)
     x = case.inputs[0]
-    got = jax.jit(jax.grad(lambda x: loss(exe.apply(state, x, path=path)[0])))(x)
+    step = exe.apply if path == "fast" else exe.per_core  # (state, *inputs) -> (state, out)
+    got = jax.jit(jax.grad(lambda x: loss(step(state, x)[1])))(x)
     want = jax.grad(lambda x: loss(case.fn(case.params, x)))(x)
     assert float(jnp.max(jnp.abs(want))) > 0
     assert_close(got, want)
@@ -276,7 +277,7 @@ def test_forward_does_not_retrace(compiled):
 
 
 def test_per_core_does_not_retrace(compiled, monkeypatch):
-    import compiler.percore as percore
+    import compiler.run.percore as percore
 
     case, exe = compiled("lenet")
     calls = []

@@ -14,8 +14,8 @@ from model_zoo import EXPECTED_KINDS, MODELS
 
 import wafer
 from compiler.errors import UnsupportedOpError
-from compiler.graph import KINDS, SUPPORTED_PRIMITIVES, Graph, Kernel, build_graph, nbytes
-from compiler.trace import trace
+from compiler.frontend.graph import KINDS, SUPPORTED_PRIMITIVES, Graph, Kernel, build_graph, nbytes
+from compiler.frontend.trace import trace
 
 SEQUENTIAL = ("mlp", "lenet", "resnet_block", "depthwise", "rmsnorm", "nnx_mlp", "rnn")
 

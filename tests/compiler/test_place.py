@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 
 import wafer
-from compiler.place import (
+from compiler.plan.place import (
     KernelDemand,
     PlacementError,
     PlacementParams,
     balanced_bound,
-    pipeline_cycles,
     place,
     usable_region,
     validate_placement,
@@ -19,6 +18,17 @@ from compiler.place import (
 from wafer.memory import Rect
 
 NO_IO = PlacementParams(reserve_io_columns=False)
+
+
+def pipeline_cycles(demands, placement) -> dict[str, float]:
+    """The balance oracle of these tests: each kernel's work over its cores (no more than its max_cores)."""
+    out = {}
+    for d in demands:
+        if d.name not in placement:
+            raise PlacementError(f"kernel {d.name!r} is not in the placement", d.name)
+        cores = Rect(*placement[d.name]).cores
+        out[d.name] = float(d.work) / (cores if d.max_cores is None else min(cores, d.max_cores))
+    return out
 
 
 def equal(n, work=1.0, **kw):

@@ -14,7 +14,7 @@ from matplotlib.image import imread
 import compiler
 import wafer
 from compiler import examples, plots
-from compiler.trace_export import chrome_trace
+from compiler.views.trace_export import chrome_trace
 
 MINI = wafer.WaferSpec.mini(16, 16)
 
@@ -196,7 +196,7 @@ def test_inference_trace_follows_the_pipeline(mini, tmp_path):
     first = []
     for name in exe.placement:
         samples = [e for e in _spans(trace) if e["tid"] == tids[name] and e["cat"] == "sample"]
-        assert len(samples) == 2 * rec.batch
+        assert len(samples) == 2 * exe.plan.batch
         first.append(samples[0])
         parts = {e["cat"] for e in _spans(trace) if e["tid"] == tids[name]}
         assert {"compute", "sample"} <= parts

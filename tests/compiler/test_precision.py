@@ -19,8 +19,8 @@ from sklearn.datasets import load_digits
 
 import compiler
 import wafer
-from compiler import precision as P
-from compiler.trace import split_module
+from compiler.frontend import precision as P
+from compiler.frontend.trace import split_module
 from wafer import cost
 
 POLICIES = [P.FP16, P.BF16, P.CB16]
@@ -350,9 +350,11 @@ def test_compiled_sram_halves_and_matmuls_run_mixed(compiled, name):
         assert k16.weight_bytes_per_core * 2 == k32.weight_bytes_per_core
         assert k16.act_bytes_per_core * 2 == k32.act_bytes_per_core
         assert k16.compute_cycles_per_sample < k32.compute_cycles_per_sample
-    for n in ref.plans:
-        c32, c16 = ref.plans[n].counts, exe.plans[n].counts
-        assert c16[("fmac", "mixed")] == c32[("fmac", "fp32")] and ("fmac", "fp32") not in c16
+    keys = ref.plan.features.keys
+    for i in range(len(ref.plan.names)):
+        c32 = dict(zip(keys, ref.schedule.kernels["counts"][i]))  # per-core counts of each kernel
+        c16 = dict(zip(keys, exe.schedule.kernels["counts"][i]))
+        assert c16[("fmac", "mixed")] == c32[("fmac", "fp32")] and c16[("fmac", "fp32")] == 0
         assert {k: v for k, v in c16.items() if k[0] != "fmac"} == {k: v for k, v in c32.items() if k[0] != "fmac"}
         fmac32 = cost.compute_cycles(SPEC, {("fmac", "fp32"): c32[("fmac", "fp32")]})
         fmac16 = cost.compute_cycles(SPEC, {("fmac", "mixed"): c16[("fmac", "mixed")]})
@@ -478,7 +480,8 @@ def test_training_sram_and_cycles_under_a_policy():
         )
         for name, pol in [("fp32", None), ("bf16", P.BF16)]
     }
-    assert [2 * b for b in streams["bf16"].record.stream_bytes] == list(streams["fp32"].record.stream_bytes)
+    stream_bytes = {name: list(tx.plan.features.stream_bytes) for name, tx in streams.items()}
+    assert [2 * b for b in stream_bytes["bf16"]] == stream_bytes["fp32"]
     _, metrics = streams["bf16"].step(streams["bf16"].init(params), batches[0])
     _, want = txs["bf16"].step(txs["bf16"].init(params), batches[0])
     assert float(metrics["loss"]) == float(want["loss"])

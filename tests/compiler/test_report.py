@@ -172,15 +172,16 @@ def test_report_matches_hand_computation(two_layer):
         "dense_1": _hand_dense(spec, H, N, (4, 1), B, alu_ops=1),  # bias add
     }
     for name, h in hand.items():
-        plan, row = exe.plans[name], report.kernel(name)
+        plan, row, k = exe.plans[name], report.kernel(name), exe.schedule.kernel(name)
         assert plan.grid == (HAND[name][2], HAND[name][3])
-        # the plan's figures through the cost rules
-        assert float(plan.compute_cycles(spec)) == h["compute"]
-        assert float(cost.kernel_cycles(spec, plan.counts, plan.read_bytes, plan.write_bytes)) == h["compute"]
-        assert float(plan.comm_cycles(spec)) == h["comm"]
-        assert float(plan.cycles(spec)) == h["cycles"]
+        # the schedule's figures of the kernel
+        assert k["compute"] == h["compute"]
+        counts = dict(zip(exe.plan.features.keys, exe.schedule.kernels["counts"][exe.plan.features.index(name)]))
+        assert float(cost.kernel_cycles(spec, counts, k["read_bytes"], k["write_bytes"])) == h["compute"]
+        assert k["comm"] == h["comm"] == plan.traffic.cycles(spec)  # the closed form is the traffic's cost
+        assert k["cycles"] == h["cycles"]
         # the report's row
-        assert row.cycles_per_sample == float(plan.cycles(spec)) / B == h["cycles"] / B
+        assert row.cycles_per_sample == k["cycles"] / B == h["cycles"] / B
         assert row.compute_cycles_per_sample == h["compute"] / B
         assert row.comm_cycles_per_sample == h["comm"] / B
         assert row.weight_bytes_per_core == h["weight_bytes"]
@@ -208,9 +209,9 @@ def test_report_matches_hand_computation(two_layer):
     occ = exe.memory.occupancy()
     peak = max(h["weight_bytes"] + h["act_bytes"] for h in hand.values())
     assert report.peak_sram_bytes_per_core == occ.max() == peak
-    # busiest link: dense_0 -> dense_1 carries 32 words per sample over 4 lanes; dense_0's reduction 32 words per
-    # batch on each south link (report: busiest route link + busiest kernel link, an upper bound)
-    assert report.max_link_words_per_sample == H / 4 + B * (H // 4) / B
+    # busiest link: the stream dense_0 -> dense_1 carries 32 words per sample over 4 lanes (8 on each east link
+    # from dense_0's east edge); dense_0's reduction B x 8 words per batch on each of its south links (8 per sample)
+    assert report.max_link_words_per_sample == H / 4 == B * (H // 4) / B
 
     # one call charges the pipeline: fill (latency) then one bottleneck interval per further sample
     state = exe.load(params)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import wafer
-from compiler.place import KernelDemand, PlacementParams, place
-from compiler.route import HOST, RouteError, Routes, flow_lanes, lane_loads, route
+from compiler.plan.place import KernelDemand, PlacementParams, place
+from compiler.plan.route import HOST, RouteError, Routes, flow_lanes, lane_loads, route
 from wafer import cost
 from wafer.fabric import Traffic
 from wafer.memory import Rect

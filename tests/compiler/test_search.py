@@ -10,16 +10,9 @@ import pytest
 import compiler
 import wafer
 from compiler import costmodel as cm
-from compiler.search import (
-    METHODS,
-    apportion,
-    banded_plan,
-    legalise,
-    placement_problem,
-    random_search,
-    score_placement,
-    search_placement,
-)
+from compiler.analysis.search import METHODS, placement_problem, random_search, score_placement, search_placement
+from compiler.plan.bands import apportion
+from compiler.plan.legalise import banded_plan, legalise
 
 SPEC = wafer.WaferSpec.mini(32, 32)
 BUDGET = 40
@@ -145,7 +138,7 @@ def test_placement_search_experiment_runs(capsys):
 
 
 def test_compare_searches_table(program):
-    from compiler.search import compare_searches
+    from compiler.analysis.search import compare_searches
 
     df = compare_searches(program[3], budget=8)
     assert list(df["method"]) == ["heuristic", *METHODS]
@@ -168,7 +161,7 @@ def test_tile_grid_snapping_gives_valid_placements_and_fewer_rows_per_grid_copy(
     spec = wafer.WaferSpec.mini(64, 64)
     prob = placement_problem(compiler.compile(model.apply, params, x, spec=spec))
     rng = np.random.default_rng(0)
-    wt, a, b, m = prob.tiles
+    wt, a, b, m = prob.grids
     a, b, m = (v.astype(int) for v in (a, b, m))
     snapped_any = False
     for _ in range(20):

@@ -11,7 +11,14 @@ import compiler
 import wafer
 from compiler import costmodel as cm
 from compiler import sweep_plots
-from compiler.sweep import evaluate_placements, placements_per_second, random_layouts, stack_specs, sweep, what_if
+from compiler.analysis.sweep import (
+    evaluate_placements,
+    placements_per_second,
+    random_layouts,
+    stack_specs,
+    sweep,
+    what_if,
+)
 
 SPEC = wafer.WaferSpec.mini(24, 24)
 

@@ -11,7 +11,7 @@ from flax import nnx
 from jax.extend import core as jcore
 from model_zoo import MODELS, NNXNet, mlp
 
-from compiler.trace import CALL_PRIMITIVES, Traced, trace, user_source
+from compiler.frontend.trace import CALL_PRIMITIVES, Traced, trace, user_source
 
 # Flat evaluation runs the same primitives as native JAX; only XLA's fusion decisions may differ.
 RTOL = ATOL = 1e-6

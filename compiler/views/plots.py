@@ -30,7 +30,12 @@ from matplotlib import colormaps, patheffects
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
+from compiler.run.program import Program
+from compiler.run.train import TrainState
+from compiler.views.report import Report
 from wafer.fabric import DIRECTIONS
+from wafer.memory import MemoryMap
+from wafer.state import WaferState
 
 MAX_PIXELS = 1000  # heatmaps with more cores than this on a side are max-pooled
 DPI = 120
@@ -42,30 +47,28 @@ _IO = "#c8c8c8"  # the memcpy host-I/O columns
 # ---- accepting what users hold -----------------------------------------------------------------------------------
 
 
-def _program(x):
-    """(spec, placement {name: Rect}, routes or None, memory, kernel names) of an Executable or a Trainer."""
-    for attr in ("spec", "placement", "memory"):
-        if not hasattr(x, attr):
-            raise TypeError(
-                f"expected a compiled program (compiler.compile(...) or compiler.compile_train(...)), got "
-                f"{type(x).__name__}"
-            )
-    return x.spec, dict(x.placement), getattr(x, "routes", None), x.memory
+def _program(x) -> Program:
+    if not isinstance(x, Program):
+        raise TypeError(
+            "expected a compiled program (compiler.compile(...) or compiler.compile_train(...)), got "
+            f"{type(x).__name__}"
+        )
+    return x
 
 
 def _wafer_state(x):
     """The WaferState inside a TrainState, or x itself."""
-    inner = getattr(x, "wafer", None)
-    return inner if inner is not None and hasattr(inner, "links") else x
+    return x.wafer if isinstance(x, TrainState) else x
 
 
 def _occupancy(x) -> tuple[np.ndarray, int | None]:
     """Bytes in use per core [rows, cols] and the capacity, from a state, a memory map, a program or an array."""
     x = _wafer_state(x)
-    memory = getattr(x, "memory", None)
-    if memory is not None and hasattr(memory, "occupancy"):
-        return np.asarray(memory.occupancy()), int(memory.capacity_bytes)
-    if hasattr(x, "occupancy") and hasattr(x, "capacity_bytes"):  # a MemoryMap
+    if isinstance(x, Program):
+        x = x.memory
+    if isinstance(x, WaferState):
+        x = x.memory
+    if isinstance(x, MemoryMap):
         return np.asarray(x.occupancy()), int(x.capacity_bytes)
     a = np.asarray(x)
     if a.ndim != 2:
@@ -78,13 +81,11 @@ def _occupancy(x) -> tuple[np.ndarray, int | None]:
 
 def _links(x) -> tuple[np.ndarray, str]:
     """Words per core per direction [4, rows, cols] and what they count."""
-    if hasattr(x, "record") and hasattr(x, "spec"):  # a program: its static traffic per call / step
-        spec = x.spec
-        words = np.asarray(x.record.link_words(spec.rows, spec.cols), np.float64)
-        per = "training step" if hasattr(x, "optimizer") else "call"
-        return words, f"words per {per}"
+    if isinstance(x, Program):  # its static traffic per call / step
+        per = "training step" if x.plan.task == "training" else "call"
+        return np.asarray(x.schedule.link_words(), np.float64), f"words per {per}"
     x = _wafer_state(x)
-    if hasattr(x, "links"):
+    if isinstance(x, WaferState):
         return np.asarray(x.links, np.float64), "words sent (state counters)"
     a = np.asarray(x, np.float64)
     if a.ndim != 3 or a.shape[0] != 4:
@@ -99,13 +100,12 @@ def _report(x):
     """A report as a dict (from a Report, a program, or a dict such as a loaded report.json)."""
     if isinstance(x, Mapping):
         d = dict(x)
-    else:
-        x = getattr(x, "report", x)
-        if not hasattr(x, "to_dict"):
-            raise TypeError(
-                f"kernel_cycles needs a Report, a compiled program or a report dict, got {type(x).__name__}"
-            )
+    elif isinstance(x, Program):
+        d = x.report.to_dict()
+    elif isinstance(x, Report):
         d = x.to_dict()
+    else:
+        raise TypeError(f"kernel_cycles needs a Report, a compiled program or a report dict, got {type(x).__name__}")
     if not d.get("kernels"):
         raise ValueError("the report has no kernels to draw")
     return d
@@ -197,7 +197,7 @@ def placement_map(
     """The wafer with every kernel's rectangle, coloured and labelled with its name.
 
     Args:
-      exe_or_tx: an `Executable` (`compiler.compile`) or a `Trainer` (`compiler.compile_train`).
+      exe_or_tx: a compiled program (`compiler.compile` or `compiler.compile_train`).
       ax: a matplotlib Axes to draw into; by default a new figure.
       routes: draw the activation routes between kernels (and from/to the host at the wafer's edges).
       max_lanes: lanes drawn per flow (evenly chosen among its lanes); a flow runs on up to a rectangle's side.
@@ -211,10 +211,10 @@ def placement_map(
       are light grey; a kernel's rectangle is pale where its cores hold no tiles (the partitioner uses its top-left
       grid). In weight streaming every layer uses the whole wafer in turn: one rectangle lists them all.
     """
-    spec, placement, rts, _ = _program(exe_or_tx)
+    program = _program(exe_or_tx)
+    spec, placement, rts, plans = program.spec, program.placement, program.routes, program.plans
     own = ax is None
     fig, ax = _figure(ax, _grid_size(spec.rows, spec.cols))
-    plans = getattr(exe_or_tx, "plans", None) or {}
     colors = _kernel_colors(list(placement))
     # kernels sharing one rectangle (weight streaming) are drawn once, with all their names
     shared: dict[tuple, list[str]] = {}
@@ -372,7 +372,7 @@ def sram_map(state_or_memory, spec=None, ax=None, *, unit: str = "bytes", path=N
     if unit not in ("bytes", "percent"):
         raise ValueError(f"unit must be 'bytes' or 'percent', got {unit!r}")
     occ, capacity = _occupancy(state_or_memory)
-    if spec is None and hasattr(state_or_memory, "spec") and hasattr(state_or_memory, "memory"):
+    if spec is None and isinstance(state_or_memory, Program):
         spec = state_or_memory.spec
     if spec is not None:
         capacity = int(spec.sram_bytes_per_core)
@@ -487,7 +487,7 @@ def save_all(exe, state=None, out_dir=".", *, routes: bool = True) -> dict[str, 
     """Write placement.png, sram.png, links.png and cycles.png of a compiled program into `out_dir`.
 
     Args:
-      exe: an `Executable` or a `Trainer`.
+      exe: a compiled program.
       state: a `WaferState` or `TrainState` the program ran on: its SRAM layout and link counters are drawn;
         without it, the program's SRAM layout and its static link traffic per call (or step).
       out_dir: created if missing.

@@ -43,16 +43,14 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from compiler import relax
+from compiler.errors import RouteError
 from wafer.fabric import Phase, Traffic
 from wafer.memory import Rect
 
 HOST = "host"
 LANE_MODES = ("auto", "min", "single")
 _N, _E, _S, _W = range(4)
-
-
-class RouteError(ValueError):
-    """A flow cannot be routed: an unknown kernel, bad words, or overlapping rectangles."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -103,9 +101,15 @@ def _lane_path(r0: int, c0: int, r1: int, c1: int) -> list[tuple[int, int]]:
     return path
 
 
+def spread(i, n, start, size):
+    """Offset of lane i of n spread evenly over [start, start + size): start + floor((i + 1/2) * size / n).
+    Array-generic (compiler/relax.py)."""
+    return start + relax.floor((2 * i + 1) * size / (2 * n))
+
+
 def _spread(n: int, start: int, size: int) -> np.ndarray:
-    """n offsets spread evenly over [start, start + size): lane i at floor((i + 1/2) * size / n)."""
-    return start + ((2 * np.arange(n) + 1) * size) // (2 * n)
+    """n offsets spread evenly over [start, start + size) (`spread` of lanes 0..n-1), as ints."""
+    return np.asarray(spread(np.arange(n), n, start, size), np.int64)
 
 
 def _span(a0: int, alen: int, b0: int, blen: int) -> tuple[int, int]:
@@ -161,6 +165,38 @@ def flow_lanes(src: Rect, dst: Rect, *, lanes: str = "auto") -> np.ndarray:
     cs, cd = _cross(src.col, src.width, dst.col, dst.width, lanes)
     n = len(cs)
     return np.stack([np.full(n, rs), cs, np.full(n, rd), cd], axis=1).astype(np.int64)
+
+
+def flow_hops(sr, sc, sh, sw, dr, dc, dh, dw, *, cols=None):
+    """Hops of the longest lane of the stream from rectangle s to rectangle d under "auto" lanes (`flow_lanes`).
+
+    Array-generic over flows (compiler/relax.py), so the schedule evaluates it on a plan's rectangles and on a
+    relaxed layout alike. Straight lanes (rectangles sharing rows or columns) all cross the gap between the facing
+    edges; of diagonal corner lanes the first is the longest (it leaves the source's row farthest from the
+    destination and turns in at the destination's column farthest from the source).
+    """
+    R = relax
+    east, west = dc >= sc + sw, dc + dw <= sc
+    south, north = dr >= sr + sh, dr + dh <= sr
+    cs = R.where(east, sc + sw - 1, sc)
+    side = abs(R.where(east, dc, dc + dw - 1) - cs)
+    rs = R.where(south, sr + sh - 1, sr)
+    rd = R.where(south, dr, dr + dh - 1)
+    vert = abs(rd - rs)
+    n = R.minimum(sh, dw)
+    one = n == 1  # a single corner lane runs through the middle row and column
+    first = lambda start, size: R.where(one, start + R.floor((size - 1) / 2), spread(0, n, start, size))
+    last = lambda start, size: R.where(one, start + R.floor((size - 1) / 2), spread(n - 1, n, start, size))
+    x_far = R.where(east, last(dc, dw) - cs, cs - first(dc, dw))
+    y_far = R.where(south, rd - first(sr, sh), last(sr, sh) - rd)
+    diagonal = (east | west) & (north | south)
+    return R.where(diagonal, x_far + y_far, R.where(east | west, side, vert))
+
+
+def host_hops(col, width, *, inbound, cols):
+    """Hops of the host streams: input from column 0 along the rows to the rectangle's west edge, output from its
+    east edge to column cols - 1 (the off-wafer hop is the edge I/O's)."""
+    return col if inbound else cols - col - width
 
 
 def _host_lanes(rect: Rect, cols: int, inbound: bool, mode: str) -> np.ndarray:

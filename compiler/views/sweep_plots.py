@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from compiler.sweep import pareto_front
+from compiler.analysis.sweep import pareto_front
 
 
 def _feasible(df):

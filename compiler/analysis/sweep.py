@@ -34,7 +34,6 @@ import functools
 import itertools
 import math
 import time
-import types
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -42,12 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import wafer
-from compiler import costmodel as cm
-from compiler.graph import build_graph
-from compiler.lower import demands as kernel_demands
-from compiler.lower import graph_batch, lay_out
-from compiler.place import PlacementError, PlacementParams, place
-from compiler.trace import trace
+from compiler.analysis import costmodel as cm
+from compiler.errors import PlacementError
+from compiler.plan import Plan, build, demands_pass, graph_pass, partition_pass, place_pass, trace_program
+from compiler.plan.place import PlacementParams, place
 
 SPEC_LEAVES = tuple(f.name for f in dataclasses.fields(wafer.WaferSpec) if f.metadata.get("pytree_node", True))
 SPEC_STATIC = tuple(
@@ -171,12 +168,9 @@ def placements_per_second(
 # ---- sweeps ---------------------------------------------------------------------------------------------------
 
 
-def _program(args):
-    """(traced, graph, exe-like object for costmodel.features) of `(fn, params, *inputs)`."""
-    traced = trace(*args)
-    graph = build_graph(traced)
-    shim = types.SimpleNamespace(traced=traced, graph=graph, record=types.SimpleNamespace(batch=graph_batch(graph)))
-    return traced, graph, shim
+def _program(args, spec) -> Plan:
+    """The plan of `(fn, params, *inputs)` up to its kernel features and demands on `spec`."""
+    return build(trace_program(*args, spec=spec), passes=(graph_pass, demands_pass))
 
 
 def _grid(axes: Mapping[str, Sequence]) -> list[dict]:
@@ -250,17 +244,17 @@ def sweep(
             args = model(size) if sizes is not None else model
             if not isinstance(args, tuple) or len(args) < 2:
                 raise TypeError("model must give a tuple (fn, params, *inputs)")
-            programs = {key: _program(args)}  # keep one program alive at a time
-        traced, graph, shim = programs[key]
-        feats = cm.compact(cm.features(shim))
-        names = [k.name for k in graph.kernels]
+            programs = {key: _program(args, spec)}  # keep one program alive at a time
+        base = programs[key]
+        feats = cm.compact(cm.features(base))
+        names = list(base.names)
         sspec = spec.with_(**st)
         leaf_specs = [sspec.with_(**lp) for lp in l_points]
         # Placement depends on the hardware point only through the kernels' work (SIMD widths, SRAM bandwidth):
         # one placement per distinct work vector.
         works, demand_sets, work_of_leaf = [], [], []
         for ls in leaf_specs:
-            ds = kernel_demands(graph, traced, ls)
+            ds = demands_pass(base.replace(spec=ls)).demands
             w = tuple(d.work for d in ds)
             if w not in works:
                 works.append(w)
@@ -377,7 +371,7 @@ def what_if(
     """What would most speed up this program? Sensitivities of its predicted throughput to the hardware figures.
 
     Args:
-      exe: a compiled program (`compiler.compile`).
+      exe: a compiled program (`compiler.compile` or `compile_train`) or a built `Plan`.
       spec: the hardware point (default the program's own spec; its placement is kept for the derivatives).
       static: static WaferSpec fields to probe by recompiling at (1 +- step) x their value.
       step: relative step of the finite differences.
@@ -389,9 +383,10 @@ def what_if(
     """
     import pandas as pd
 
-    spec = exe.spec if spec is None else spec
-    feats = cm.compact(cm.features(exe))
-    lay = cm.layout_of(exe)
+    plan = exe if isinstance(exe, Plan) else exe.plan
+    spec = plan.spec if spec is None else spec
+    feats = cm.compact(cm.features(plan))
+    lay = cm.layout_of(plan)
     for s in static:
         if s not in SPEC_STATIC:
             raise ValueError(f"static what-if {s!r} is not a static WaferSpec field; they are {SPEC_STATIC}")
@@ -414,7 +409,7 @@ def what_if(
             v = max(v, 4 if name == "sram_bytes_per_core" else 1)
             sp = spec.with_(**{name: v})
             try:
-                rects = lay_out(exe.traced, exe.graph, sp, None, params)[0]
+                rects = _replace(plan, sp, params)
             except (PlacementError, wafer.SramCapacityError):
                 continue
             lo = cm.layout_of_placement(rects, feats.names)
@@ -425,7 +420,7 @@ def what_if(
         elif len(pts) == 1:
             (v1, t1), v0 = next(iter(pts.items())), value
             try:
-                rects = lay_out(exe.traced, exe.graph, spec, None, params)[0]
+                rects = _replace(plan, spec, params)
                 t0 = float(cm.predict(feats, cm.layout_of_placement(rects, feats.names), spec)["samples_per_s"])
                 d = (t1 - t0) / (v1 - v0)
             except (PlacementError, wafer.SramCapacityError):
@@ -441,3 +436,10 @@ def what_if(
     df["samples_per_s"] = thr
     df = df.reindex(df["elasticity"].abs().sort_values(ascending=False).index).reset_index(drop=True)
     return df[["parameter", "value", "derivative", "elasticity", "direction", "samples_per_s", "method"]]
+
+
+def _replace(plan: Plan, spec, params: PlacementParams) -> dict:
+    """The plan's kernels placed afresh on `spec` with `params` (and partitioned: SRAM checked). Returns the
+    placement; raises PlacementError or wafer.SramCapacityError when they do not fit."""
+    new = plan.replace(spec=spec, hand_placement=None, placement_params=params)
+    return build(new, passes=(demands_pass, place_pass, partition_pass)).placement

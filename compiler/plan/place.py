@@ -53,6 +53,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from compiler.errors import PlacementError
+from compiler.plan.bands import apportion, lay_bands, waterfill
 from wafer.memory import Rect
 
 AREA_RULES = ("work", "equal", "sram")
@@ -68,20 +70,6 @@ _HEIGHT_PENALTY = 1000.0
 _HOPELESS = 4.0
 # Longest band the DP considers (kernels per band).
 _MAX_BAND = 512
-
-
-class PlacementError(ValueError):
-    """Kernels cannot be placed (or a given placement is invalid).
-
-    Attributes:
-      kernel: name of the kernel concerned, or None when the problem is not one kernel's.
-      reason: what was wrong and what would help (also the message).
-    """
-
-    def __init__(self, reason: str, kernel: str | None = None):
-        self.kernel = kernel
-        self.reason = reason
-        super().__init__(reason)
 
 
 def _is_int(v) -> bool:
@@ -242,23 +230,6 @@ def balanced_bound(demands: Sequence[KernelDemand], spec, params: PlacementParam
     return bound
 
 
-def pipeline_cycles(demands: Sequence[KernelDemand], placement: Mapping[str, Rect | tuple]) -> dict[str, float]:
-    """Simple per-kernel cycles per sample: work / cores (cores capped at max_cores, no rounding).
-
-    The pipeline's throughput is 1 / max of these; the compiler replaces this with the real cost model.
-    """
-    demands = _check_demands(demands)
-    out = {}
-    for d in demands:
-        if d.name not in placement:
-            raise PlacementError(f"kernel {d.name!r} is not in the placement", d.name)
-        cores = Rect(*placement[d.name]).cores
-        if d.max_cores is not None:
-            cores = min(cores, d.max_cores)
-        out[d.name] = float(d.work) / cores
-    return out
-
-
 def validate_placement(
     placement: Mapping[str, Rect | tuple],
     demands: Sequence[KernelDemand],
@@ -348,59 +319,6 @@ def _check_overlaps(rects: Mapping[str, Rect], rows: int, cols: int) -> None:
 # ---- target areas -------------------------------------------------------------------------------------------
 
 
-def _waterfill(total: float, weights: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """x = clip(lam * weights, lo, hi) with sum(x) = total (or as close as the bounds allow).
-
-    F(lam) = sum(clip(lam w, lo, hi)) is piecewise linear and non-decreasing; its breakpoints are lo/w and hi/w.
-    """
-    w = np.asarray(weights, np.float64)
-    lo = np.asarray(lo, np.float64)
-    hi = np.asarray(hi, np.float64)
-    if lo.sum() >= total:
-        return lo.copy()
-    if w.sum() <= 0:
-        w = np.ones_like(w)
-    pos = w > 0
-    if np.minimum(hi, np.where(pos, np.inf, lo)).sum() <= total:
-        return np.where(pos, hi, lo)
-    bps = np.concatenate([lo[pos] / w[pos], hi[pos] / w[pos]])
-    bps = np.unique(bps[np.isfinite(bps)])
-    vals = np.clip(bps[:, None] * w[None, :], lo, hi).sum(axis=1)
-    k = int(np.searchsorted(vals, total))  # first breakpoint with F >= total
-    if k == len(bps):  # beyond the last finite breakpoint F keeps rising (an unbounded hi)
-        lam0 = bps[-1] if len(bps) else 0.0
-        x0 = np.clip(lam0 * w, lo, hi)
-        free = pos & (x0 < hi)
-        lam = lam0 + (total - x0.sum()) / w[free].sum()
-    elif k == 0:
-        lam = bps[0]
-    else:
-        l0, l1, f0, f1 = bps[k - 1], bps[k], vals[k - 1], vals[k]
-        lam = l0 + (l1 - l0) * (total - f0) / (f1 - f0) if f1 > f0 else l1
-    return np.clip(lam * w, lo, hi)
-
-
-def _apportion(total: int, targets, lo, hi) -> np.ndarray:
-    """Integers in [lo, hi] summing to min(total, sum(hi)), in proportion to targets (largest remainder)."""
-    lo = np.asarray(lo, np.float64)
-    hi = np.asarray(hi, np.float64)
-    total = int(min(total, hi.sum()))
-    x = _waterfill(total, np.maximum(np.asarray(targets, np.float64), 0.0), lo, hi)
-    base = np.maximum(np.floor(x + 1e-9), lo)
-    left = int(round(total - base.sum()))
-    if left > 0:
-        frac = np.where(base < hi, x - base, -np.inf)
-        for k in np.argsort(-frac, kind="stable")[:left]:
-            if base[k] < hi[k]:
-                base[k] += 1
-    elif left < 0:  # x + 1e-9 rounded a value up past the total
-        over = np.where(base > lo, base - x, -np.inf)
-        for k in np.argsort(-over, kind="stable")[:-left]:
-            if base[k] > lo[k]:
-                base[k] -= 1
-    return base.astype(np.int64)
-
-
 def _target_areas(demands, cap: int, params: PlacementParams) -> np.ndarray:
     work = np.array([d.work for d in demands], np.float64)
     if params.area_rule == "work":
@@ -411,7 +329,7 @@ def _target_areas(demands, cap: int, params: PlacementParams) -> np.ndarray:
         weights = np.array([d.min_cores for d in demands], np.float64)
     lo = np.array([d.least_cores for d in demands], np.float64)
     hi = np.array([np.inf if d.max_cores is None else d.max_cores for d in demands], np.float64)
-    return _waterfill(float(cap), weights, lo, hi)
+    return waterfill(float(cap), weights, lo, hi)
 
 
 # ---- the banded floorplan -----------------------------------------------------------------------------------
@@ -584,7 +502,7 @@ def _band_sizes(f: _Frame, ks: np.ndarray, H: int, fill: int, area: np.ndarray):
     widths = fixed_w.copy()
     free = ~fixed
     if free.any():
-        widths[free] = _apportion(fill - int(fixed_w[fixed].sum()), t[free], lo[free], hi[free])
+        widths[free] = apportion(fill - int(fixed_w[fixed].sum()), t[free], lo[free], hi[free])
     return widths, heights
 
 
@@ -605,7 +523,7 @@ def _auto_bands(f: _Frame):
             fail = (cuts, hmin, avail)
             continue
         total = max(int(hmin.sum()), min(avail, int(math.floor(h.sum() + 1e-9))))
-        heights = _apportion(total, h, hmin, np.full(nb, float(avail)))
+        heights = apportion(total, h, hmin, np.full(nb, float(avail)))
         bands = []
         for (a, b), H in zip(zip(cuts[:-1], cuts[1:]), heights):
             ks = np.arange(a, b)
@@ -788,28 +706,12 @@ def place(demands: Sequence[KernelDemand], spec, params: PlacementParams = Place
         raise _no_fit_error(demands, f, fail, usable)
     _trim_to_cap(f, bands)
 
-    rects: dict[str, Rect] = {}
-    y = 0
-    for b, (ks, H, widths, heights) in enumerate(bands):
-        east_to_west = params.order == "serpentine" and b % 2 == 1
-        x = f.cols if east_to_west else 0
-        for j, (k, w, h) in enumerate(zip(ks, widths, heights)):
-            w, h = int(w), int(h)
-            # A rectangle lower than its band sits at the top, or at the bottom when it is the band's last and the
-            # next band's first kernel lies below it.
-            dy = H - h if (j == len(ks) - 1 and j > 0 and b < len(bands) - 1) else 0
-            if east_to_west:
-                x -= w
-                fr = (y + dy, x)
-                x -= f.spacing
-            else:
-                fr = (y + dy, x)
-                x += w + f.spacing
-            if cols_frame:
-                rect = Rect(usable.row + fr[1], usable.col + fr[0], w, h)
-            else:
-                rect = Rect(usable.row + fr[0], usable.col + fr[1], h, w)
-            rects[demands[k].name] = rect
-        y += H + f.spacing
+    rects = lay_bands(
+        [([demands[k].name for k in ks], H, widths, heights) for ks, H, widths, heights in bands],
+        usable,
+        serpentine=params.order == "serpentine",
+        spacing=f.spacing,
+        transposed=cols_frame,
+    )
     # Guard against a bug ever producing an invalid floorplan: never return overlaps or undersized rectangles.
     return validate_placement(rects, demands, spec, reserve_io_columns=params.reserve_io_columns)

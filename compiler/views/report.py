@@ -2,14 +2,20 @@
 
 Modelled on a Cerebras compile report ("Active PEs", "Compute Utilization"): per kernel, its rectangle, cores,
 SRAM per core, FLOPs and cycles per sample; for the program, the pipeline bottleneck, predicted samples/s and
-latency on the spec, active cores, compute utilisation and the busiest link. Every cycle comes from the cost
-rules in wafer/cost.py through the kernel plans.
+latency on the spec, active cores, compute utilisation and the busiest link. Every figure is the schedule's
+(compiler/schedule.py): `build_report(schedule)` only formats it, and `estimate(program_or_plan, spec)` is the same
+report for a plan on any spec.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+
+import numpy as np
+
+from compiler import schedule as sched
+from compiler.plan import Plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,3 +115,87 @@ class Report:
         else:
             lines.append(f"bound by              {self.bound} (the bottleneck kernel's slower side)")
         return "\n".join(lines)
+
+
+def build_report(schedule: sched.Schedule) -> Report:
+    """The report of a plan's schedule (module docstring)."""
+    plan, spec, fig = schedule.plan, schedule.spec, schedule.figures
+    k, names, batch = schedule.kernels, schedule.names, plan.batch
+    training = plan.task == "training"
+    streaming = plan.mode == "weight_streaming"
+    graph = {kernel.name: kernel for kernel in plan.graph.kernels}
+    flops_factor = 3.0 if training else 1.0  # training: forward, input gradient, weight gradient
+    s = np.asarray(fig["cycles_per_sample"], np.float64)
+    rows = []
+    for i, name in enumerate(names):
+        p = plan.kernels[name]
+        extra = {}
+        if training:
+            extra = dict(
+                forward_cycles=float(k["forward"][i]),
+                backward_cycles=float(k["backward"][i]),
+                update_cycles=float(k["update"][i]),
+                io_cycles=float(k["io"][i]) if streaming else 0.0,
+            )
+        rows.append(
+            KernelRow(
+                name=name,
+                kind=p.kind,
+                rect=tuple(int(v) for v in p.rect),
+                cores=int(k["cores"][i]),
+                weight_bytes_per_core=int(k["weight_bytes"][i]),
+                act_bytes_per_core=int(k["act_bytes"][i]),
+                flops_per_sample=flops_factor * float(plan.features.flops[i]) / batch,
+                compute_cycles_per_sample=float(k["compute"][i]) / batch,
+                comm_cycles_per_sample=float(k["comm"][i]) / batch,
+                cycles_per_sample=float(s[i]),
+                source=graph[name].source,
+                **extra,
+            )
+        )
+    worst = int(np.argmax(s))
+    step = float(fig["step_cycles"])
+    active = int(fig["cores"])
+    flops = sum(r.flops_per_sample for r in rows)
+    lanes = float(spec.simd_width("fmac", plan.policy.dtype_class))  # peak: matmul FMACs at the policy's lanes
+    if training:
+        util = flops * batch / (active * 2 * lanes * step) if step else 0.0
+        cycles_per_sample, latency = step / batch, step
+        mode = f"{plan.mode} training"
+    else:
+        util = flops / (active * 2 * lanes * float(s[worst])) if s[worst] else 0.0
+        cycles_per_sample, latency = float(s[worst]), float(fig["latency_cycles"])
+        mode = "layer-pipelined inference"
+    links = schedule.link_words()
+    return Report(
+        spec_name=spec.name,
+        mode=f"{mode} ({plan.policy})" if plan.policy.mixed else mode,
+        batch=batch,
+        kernels=tuple(rows),
+        bottleneck=names[worst],
+        cycles_per_sample=cycles_per_sample,
+        samples_per_s=float(fig["samples_per_s"]),
+        latency_cycles=latency,
+        latency_s=latency / float(spec.clock_hz),
+        active_cores=active,
+        total_cores=spec.cores,
+        compute_utilization=float(min(util, 1.0)),
+        peak_sram_bytes_per_core=int(fig["peak_sram_bytes"]),
+        sram_bytes_per_core=spec.sram_bytes_per_core,
+        max_link_words_per_sample=float(links.max() / batch) if links.size else 0.0,
+        route_hops=int(fig["hops"]),
+        clock_hz=float(spec.clock_hz),
+        bound=schedule.bound(),
+        io_cycles_per_step=float(fig["io_cycles"]),
+    )
+
+
+def estimate(program_or_plan, spec=None) -> Report:
+    """The schedule's figures for a compiled program or a plan, on its own spec or another one: a `Report` with the
+    same `to_dict()` keys as `program.report` (and equal values on the program's own spec).
+
+    Another spec changes the figures that time the plan (clock, SIMD widths, bandwidths, latencies); its layout
+    (rectangles, tilings, SRAM) stays the plan's.
+    """
+    plan = program_or_plan if isinstance(program_or_plan, Plan) else program_or_plan.plan
+    return build_report(sched.of(plan, spec))

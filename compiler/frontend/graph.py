@@ -39,7 +39,7 @@ from jax.extend import core as jcore
 
 import wafer.kernel
 from compiler.errors import UnsupportedOpError
-from compiler.trace import DEBUG_INFO, Traced, user_source
+from compiler.frontend.trace import DEBUG_INFO, Traced, user_source
 
 _SHAPE_OPS = {
     "reshape",

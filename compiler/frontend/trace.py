@@ -25,11 +25,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.extend import core as jcore
 
 import wafer.kernel
-from compiler.frontend import frameworks
+from compiler.frontend import frameworks, precision
 
 # Call-like primitives whose body is inlined, and the parameter that holds it: the machine's one table.
 CALL_PRIMITIVES = wafer.kernel.CALL_PRIMITIVES
@@ -155,7 +156,7 @@ def path_str(path) -> str:
     return "/".join(parts)
 
 
-def trace(fn, *args) -> Traced:
+def trace(fn, *args, policy=None, stored_params: bool = True) -> Traced:
     """Trace `fn(params, *inputs)` (or an nnx module: `trace(module, *inputs)`) into a flat jaxpr.
 
     Args:
@@ -164,9 +165,20 @@ def trace(fn, *args) -> Traced:
       *args: `params, *inputs` for a function; `*inputs` for a module or model. Leaves may be arrays or
         `jax.ShapeDtypeStruct`s. Python flags (e.g. `train=False`) must be closed over, not passed: every input leaf
         becomes a traced array.
+      policy: a 16-bit precision policy (compiler/frontend/precision.py), or None / "fp32". Under a 16-bit
+        policy the traced jaxpr is `apply_policy(fn, policy, stand_in=True)`: the kernel graph, SRAM layout and cost
+        come from it (16-bit matmul operands count as "mixed" FMACs, casts are free), while the returned
+        `Traced.fn` is the exact `apply_policy(fn, policy)`, which is what runs, and `Traced.params` are the
+        caller's params.
+      stored_params: under a 16-bit policy, trace the floating parameter leaves in the 16-bit stand-in dtype, so
+        weight tiles are laid out as 2-byte SRAM arrays (inference); False keeps them float32 (training's master
+        weights).
     Returns:
       A `Traced` whose jaxpr has no call-like equations left.
     """
+    policy = precision.Policy.of(policy)
+    if policy.mixed:
+        return _trace_policy(fn, *args, policy=policy, stored_params=stored_params)
     if isinstance(fn, nnx.Module):
         fn, params = split_module(fn)
         inputs, module = tuple(args), True
@@ -306,7 +318,9 @@ def _flatten_params(params: dict) -> dict:
 
 
 # Files of libraries and of this project: a user's source line is the innermost frame outside them.
-_OWN_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (wafer.kernel.__file__, __file__))
+_OWN_DIRS = tuple(
+    os.path.dirname(os.path.abspath(f)) + os.sep for f in (wafer.kernel.__file__, os.path.dirname(__file__))
+)
 _LIBRARY_MARKERS = (f"{os.sep}site-packages{os.sep}", f"{os.sep}dist-packages{os.sep}")
 
 
@@ -335,3 +349,26 @@ def user_source(eqn) -> str:
     if frame is not None:
         return f"{frame.file_name}:{frame.start_line}"
     return wafer.kernel.source_of(eqn)
+
+
+def _trace_policy(fn, *args, policy, stored_params: bool):
+    """`trace` under a 16-bit policy (see `trace`)."""
+    module = isinstance(fn, nnx.Module)
+    if module:
+        fn, state = split_module(fn)
+        args = (state, *args)
+    if not args:
+        raise TypeError("trace(fn, params, *inputs): params are missing")
+    params, inputs = args[0], args[1:]
+    example = params
+    if stored_params:
+        dtype = policy.stand_in_dtype
+
+        def as_stored(x):
+            if jnp.issubdtype(x.dtype if hasattr(x, "dtype") else jnp.result_type(x), jnp.floating):
+                return jax.ShapeDtypeStruct(jnp.shape(x), dtype)
+            return x
+
+        example = jax.tree_util.tree_map(as_stored, params)
+    traced = trace(precision.apply_policy(fn, policy, stand_in=True), example, *inputs)
+    return dataclasses.replace(traced, fn=precision.apply_policy(fn, policy), params=params, module=module)

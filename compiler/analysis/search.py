@@ -1,28 +1,28 @@
 """Placement search: gradient descent on the relaxed cost model, legalised; random search and simulated annealing.
 
-A *legaliser* turns a continuous target into a valid placement (disjoint rectangles inside the usable grid, each
-with its kernel's minimum cores and sides) and the exact cost model (`costmodel.predict`, tau = 0: the emulator's
-figures) scores it. Targets come in two forms, both rounded faithfully (the legaliser does not optimise; its one
-rule beyond rounding is tile-grid snapping, below):
-  areas        [n] cores per kernel: `compiler.place` with `KernelDemand(work=area)` and
-               `PlacementParams(area_rule="work", area_exponent=1)` gives each kernel about its area in a banded
-               floorplan; the bands it made are the *structure* (`Bands`: kernel groups, one per horizontal band).
-  BandedPlan   within a structure: each band's height, each kernel's width and the fraction of its band's height
-               it fills. `legalise_banded` apportions band heights to the usable rows and widths within each band to
-               the usable width (largest remainder, lower bounds from the minimum sizes; no upper bound from
-               max_cores, since a conv may need a rectangle larger than the cores it uses to hold whole copies of its
-               tile grid), bands serpentine (west->east, then east->west) as compiler.place lays them.
-Tile-grid snapping (`snap=True`; every search method legalises with it, `legalise` defaults to off): a weight
-kernel (dense, conv) speeds up only at whole numbers of rows of data per copy of its tile grid, ceil(m / groups),
-with groups = rr * min(cols, floor(m / rr)) for rr rows and cols columns of copies of its a x b grid: a step
-function, not monotone in the rectangle's height (a conv with m = 32 has 30 groups at rr = 6 but 32 at rr = 4 or
-8), that the straight-through ceil/floor gradient does not see and that rounding a target to the nearest rectangle
-rarely lands on. So after rounding, each weight kernel whose full grid fits its band is reshaped, within the cores
-its rounded rectangle has and the band's height, to the smallest rectangle of whole grid copies (rr * a) x (rc * b)
-that needs fewer rows of data per copy, or as many with fewer cores (narrowest first; such a kernel may then read
-slightly more activation bytes per core), taking its width from the band's other kernels (snaps that only save
-cores are dropped first when the widths do not fit). An areas target is placed by compiler.place, then snapped
-within its bands. Snapping spends no evaluation: a legalisation is scored once, snapped.
+A *legaliser* (compiler/plan/legalise.py) turns a continuous target into a valid placement (disjoint rectangles
+inside the usable grid, each with its kernel's minimum cores and sides) and the exact cost model
+(`costmodel.predict`, tau = 0: the emulator's figures) scores it. Targets come in two forms, both rounded faithfully
+(the legaliser does not optimise; its one rule beyond rounding is tile-grid snapping, below):   areas        [n]
+cores per kernel: `compiler.place` with `KernelDemand(work=area)` and
+`PlacementParams(area_rule="work", area_exponent=1)` gives each kernel about its area in a banded
+floorplan; the bands it made are the *structure* (`Bands`: kernel groups, one per horizontal band).   BandedPlan
+within a structure: each band's height, each kernel's width and the fraction of its band's height                it
+fills. `legalise_banded` apportions band heights to the usable rows and widths within each band to
+the usable width (largest remainder, lower bounds from the minimum sizes; no upper bound from
+max_cores, since a conv may need a rectangle larger than the cores it uses to hold whole copies of its
+tile grid), bands serpentine (west->east, then east->west) as compiler.place lays them. Tile-grid snapping
+(`snap=True`; every search method legalises with it, `legalise` defaults to off): a weight kernel (dense, conv)
+speeds up only at whole numbers of rows of data per copy of its tile grid, ceil(m / groups), with groups = rr *
+min(cols, floor(m / rr)) for rr rows and cols columns of copies of its a x b grid: a step function, not monotone in
+the rectangle's height (a conv with m = 32 has 30 groups at rr = 6 but 32 at rr = 4 or 8), that the straight-through
+ceil/floor gradient does not see and that rounding a target to the nearest rectangle rarely lands on. So after
+rounding, each weight kernel whose full grid fits its band is reshaped, within the cores its rounded rectangle has
+and the band's height, to the smallest rectangle of whole grid copies (rr * a) x (rc * b) that needs fewer rows of
+data per copy, or as many with fewer cores (narrowest first; such a kernel may then read slightly more activation
+bytes per core), taking its width from the band's other kernels (snaps that only save cores are dropped first when
+the widths do not fit). An areas target is placed by compiler.place, then snapped within its bands. Snapping spends
+no evaluation: a legalisation is scored once, snapped.
 
 The methods:
   gradient             DOSA-style [Hegde et al., MICRO 2023] and Mind Mappings-style [Hegde et al., ASPLOS 2021]:
@@ -76,18 +76,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from compiler import costmodel as cm
-from compiler.lower import demands as kernel_demands
-from compiler.place import (
-    KernelDemand,
-    PlacementError,
-    PlacementParams,
-    balanced_bound,
-    place,
-    usable_region,
-    validate_placement,
-)
-from wafer.memory import Rect
+from compiler.analysis import costmodel as cm
+from compiler.errors import PlacementError
+from compiler.plan import Plan, demands_pass
+from compiler.plan import features as ft
+from compiler.plan.legalise import BandedPlan, Bands, Floor, banded_plan, legalise
+from compiler.plan.place import KernelDemand, PlacementParams, balanced_bound, place, usable_region
 
 METHODS = ("gradient", "simulated_annealing", "random")
 
@@ -96,65 +90,33 @@ METHODS = ("gradient", "simulated_annealing", "random")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class PlacementProblem:
-    """What a placement search needs to know of a compiled program on a wafer.
+class PlacementProblem(Floor):
+    """What a placement search needs to know of a program on a wafer: what legalisation needs (`Floor`: the
+    demands, whose `work` is each kernel's cycles per sample on one core under the cost model, the wafer, the usable
+    region, the tile grids for snapping) and the cost model's features and the balanced upper bound (module
+    docstring), samples/s."""
 
-    Attributes:
-      feats: the program's cost-model features (`costmodel.compact`ed).
-      spec: the wafer.
-      demands: one `KernelDemand` per kernel, in pipeline order; `work` is the kernel's cycles per sample on one
-        core under the cost model, min/max cores as the compiler computes them.
-      region: the usable rectangle of the grid (host-I/O columns reserved or not).
-      bound: the balanced upper bound on throughput, samples/s (module docstring).
-    """
-
-    feats: cm.Features
-    spec: object
-    demands: tuple
-    region: Rect
-    bound: float
-    reserve_io_columns: bool = True
-
-    @property
-    def n(self) -> int:
-        return len(self.demands)
-
-    @property
-    def names(self) -> tuple:
-        return tuple(d.name for d in self.demands)
-
-    @property
-    def usable(self) -> int:
-        return self.region.cores
-
-    @functools.cached_property
-    def least(self) -> np.ndarray:
-        return np.array([d.least_cores for d in self.demands], np.float64)
+    feats: ft.Features | None = None
+    bound: float = math.inf
 
     @functools.cached_property
     def work(self) -> np.ndarray:
         return np.array([d.work for d in self.demands], np.float64)
-
-    @functools.cached_property
-    def tiles(self) -> tuple:
-        """(weight [n] bool, a [n], b [n], m [n]): which kernels run on a weight's tile grid, the grid's full
-        sides a x b and the rows of data m split over its copies (the cost model's features)."""
-        f = self.feats
-        return (np.asarray(f.weight) > 0, *(np.asarray(x, np.float64) for x in (f.a, f.b, f.m)))
 
     def equal_areas(self) -> np.ndarray:
         """Every kernel the same share of the cores above its minimum."""
         return self.least + (self.usable - self.least.sum()) / self.n
 
 
-def placement_problem(exe, spec=None, *, reserve_io_columns: bool = True) -> PlacementProblem:
-    """The placement problem of a compiled program (`compiler.compile`'s Executable) on `spec` (default its own)."""
-    spec = exe.spec if spec is None else spec
-    feats = cm.compact(cm.features(exe))
+def placement_problem(program_or_plan, spec=None, *, reserve_io_columns: bool = True) -> PlacementProblem:
+    """The placement problem of a compiled program (or a plan built to its demands) on `spec` (default its own)."""
+    plan = program_or_plan if isinstance(program_or_plan, Plan) else program_or_plan.plan
+    spec = plan.spec if spec is None else spec
+    feats = cm.compact(cm.features(plan))
     n = feats.n
     one = cm.Layout(jnp.ones(n), jnp.ones(n), jnp.zeros(n), jnp.zeros(n))
     work = np.asarray(_predict(feats, one, spec)["cycles_per_sample"], np.float64)
-    base = kernel_demands(exe.graph, exe.traced, spec)
+    base = demands_pass(plan.replace(spec=spec)).demands
     ds = tuple(
         KernelDemand(
             d.name,
@@ -174,7 +136,17 @@ def placement_problem(exe, spec=None, *, reserve_io_columns: bool = True) -> Pla
             f"{region.cores:,} usable; use a larger wafer or a smaller model"
         )
     bound = float(spec.clock_hz) * balanced_bound(ds, spec, params)
-    return PlacementProblem(feats, spec, ds, region, bound, reserve_io_columns)
+    f = plan.features
+    grids = (np.asarray(f.anchor) == ft.WEIGHT, *(np.asarray(x, np.float64) for x in (f.a, f.b, f.m)))
+    return PlacementProblem(
+        demands=ds,
+        spec=spec,
+        region=region,
+        reserve_io_columns=reserve_io_columns,
+        grids=grids,
+        feats=feats,
+        bound=bound,
+    )
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -198,234 +170,6 @@ def score_placement(prob: PlacementProblem, placement) -> dict:
         feasible=feasible,
         score=thr if feasible else 0.0,
     )
-
-
-# ---- legalisation ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Bands:
-    """A band structure: the kernels (indices, pipeline order) of each horizontal band, top to bottom."""
-
-    groups: tuple
-
-    def band_ids(self, n: int) -> np.ndarray:
-        out = np.zeros(n, np.int32)
-        for b, g in enumerate(self.groups):
-            out[list(g)] = b
-        return out
-
-
-def bands_of(rects) -> Bands:
-    """The bands of a banded floorplan (rectangles in pipeline order): a new band starts where a rectangle's rows
-    do not overlap the rows of the band so far."""
-    groups, lo, hi = [], 0, 0
-    for k, r in enumerate(rects):
-        if groups and r.row < hi and r.row + r.height > lo:
-            groups[-1].append(k)
-            lo, hi = min(lo, r.row), max(hi, r.row + r.height)
-        else:
-            groups.append([k])
-            lo, hi = r.row, r.row + r.height
-    return Bands(tuple(tuple(g) for g in groups))
-
-
-def apportion(total: int, targets, lo, hi) -> np.ndarray:
-    """Integers x with lo <= x <= hi summing to `total` (as near as the bounds allow), proportional to `targets`:
-    the scale s with sum(clip(s * targets, lo, hi)) = total by bisection, then largest remainders."""
-    t = np.maximum(np.asarray(targets, np.float64), 0.0)
-    lo = np.asarray(lo, np.float64)
-    hi = np.maximum(np.asarray(hi, np.float64), lo)
-    total = float(min(max(total, lo.sum()), hi.sum()))
-    if t.sum() <= 0:
-        t = np.ones_like(t)
-    a, b = 0.0, 1.0
-    while np.clip(b * t, lo, hi).sum() < total and b < 1e30:
-        b *= 2.0
-    for _ in range(100):
-        m = 0.5 * (a + b)
-        if np.clip(m * t, lo, hi).sum() < total:
-            a = m
-        else:
-            b = m
-    x = np.clip(b * t, lo, hi)
-    out = np.floor(x + 1e-9)
-    out = np.clip(out, lo, hi)
-    left = int(round(total - out.sum()))
-    if left > 0:
-        room = out < hi
-        order = np.argsort(-(x - out) * room, kind="stable")
-        for k in order[:left]:
-            if out[k] < hi[k]:
-                out[k] += 1
-    return out.astype(np.int64)
-
-
-@dataclasses.dataclass(frozen=True)
-class BandedPlan:
-    """A continuous placement within a band structure: each band's height, each kernel's width and the fraction
-    of its band's height it fills (a kernel lower than its band leaves cores idle under it). Rounding it is
-    `legalise_banded`; `banded_plan` reads it back from a legal placement.
-
-    Attributes:
-      bands: the structure.
-      band_heights: [bands] rows.
-      widths: [n] columns.
-      fill: [n] in (0, 1].
-    """
-
-    bands: Bands
-    band_heights: np.ndarray
-    widths: np.ndarray
-    fill: np.ndarray
-
-    @property
-    def areas(self) -> np.ndarray:
-        h = self.band_heights[self.bands.band_ids(len(self.widths))] * self.fill
-        return h * self.widths
-
-
-def banded_plan(prob: PlacementProblem, rects, bands: Bands) -> BandedPlan:
-    """The BandedPlan of a banded placement."""
-    rs = [rects[n] for n in prob.names]
-    H = np.array([max(rs[k].row + rs[k].height for k in g) - min(rs[k].row for k in g) for g in bands.groups])
-    ids = bands.band_ids(prob.n)
-    widths = np.array([r.width for r in rs], np.float64)
-    fill = np.array([r.height for r in rs], np.float64) / H[ids]
-    return BandedPlan(bands, H.astype(np.float64), widths, np.clip(fill, 1e-3, 1.0))
-
-
-def _tile_shape(prob: PlacementProblem, k: int, h: int, w: int, H: int, W: int):
-    """The smallest rectangle, of at most h * w cores, at most H high and W wide, made of whole copies of kernel
-    k's full tile grid (a x b) in as many row groups as the partitioner can use, that needs the fewest rows of
-    data per group (the exact model's ceil(m / groups)); None when it needs more rows per group than (h, w) does,
-    or the grid does not fit."""
-    weight, a_, b_, m_ = prob.tiles
-    if not weight[k]:
-        return None
-    a, b, m = int(a_[k]), int(b_[k]), int(m_[k])
-    if a > H or b > W:
-        return None
-    gh, gw = min(h, a), min(w, b)
-    rr = max(min(h // gh, m), 1)
-    rc = max(min(w // gw, m // rr), 1)
-    now = (math.ceil(m / (rr * rc)), h * w, w)
-    best = None
-    least, d = prob.least[k], prob.demands[k]
-    for rr in range(1, min(H // a, m) + 1):
-        for rc in range(1, min(W // b, m // rr) + 1):
-            area = rr * a * rc * b
-            if area > h * w or area < least or rr * a < d.min_height or rc * b < d.min_width:
-                continue
-            key = (math.ceil(m / (rr * rc)), area, rc * b)
-            if key < now and (best is None or key < best[0]):
-                best = (key, rr * a, rc * b)
-    return None if best is None else (*best[1:], best[0][0] < now[0])
-
-
-def _used_width(prob: PlacementProblem, k: int, h: int, w: int) -> int:
-    """The columns a weight kernel's copies of its tile grid use in an h x w rectangle (0 for other kernels)."""
-    weight, a, b, m = prob.tiles
-    if not weight[k]:
-        return 0
-    gh, gw = min(h, int(a[k])), min(w, int(b[k]))
-    rr = max(min(h // gh, int(m[k])), 1)
-    return max(min(w // gw, int(m[k]) // rr), 1) * gw
-
-
-def legalise_banded(prob: PlacementProblem, plan: BandedPlan, snap: bool = False) -> dict | None:
-    """Round a BandedPlan to a valid placement: band heights apportioned (largest remainder) to the usable rows,
-    kernels' heights to their fill of their band, widths within each band apportioned to the usable width with
-    lower bounds from the minimum sizes; bands serpentine; with `snap`, weight kernels snapped to whole copies of
-    their tile grid (module docstring). None when the minimum sizes do not fit."""
-    R, W = prob.region.height, prob.region.width
-    least = prob.least
-    min_h = np.array([d.min_height for d in prob.demands], np.float64)
-    min_w = np.array([d.min_width for d in prob.demands], np.float64)
-    groups = [list(g) for g in plan.bands.groups]
-    lb = np.array([min_h[g].max() for g in groups])
-    if lb.sum() > R:
-        return None
-    heights = apportion(R, np.maximum(plan.band_heights, 1e-9), lb, np.full(len(groups), float(R)))
-    rects = {}
-    y = prob.region.row
-    for b, (g, H) in enumerate(zip(groups, heights)):
-        h = np.clip(np.round(plan.fill[g] * H), np.maximum(min_h[g], 1), H)
-        lo = np.maximum(min_w[g], np.ceil(least[g] / h))
-        if lo.sum() > W:
-            return None
-        # No upper bound from max_cores: a rectangle larger than the cores a kernel can use may still be the shape
-        # that lets it use them all (a conv's tile grid copies need whole multiples of the grid's sides).
-        widths = apportion(W, np.maximum(plan.widths[g], 1e-9), lo, np.full(len(g), float(W)))
-        if snap:
-            # tile-grid snapping: each weight kernel reshaped, within its cores, to whole copies of its tile grid
-            # when that needs fewer rows of data per copy (`_tile_shape`); the band's other kernels share the rest
-            shapes = [_tile_shape(prob, k, int(h[j]), int(widths[j]), int(H), W) for j, k in enumerate(g)]
-            # when the snapped widths do not fit, drop first the snaps that only save cores, then the narrowest
-            order = sorted(
-                (j for j, sh in enumerate(shapes) if sh is not None), key=lambda j: (shapes[j][2], shapes[j][1])
-            )
-            while True:
-                h2, hi2 = h.copy(), np.full(len(g), float(W))
-                # an unsnapped weight kernel keeps the columns its grid copies use
-                lo2 = np.maximum(lo, [_used_width(prob, k, int(h[j]), int(widths[j])) for j, k in enumerate(g)])
-                for j in order:
-                    h2[j], lo2[j], hi2[j] = shapes[j][0], shapes[j][1], shapes[j][1]
-                if lo2.sum() <= W or not order:
-                    break
-                order = order[1:]
-            free = hi2 > lo2
-            if order and lo2.sum() <= W and (free.any() or lo2.sum() == W):
-                if free.any():
-                    widths = apportion(W, np.maximum(plan.widths[g], 1e-9), lo2, hi2)
-                else:
-                    widths = lo2.astype(np.int64)
-                h = h2
-        east_to_west = b % 2 == 1
-        x = prob.region.col + W if east_to_west else prob.region.col
-        for j, (k, w, hk) in enumerate(zip(g, widths, h)):
-            if east_to_west:
-                x -= int(w)
-            # as compiler.place does: a band's last kernel, when lower than the band, sits at its bottom (next to
-            # the next band's first kernel)
-            dy = int(H - hk) if (j == len(g) - 1 and j > 0 and b < len(groups) - 1) else 0
-            rects[prob.demands[k].name] = Rect(y + dy, x, int(hk), int(w))
-            if not east_to_west:
-                x += int(w)
-        y += int(H)
-    return rects
-
-
-def legalise(prob: PlacementProblem, target, snap: bool = False) -> tuple[dict, Bands]:
-    """A valid placement for a target: an array of areas [n] (cores per kernel), legalised by `compiler.place`, or a
-    `BandedPlan`, rounded within its structure (by `compiler.place` on its areas when its minimum sizes do not fit);
-    with `snap`, tile-grid snapped (module docstring; an areas target is snapped within compiler.place's bands).
-
-    Returns:
-      ({kernel name: Rect}, Bands), validated by `compiler.validate_placement`.
-    Raises:
-      PlacementError: the kernels' minimum sizes do not fit.
-    """
-    if isinstance(target, BandedPlan):
-        rects = legalise_banded(prob, target, snap)
-        if rects is not None:
-            validate_placement(rects, prob.demands, prob.spec, reserve_io_columns=prob.reserve_io_columns)
-            return rects, target.bands
-        target = target.areas
-    areas = np.maximum(np.asarray(target, np.float64), prob.least)
-    ds = [dataclasses.replace(d, work=float(a)) for d, a in zip(prob.demands, areas)]
-    fraction = float(np.clip(areas.sum() / prob.usable, 1e-6, 1.0))
-    params = PlacementParams(
-        area_rule="work", area_exponent=1.0, fraction=fraction, reserve_io_columns=prob.reserve_io_columns
-    )
-    rects = place(ds, prob.spec, params)
-    bands = bands_of([rects[n] for n in prob.names])
-    if snap:
-        snapped = legalise_banded(prob, banded_plan(prob, rects, bands), snap=True)
-        if snapped is not None:
-            validate_placement(snapped, prob.demands, prob.spec, reserve_io_columns=prob.reserve_io_columns)
-            return snapped, bands
-    return rects, bands
 
 
 # ---- results --------------------------------------------------------------------------------------------------
@@ -607,11 +351,15 @@ def simulated_annealing(
     return tr.result()
 
 
-def heuristic_placement(prob: PlacementProblem, exe=None) -> SearchResult:
+def heuristic_placement(prob: PlacementProblem, program=None) -> SearchResult:
     """The compiler's own placement (`compiler.place` with default PlacementParams on the compiler's demands), scored
     exactly: one evaluation."""
     tr = _Tracker(prob, "heuristic")
-    ds = kernel_demands(exe.graph, exe.traced, prob.spec) if exe is not None else prob.demands
+    if program is not None:
+        plan = program if isinstance(program, Plan) else program.plan
+        ds = demands_pass(plan.replace(spec=prob.spec)).demands
+    else:
+        ds = prob.demands
     rects = place(ds, prob.spec, PlacementParams(reserve_io_columns=prob.reserve_io_columns))
     tr.evals = 1
     tr.best, tr.best_rects = score_placement(prob, rects)["score"], rects
@@ -725,7 +473,7 @@ def search_placement(
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def compare_searches(exe, spec=None, *, budget: int = 300, seed: int = 0, methods=METHODS):
+def compare_searches(program, spec=None, *, budget: int = 300, seed: int = 0, methods=METHODS):
     """Every method on one program at the same budget, plus the compiler's heuristic placement.
 
     Returns a pandas DataFrame with columns method, evaluations, samples_per_s, fraction_of_bound, wall_s (and the
@@ -733,8 +481,8 @@ def compare_searches(exe, spec=None, *, budget: int = 300, seed: int = 0, method
     """
     import pandas as pd
 
-    prob = placement_problem(exe, spec)
-    results = {"heuristic": heuristic_placement(prob, exe)}
+    prob = placement_problem(program, spec)
+    results = {"heuristic": heuristic_placement(prob, program)}
     for m in methods:
         results[m] = search_placement(prob, m, budget=budget, seed=seed)
     df = pd.DataFrame(

@@ -1,0 +1,494 @@
+"""Partitioning: how each kernel's tensors split over its rectangle of cores, and what each core holds.
+
+Weights (parameter leaves) are tiled over a grid of `gh x gw` cores at the kernel's top-left corner:
+  rank >= 2  axis -2 over the grid's rows, axis -1 over its columns (a dense kernel [K, N] gives tiles
+             [ceil(K/gh), ceil(N/gw)]; a conv kernel [kh, kw, Cin, Cout] tiles Cin x Cout and keeps the window
+             whole; an embedding table [V, D] tiles V x D). gh = min(h, dim -2), gw = min(w, dim -1): a grid
+             never has empty rows or columns of tiles.
+  rank 1     split flat over up to h x w cores in row-major order (a bias of N values on N cores or fewer).
+  one value  one word on the kernel's first core.
+Uneven shapes are zero-padded to whole tiles; the padding is counted in SRAM and in the per-core work.
+
+The dense partitioning (DESIGN.md): the input's K axis is split into gh chunks, chunk i multicast along row i;
+core (i, j) multiplies it by tile W[i, j]; the partial sums are reduced along each column to the bottom row.
+Convolutions split input channels over rows and output channels over columns the same way. Rows of data (x's rows
+for dense, output rows for conv) are split over as many copies of the tile grid as the rectangle holds, each copy
+with its own weights (`grid_copies`). Other kernels (elementwise epilogues, norms, softmax, attention score
+matmuls, embeddings) follow their producer's layout: their work is spread evenly over the kernel's cores.
+
+Per-core SRAM = weight tiles (x `weight_copies` in training: gradient and optimizer slots) + activation buffers
+(the kernel's input and output for one batch, spread over its cores, x `act_copies`). It is checked against the
+spec: `wafer.SramCapacityError` names the kernel, the core and the bytes.
+
+The rule is written once, `kernel_shape`, over arrays of kernels (compiler/plan/features.py) with the arithmetic of
+compiler/relax.py: on a plan's integer rectangles (NumPy) it gives the tilings and SRAM the plan allocates; on a
+relaxed continuous layout (JAX) the differentiable cost model's per-core work. `partition` builds the plan's
+`KernelPlan`s from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+import wafer
+from compiler import relax
+from compiler.plan import features as ft
+from wafer.memory import Rect, SramCapacityError
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+# ---- the rule ---------------------------------------------------------------------------------------------------
+
+
+def param_grid(layout, a, b, h, w):
+    """(gh, gw, ta, tb) of a parameter tiled on an h x w rectangle: its grid of cores and tile dims.
+
+    MATRIX: axes (a, b) over gh = min(h, a) rows and gw = min(w, b) columns, tiles ta x tb (x the leading axes);
+    VECTOR of a elements: split flat over min(h * w, a) cores, row-major, ta elements each (tb = 1); SCALAR: one
+    core, one element. Array-generic (compiler/relax.py).
+    """
+    R = relax
+    gh_m, gw_m = R.minimum(h, a), R.minimum(w, b)
+    cores_v = R.minimum(h * w, a)
+    gw_v = R.minimum(w, cores_v)
+    gh_v = R.ceil(cores_v / gw_v)
+    mat, vec = layout == ft.MATRIX, layout == ft.VECTOR
+    one = 1.0
+    gh = R.where(mat, gh_m, R.where(vec, gh_v, one))
+    gw = R.where(mat, gw_m, R.where(vec, gw_v, one))
+    ta = R.where(mat, R.ceil(a / gh_m), R.where(vec, R.ceil(a / (gh_v * gw_v)), one))
+    tb = R.where(mat, R.ceil(b / gw_m), one)
+    return gh, gw, ta, tb
+
+
+def grid_copies(gh, gw, m, h, w):
+    """(rr, rc): copies of a gh x gw tile grid in an h x w rectangle that `m` rows of data are split over.
+
+    The rows of copies first (as many as fit, no more than m), then as many columns of copies as leave every copy a
+    row of data: rr = max(1, min(floor(h / gh), m)), rc = max(1, min(floor(w / gw), floor(m / rr))).
+    """
+    R = relax
+    rr = R.maximum(R.minimum(R.floor(h / gh), m), 1.0)
+    rc = R.maximum(R.minimum(R.floor(w / gw), R.floor(m / rr)), 1.0)
+    return rr, rc
+
+
+def kernel_shape(f: ft.Features, h, w) -> dict:
+    """The partition of every kernel on an h x w rectangle ([n] arrays), and what each of its cores holds and does.
+
+    Returns a dict of [n] arrays (per-core counts [n, K]):
+      gh, gw, ta, tb: the anchor weight's tile grid and tile dims (WEIGHT and TILED kernels);
+      rr, rc, groups, mt: grid copies, row groups (rr * rc) and rows of data per group (WEIGHT kernels);
+      pad: work per useful work of a WEIGHT kernel (uneven tiles and row groups), 1 elsewhere;
+      grid_h, grid_w, cores: the cores that do the kernel's work (top-left of the rectangle);
+      counts: per-core instruction counts (whole-kernel counts / cores, rounded up; a WEIGHT kernel's FMACs its
+        core's share mt x ta x tb of the anchor's work, padding included);
+      weight_bytes, act_bytes: SRAM bytes per core (the fullest core: the first, which holds a tile of every
+        parameter); read_bytes, write_bytes: SRAM bytes a core streams per batch (its weight tiles once and its
+        share of the input; its share of the output);
+      tile_elems [n, P]: elements of a core's tile of each parameter;
+      rows_in, rows_out: rows of its input chunk a core of a WEIGHT kernel receives, rows of the partial result it
+        produces (the window's halo included for a convolution's row groups);
+      in_words, out_words: words per core a WEIGHT kernel multicasts along rows and reduces along columns.
+    """
+    R = relax
+    ns = relax.xp(f.counts, h, w)
+    h, w = R.maximum(h, 1.0), R.maximum(w, 1.0)
+    weight, tiled = f.anchor == ft.WEIGHT, f.anchor == ft.TILED
+    gh, gw = R.minimum(h, f.a), R.minimum(w, f.b)
+    rr, rc = grid_copies(gh, gw, f.m, h, w)
+    groups = rr * rc
+    mt = R.ceil(f.m / groups)
+    ta, tb = R.ceil(f.a / gh), R.ceil(f.b / gw)
+    # padding of uneven tiles and of uneven row groups is real work
+    pad = R.where(weight, groups * mt * gh * ta * gw * tb / (f.m * f.a * f.b), 1.0)
+    # a tiled weight that is not a plain matrix: its tiles on their grid, the work spread over at least that grid
+    cores_t = R.minimum(h * w, R.maximum(gh * gw, f.out_words))
+    gw_t = R.minimum(w, cores_t)
+    gh_t = R.maximum(gh, R.ceil(cores_t / gw_t))
+    # weightless kernels and epilogues: spread over the rectangle, at most one output word per core
+    cores_s = R.minimum(h * w, R.maximum(f.out_words, 1.0))
+    gw_s = R.minimum(w, cores_s)
+    gh_s = R.ceil(cores_s / gw_s)
+    grid_h = R.where(weight, rr * gh, R.where(tiled, gh_t, gh_s))
+    grid_w = R.where(weight, rc * gw, R.where(tiled, gw_t, gw_s))
+    cores = grid_h * grid_w
+    # a WEIGHT kernel's FMACs: its core's share of the work, mt rows x (ta x tb) weight entries, padding included
+    # (as unit_counts * mt * ta * tb: no rounding where the counts are a whole number per weight entry)
+    fmac = ns.asarray([key[0] == "fmac" for key in f.keys])
+    share = R.where(fmac[None, :] & weight[:, None], f.unit_counts * (mt * ta * tb)[:, None], f.counts / cores[:, None])
+    counts = R.ceil(share)
+    # weight tiles: every parameter has a tile on the kernel's first core
+    pl = f.p_layout
+    _, _, pta, ptb = param_grid(pl, f.p_a, f.p_b, h[:, None], w[:, None])
+    elems = R.where(
+        pl == ft.MATRIX, f.p_lead * pta * ptb, R.where(pl == ft.VECTOR, pta, R.where(pl == ft.SCALAR, 1.0, 0.0))
+    )
+    single = 4.0 * ns.sum(R.ceil(elems * f.p_isz / 4.0), axis=1)
+    in_words_all, out_words_all = R.ceil(f.in_bytes / 4.0), R.ceil(f.out_bytes / 4.0)
+    rows_in = R.where(groups > 1, f.in_s1 * mt + f.in_s0, f.in_full)
+    rows_out = R.where(f.out_full > 0, f.out_full, mt)
+    return dict(
+        gh=gh,
+        gw=gw,
+        ta=ta,
+        tb=tb,
+        rr=rr,
+        rc=rc,
+        groups=groups,
+        mt=mt,
+        pad=pad,
+        grid_h=grid_h,
+        grid_w=grid_w,
+        cores=cores,
+        counts=counts,
+        weight_bytes=f.weight_copies * single,
+        act_bytes=f.act_copies * 4.0 * R.ceil((in_words_all + out_words_all) / cores),
+        read_bytes=single + R.ceil(f.in_bytes / cores),
+        write_bytes=R.ceil(f.out_bytes / cores),
+        tile_elems=elems,
+        rows_in=rows_in,
+        rows_out=rows_out,
+        in_words=R.ceil(f.n_in * rows_in * ta * f.isz_in / 4.0),
+        out_words=R.ceil(f.n_out * rows_out * tb * f.isz_out / 4.0),
+    )
+
+
+def update_counts(f: ft.Features, shape: dict):
+    """Per-core instruction counts [n, K] of a training step's optimizer update on each core's tiles."""
+    ns = relax.xp(f.upd_alpha, shape["tile_elems"])
+    return f.upd_beta + ns.sum(f.upd_alpha * shape["tile_elems"][:, :, None], axis=1)
+
+
+# ---- a kernel's partition on its rectangle --------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamTiling:
+    """How one parameter leaf is stored: tiles `[gh, gw, *tile]` on `rect`.
+
+    Attributes:
+      index: position among the flat parameter leaves.
+      path: readable path, e.g. "params/Dense_0/kernel".
+      shape, dtype: the leaf's shape and dtype.
+      layout: "matrix" (axes -2, -1 tiled), "vector" (flat split) or "scalar".
+      rect: the cores holding it (a sub-rectangle of the kernel's).
+      tile: per-core array shape.
+      replicas: (rows, cols) copies of the tile grid side by side from `rect`'s corner: a weight kernel whose
+        rows of data are split over groups of cores keeps one copy of its weights per group. The emulator keeps
+        the data of the first copy only (`rect`); the others take their room in SRAM as reservations, since
+        every copy is updated with the same summed gradient and so always holds the same values.
+    """
+
+    index: int
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    layout: str
+    rect: Rect
+    tile: tuple[int, ...]
+    replicas: tuple[int, int] = (1, 1)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Cores of one copy of the tile grid, (gh, gw)."""
+        return self.rect.height, self.rect.width
+
+    @property
+    def replica_rect(self) -> Rect:
+        """The cores holding all copies."""
+        r = self.rect
+        return Rect(r.row, r.col, r.height * self.replicas[0], r.width * self.replicas[1])
+
+    def replica_reservations(self) -> tuple[Rect, ...]:
+        """The cores of the copies other than the first: the part right of it and the part below it."""
+        r, (gh, gw), (rr, rc) = self.rect, self.grid, self.replicas
+        out = []
+        if rc > 1:
+            out.append(Rect(r.row, r.col + gw, gh, (rc - 1) * gw))
+        if rr > 1:
+            out.append(Rect(r.row + gh, r.col, (rr - 1) * gh, rc * gw))
+        return tuple(out)
+
+    def replicated(self, rows: int, cols: int) -> ParamTiling:
+        return dataclasses.replace(self, replicas=(rows, cols))
+
+    @property
+    def tile_bytes(self) -> int:
+        return wafer.memory.words_for(self.tile, self.dtype) * 4
+
+    def tile_array(self, x):
+        """[*shape] -> [gh, gw, *tile] (zero padding)."""
+        gh, gw = self.grid
+        if self.layout == "scalar":
+            return jnp.reshape(x, (1, 1))
+        if self.layout == "vector":
+            (t,) = self.tile
+            flat = jnp.pad(jnp.ravel(x), (0, gh * gw * t - x.size))
+            return flat.reshape(gh, gw, t)
+        *lead, a, b = self.shape
+        ta, tb = self.tile[-2:]
+        x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, gh * ta - a), (0, gw * tb - b)])
+        x = x.reshape(*lead, gh, ta, gw, tb)
+        n = len(lead)
+        perm = (n, n + 2, *range(n), n + 1, n + 3)
+        return jnp.transpose(x, perm)
+
+    def untile(self, t):
+        """[gh, gw, *tile] -> [*shape] (padding dropped)."""
+        gh, gw = self.grid
+        if self.layout == "scalar":
+            return jnp.reshape(t, self.shape)
+        if self.layout == "vector":
+            return jnp.ravel(t)[: math.prod(self.shape)].reshape(self.shape)
+        *lead, a, b = self.shape
+        ta, tb = self.tile[-2:]
+        n = len(lead)
+        # [gh, gw, *lead, ta, tb] -> [*lead, gh, ta, gw, tb]
+        perm = (*range(2, 2 + n), 0, 2 + n, 1, 3 + n)
+        x = jnp.transpose(t, perm).reshape(*lead, gh * ta, gw * tb)
+        return x[..., :a, :b]
+
+
+def tile_param(index, path, aval, rect: Rect) -> ParamTiling:
+    """The tiling of one parameter leaf over a kernel's rectangle (`param_grid`)."""
+    shape, dtype = tuple(aval.shape), np.dtype(aval.dtype).name
+    layout = ft.param_layout(shape)
+    if layout == ft.SCALAR:
+        return ParamTiling(index, path, shape, dtype, "scalar", Rect(rect.row, rect.col, 1, 1), ())
+    a, b = (shape[0], 1) if layout == ft.VECTOR else shape[-2:]
+    gh, gw, ta, tb = (int(v) for v in param_grid(layout, a, b, rect.height, rect.width))
+    if layout == ft.VECTOR:
+        return ParamTiling(index, path, shape, dtype, "vector", Rect(rect.row, rect.col, gh, gw), (ta,))
+    return ParamTiling(index, path, shape, dtype, "matrix", Rect(rect.row, rect.col, gh, gw), (*shape[:-2], ta, tb))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KernelPlan:
+    """One kernel's partition on its rectangle (what `partition` decides; its cost is the schedule's).
+
+    Attributes:
+      name, kind: from the kernel graph.
+      rect: the placed rectangle; grid: (rows, cols) of the cores that do its work (top-left of rect).
+      params: the ParamTilings of the weights it holds.
+      weight_bytes, act_bytes: SRAM bytes per core (the fullest core).
+      traffic: fabric traffic inside the kernel per batch (multicast of inputs, reduction of partial sums), at
+        the kernel's place on the grid.
+      flops: FLOPs of the whole kernel per batch.
+      batch: samples per call.
+    """
+
+    name: str
+    kind: str
+    rect: Rect
+    grid: tuple[int, int]
+    params: tuple[ParamTiling, ...]
+    weight_bytes: int
+    act_bytes: int
+    traffic: wafer.Traffic
+    flops: float
+    batch: int
+
+    @property
+    def cores(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def grid_rect(self) -> Rect:
+        """The cores that do the work."""
+        return Rect(self.rect.row, self.rect.col, *self.grid)
+
+    @property
+    def sram_bytes(self) -> int:
+        return self.weight_bytes + self.act_bytes
+
+
+def anchor_weight(kernel, traced):
+    """(anchor eqn, flat param index of its weight operand) for dot_general/conv kernels, else (None, None)."""
+    param_vars = {v: i for i, v in enumerate(traced.jaxpr.invars[: traced.n_params])}
+    # A cast weight is still the weight: a precision policy reads a 16-bit copy of float32 master weights.
+    casts = {e.outvars[0]: e.invars[0] for e in kernel.eqns if e.primitive.name == "convert_element_type"}
+    for eqn in kernel.eqns:
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated") and len(eqn.invars) == 2:
+            w = eqn.invars[1]
+            while isinstance(w, jcore.Var) and w not in param_vars and w in casts:
+                w = casts[w]
+            if w in param_vars and param_vars[w] in kernel.params:
+                return eqn, param_vars[w]
+    return None, None
+
+
+def per_core_kind(eqn, tiling) -> str | None:
+    """ "dense" or "conv" when the per-core path runs this anchor literally on its weight tiles, else None."""
+    if eqn is None or tiling is None or tiling.layout != "matrix":
+        return None
+    if eqn.primitive.name == "dot_general" and len(tiling.shape) == 2:
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        lhs = eqn.invars[0].aval
+        if tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,) and not lb and not rb:
+            return "dense"
+    if eqn.primitive.name == "conv_general_dilated" and eqn.params["feature_group_count"] == 1:
+        dn = eqn.params["dimension_numbers"]
+        nd = len(tiling.shape)
+        if tuple(dn.rhs_spec[:2]) == (nd - 1, nd - 2) and tuple(dn.rhs_spec[2:]) == tuple(range(nd - 2)):
+            return "conv"
+    return None
+
+
+def split_rows(eqn, kind) -> int:
+    """Rows of data an anchor can split over groups of cores: the rows of x[M, K] for dense, the output's first
+    spatial axis for conv (input rows with their window halo go to each group); 1 if not splittable."""
+    if kind == "dense":
+        return math.prod(eqn.invars[0].aval.shape[:-1])
+    if kind == "conv" and all(d == 1 for d in eqn.params["lhs_dilation"]) and len(eqn.params["padding"]):
+        dn = eqn.params["dimension_numbers"]
+        return eqn.outvars[0].aval.shape[dn.out_spec[2]]
+    return 1
+
+
+def conv_rows_span(eqn, rows_per_group: int) -> int:
+    """Input rows (first spatial axis, after padding) one group of `rows_per_group` output rows reads."""
+    dn = eqn.params["dimension_numbers"]
+    k = eqn.invars[1].aval.shape[dn.rhs_spec[2]]
+    stride, dil = eqn.params["window_strides"][0], eqn.params["rhs_dilation"][0]
+    return (rows_per_group - 1) * stride + (k - 1) * dil + 1
+
+
+def group_offsets(tiling: ParamTiling):
+    gh, gw = tiling.grid
+    rr, rc = tiling.replicas
+    return [(p * gh, q * gw) for p in range(rr) for q in range(rc)]
+
+
+def anchor_traffic(eqn, tiling: ParamTiling, rows_in: int, rows_out: int) -> wafer.Traffic:
+    """Region-local traffic of a per-core anchor: in every group, input chunks multicast along rows and partial
+    sums reduced along columns. Shapes are exactly those the per-core path moves (compiler/run/percore.py): a core
+    receives `rows_in` rows of its input chunk and produces `rows_out` rows of its partial result."""
+    kind = per_core_kind(eqn, tiling)
+    if kind is None:
+        return wafer.Traffic.none()
+    gh, gw = tiling.grid
+    tk, tn = tiling.tile[-2:]
+    lhs, out = eqn.invars[0].aval, eqn.outvars[0].aval
+    if kind == "dense":
+        in_shape, out_shape = (rows_in, tk), (rows_out, tn)
+    else:
+        dn = eqn.params["dimension_numbers"]
+        sp_in, sp_out = dn.lhs_spec[2], dn.out_spec[2]
+        in_shape = tuple(tk if a == dn.lhs_spec[1] else (rows_in if a == sp_in else d) for a, d in enumerate(lhs.shape))
+        out_shape = tuple(
+            tn if a == dn.out_spec[1] else (rows_out if a == sp_out else d) for a, d in enumerate(out.shape)
+        )
+    x = jax.ShapeDtypeStruct((gh, gw, *in_shape), lhs.dtype)
+    p = jax.ShapeDtypeStruct((gh, gw, *out_shape), out.dtype)
+    _, t_in = jax.eval_shape(lambda a: wafer.multicast(a, "row", src=0), x)
+    _, t_out = jax.eval_shape(lambda a: wafer.reduce(a, "col", "sum", to="last"), p)
+    return (t_in + t_out).replicate(group_offsets(tiling))
+
+
+def partition(graph, placement, feats: ft.Features, spec) -> dict[str, KernelPlan]:
+    """Every kernel's `KernelPlan` on its rectangle of `placement`, by `kernel_shape`.
+
+    Raises:
+      wafer.SramCapacityError: a kernel's fullest core holds more than `spec.sram_bytes_per_core`; the message
+        names the kernel, its source line, its cores and its bytes.
+    """
+    traced = graph.traced
+    rects = [Rect(*(int(v) for v in placement[k.name])) for k in graph.kernels]
+    h = np.array([float(r.height) for r in rects])
+    w = np.array([float(r.width) for r in rects])
+    shape = kernel_shape(feats, h, w)
+    plans = {}
+    for i, (kernel, rect) in enumerate(zip(graph.kernels, rects)):
+        tilings = [tile_param(j, traced.param_paths[j], traced.param_avals[j], rect) for j in kernel.params]
+        traffic = wafer.Traffic.none()
+        if feats.anchor[i] == ft.WEIGHT:
+            eqn, widx = anchor_weight(kernel, traced)
+            pos = kernel.params.index(widx)
+            tilings[pos] = tilings[pos].replicated(int(shape["rr"][i]), int(shape["rc"][i]))
+            rows = int(shape["rows_in"][i]), int(shape["rows_out"][i])
+            traffic = anchor_traffic(eqn, tilings[pos], *rows).at(rect.row, rect.col)
+        plan = KernelPlan(
+            kernel.name,
+            kernel.kind,
+            rect,
+            (int(shape["grid_h"][i]), int(shape["grid_w"][i])),
+            tuple(tilings),
+            int(shape["weight_bytes"][i]),
+            int(shape["act_bytes"][i]),
+            traffic,
+            float(kernel.flops),
+            int(kernel.batch or 1),
+        )
+        if plan.sram_bytes > spec.sram_bytes_per_core:
+            g = plan.grid
+            raise SramCapacityError(
+                kernel.name,
+                (rect.row, rect.col),
+                plan.sram_bytes,
+                spec.sram_bytes_per_core,
+                spec.sram_bytes_per_core,
+                detail=(
+                    f"kernel {kernel.name!r} ({kernel.kind}, {kernel.source}) on {g[0]}x{g[1]} cores holds "
+                    f"{plan.weight_bytes} B of weights (x{feats.weight_copies} copies) and {plan.act_bytes} B of "
+                    f"activations per core; give it more cores (a larger rectangle or wafer), a smaller batch, or use "
+                    f"weight streaming"
+                ),
+            )
+        plans[kernel.name] = plan
+    return plans
+
+
+# ---- sizes for placement ----------------------------------------------------------------------------------------
+
+
+def sram_need(
+    kernel, traced, *, weight_copies: int = 1, act_copies: int = 1, act_itemsize: int | None = None
+) -> tuple[int, int]:
+    """(weight bytes, activation bytes) a kernel keeps in SRAM over all its cores (before tiling granularity)."""
+    weights = weight_copies * sum(
+        int(np.prod(traced.param_avals[i].shape)) * np.dtype(traced.param_avals[i].dtype).itemsize
+        for i in kernel.params
+    )
+    acts = ft.act_bytes(kernel.inputs, act_itemsize) + ft.act_bytes(kernel.outputs, act_itemsize)
+    return int(weights), int(act_copies * acts)
+
+
+def min_cores(
+    kernel,
+    traced,
+    spec,
+    *,
+    headroom: float = 0.9,
+    weight_copies: int = 1,
+    act_copies: int = 1,
+    act_itemsize: int | None = None,
+) -> int:
+    """Fewest cores whose SRAM could hold a kernel's weights and activations (before tiling granularity)."""
+    total = sum(
+        sram_need(kernel, traced, weight_copies=weight_copies, act_copies=act_copies, act_itemsize=act_itemsize)
+    )
+    return max(1, _cdiv(int(total), int(spec.sram_bytes_per_core * headroom)))
+
+
+def max_cores(kernel, traced) -> int:
+    """More cores than this do not help a kernel: a weight kernel's tiles times the rows of data it can split
+    (one weight element and one row per core); a weightless kernel's output elements."""
+    anchor, widx = anchor_weight(kernel, traced)
+    if widx is not None:
+        shape = traced.param_avals[widx].shape
+        if len(shape) >= 2:
+            tiling = tile_param(widx, "", traced.param_avals[widx], Rect(0, 0, shape[-2], shape[-1]))
+            kind = per_core_kind(anchor, tiling)
+            rows = split_rows(anchor, kind) if kind else 1
+            return max(1, int(shape[-2] * shape[-1] * rows))
+    return max(1, kernel.out_bytes // 4)

@@ -1,0 +1,300 @@
+"""The Plan: what compile decides, as one frozen value, built by plain passes `plan -> plan`.
+
+    plan = trace_program(fn, params, *inputs, spec=spec)          # the traced program and the inputs of the passes
+    plan = build(plan)                                              # graph, demands, place, partition, route, lay out
+    plan.placement, plan.kernels, plan.routes, plan.memory          # what came of it
+    compiler.schedule.of(plan)                                      # every timing of it
+
+The passes, in order (`PASSES`), each a function of a plan returning a new one:
+  graph_pass      the traced jaxpr grouped into kernels (compiler/frontend/graph.py)
+  demands_pass    every kernel's static features (compiler/plan/features.py) and what placement needs of it: its
+                  work on one core (the schedule's cycles per sample on a 1 x 1 rectangle), its fewest cores (SRAM)
+                  and most useful cores
+  place_pass      a rectangle per kernel: the banded floorplan (compiler/plan/place.py) with the plan's
+                  PlacementParams, or its hand placement, validated; in weight streaming every kernel in turn on the
+                  whole usable wafer
+  partition_pass  each kernel's tilings on its rectangle, checked against SRAM (compiler/plan/partition.py)
+  route_pass      the streams between rectangles and the host (compiler/plan/route.py); none in weight streaming
+  layout_pass     the SRAM allocations of weights, their training slots and activation buffers (a MemoryMap)
+Hand placements and PlacementParams are inputs of the plan (`placement_params`, `hand_placement`); so are the task,
+the mode, the precision policy, what each core keeps beside its weights (`Storage`) and, in training, the optimizer
+whose update every core runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+import wafer
+from compiler.errors import PlacementError
+from compiler.frontend import precision
+from compiler.frontend.graph import build_graph
+from compiler.frontend.trace import trace
+from compiler.plan import features as ft
+from compiler.plan import partition as part
+from compiler.plan.place import KernelDemand, PlacementParams, place, usable_region, validate_placement
+from compiler.plan.route import route
+from wafer.memory import MemoryMap, Rect
+
+TASKS = ("inference", "training")
+MODES = ("pipelined", "weight_streaming")
+
+
+@dataclasses.dataclass(frozen=True)
+class Storage:
+    """What a kernel's cores keep beside the weights' values.
+
+    Attributes:
+      slots: weight-shaped arrays per weight tile, as allocation-name suffixes: "" the weights themselves, and in
+        training "#grad" (the gradient's room) and "#opt0", "#opt1", ... (optimizer slots). Every slot takes its
+        room in SRAM; the program decides which ones hold data in the state.
+      act_copies: activation buffers per kernel (2 in training: the stream buffer and the backward stash).
+      act_itemsize: bytes per floating-point activation element (2 under a 16-bit policy); None: as traced.
+    """
+
+    slots: tuple[str, ...] = ("",)
+    act_copies: int = 1
+    act_itemsize: int | None = None
+
+    @property
+    def weight_copies(self) -> int:
+        return len(self.slots)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan:
+    """What compile decides (module docstring). Inputs first; the passes fill the rest.
+
+    Attributes:
+      traced: the traced program (compiler/frontend/trace.py).
+      spec: the wafer it is planned for.
+      task: "inference" or "training"; mode: "pipelined" (weights resident) or "weight_streaming".
+      policy: the precision policy (compiler/frontend/precision.py).
+      storage: what every core keeps beside its weights (`Storage`).
+      optimizer: the optax transformation of a training step (None in inference).
+      placement_params: the knobs of the automatic placement; hand_placement: a given one {kernel: Rect}, or None.
+      graph: the kernel graph (graph_pass).
+      features: the kernels' static features; demands: KernelDemands (demands_pass).
+      placement: {kernel: Rect} (place_pass).
+      kernels: {kernel: KernelPlan} (partition_pass).
+      routes: the streams between kernels, or None (route_pass).
+      memory: the SRAM layout, a MemoryMap (layout_pass).
+    """
+
+    traced: Any
+    spec: wafer.WaferSpec
+    task: str = "inference"
+    mode: str = "pipelined"
+    policy: precision.Policy = precision.FP32
+    storage: Storage = Storage()
+    optimizer: Any = None
+    placement_params: PlacementParams = PlacementParams()
+    hand_placement: Mapping | None = None
+    graph: Any = None
+    features: ft.Features | None = None
+    demands: tuple | None = None
+    placement: dict | None = None
+    kernels: dict | None = None
+    routes: Any = None
+    memory: MemoryMap | None = None
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"Plan.task must be one of {TASKS}, got {self.task!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"Plan.mode must be one of {MODES}, got {self.mode!r}")
+
+    def replace(self, **changes) -> Plan:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(k.name for k in self.graph.kernels)
+
+    @property
+    def batch(self) -> int:
+        return ft.graph_batch(self.graph)
+
+    @functools.cached_property
+    def layout(self):
+        """The placement as the schedule's Layout (NumPy)."""
+        from compiler.schedule import layout_of
+
+        return layout_of(self.placement, self.names)
+
+    @functools.cached_property
+    def weights(self) -> dict[int, tuple[str, part.ParamTiling]]:
+        """{flat parameter index: (its SRAM allocation's name, its tiling)} (a shared parameter: its last kernel's)."""
+        return {t.index: (f"{p.name}:{t.path}", t) for p in self.kernels.values() for t in p.params}
+
+
+# ---- the passes ---------------------------------------------------------------------------------------------------
+
+
+def trace_program(
+    fn,
+    *args,
+    spec: wafer.WaferSpec,
+    task: str = "inference",
+    mode: str = "pipelined",
+    policy=None,
+    storage: Storage | None = None,
+    optimizer=None,
+    placement=None,
+    placement_params: PlacementParams | None = None,
+) -> Plan:
+    """The first pass: trace `fn(params, *inputs)` (or an nnx.Module on `*inputs`) into a Plan with the passes' inputs.
+
+    Under a 16-bit policy, inference traces the weights in the 16-bit format (they are stored so) and training keeps
+    float32 master weights; activations are counted at the policy's 2 bytes unless `storage` says otherwise.
+    """
+    policy = precision.Policy.of(policy)
+    traced = trace(fn, *args, policy=policy, stored_params=task == "inference")
+    if storage is None:
+        storage = Storage(act_itemsize=policy.storage_bytes if policy.mixed else None)
+    return Plan(
+        traced=traced,
+        spec=spec,
+        task=task,
+        mode=mode,
+        policy=policy,
+        storage=storage,
+        optimizer=optimizer,
+        placement_params=placement_params or PlacementParams(),
+        hand_placement=None if placement is None else dict(placement),
+    )
+
+
+def graph_pass(plan: Plan) -> Plan:
+    """The kernel graph of the traced program."""
+    return plan.replace(graph=build_graph(plan.traced))
+
+
+def demands_pass(plan: Plan) -> Plan:
+    """The kernels' features, and what placement needs of each: work on one core, fewest and most useful cores."""
+    from compiler.schedule import Layout, kernel_figures
+
+    st = plan.storage
+    stream_itemsize = plan.policy.storage_bytes if plan.policy.mixed else None
+    feats = ft.features(
+        plan.graph,
+        task=plan.task,
+        mode=plan.mode,
+        act_itemsize=st.act_itemsize,
+        weight_copies=st.weight_copies,
+        act_copies=st.act_copies,
+        optimizer=plan.optimizer,
+        stream_itemsize=stream_itemsize,
+    )
+    n = feats.n
+    one = Layout(np.ones(n), np.ones(n), np.zeros(n), np.zeros(n))
+    work = np.asarray(kernel_figures(feats, one, plan.spec)["cycles"]) / float(feats.batch)
+    traced, copies = plan.traced, dict(weight_copies=st.weight_copies, act_copies=st.act_copies)
+    demands = []
+    for k, wk in zip(plan.graph.kernels, work):
+        lo = part.min_cores(k, traced, plan.spec, act_itemsize=st.act_itemsize, **copies)
+        demands.append(
+            KernelDemand(
+                name=k.name, work=max(float(wk), 1e-9), min_cores=lo, max_cores=max(lo, part.max_cores(k, traced))
+            )
+        )
+    return plan.replace(features=feats, demands=tuple(demands))
+
+
+def place_pass(plan: Plan) -> Plan:
+    """A rectangle for every kernel: the hand placement (validated) or the banded floorplan; in weight streaming the
+    whole usable wafer for each kernel in turn.
+
+    Raises:
+      PlacementError: the kernels do not fit, or a bad hand placement (a kernel too large for the wafer is named
+        with the bytes it keeps in SRAM).
+    """
+    if plan.mode == "weight_streaming":
+        full = usable_region(plan.spec)
+        return plan.replace(placement={k.name: full for k in plan.graph.kernels})
+    try:
+        if plan.hand_placement is not None:
+            rects = validate_placement(plan.hand_placement, plan.demands, plan.spec)
+        else:
+            rects = place(plan.demands, plan.spec, plan.placement_params)
+    except PlacementError as e:
+        raise _with_sram_need(e, plan) from None
+    return plan.replace(placement=rects)
+
+
+def partition_pass(plan: Plan) -> Plan:
+    """Every kernel's tilings on its rectangle (raises wafer.SramCapacityError when a core overflows)."""
+    return plan.replace(kernels=part.partition(plan.graph, plan.placement, plan.features, plan.spec))
+
+
+def route_pass(plan: Plan) -> Plan:
+    """The activation streams between kernels and the host (none in weight streaming: one layer at a time)."""
+    if plan.mode == "weight_streaming":
+        return plan.replace(routes=None)
+    return plan.replace(routes=route(plan.placement, ft.flows(plan.graph), plan.spec))
+
+
+def layout_pass(plan: Plan) -> Plan:
+    """The SRAM layout: per weight tile one allocation per storage slot (the other copies of a tile grid reserved),
+    and an activation buffer per kernel; in weight streaming one buffer for the largest layer, streamed in turn."""
+    spec = plan.spec
+    memory = MemoryMap(spec.rows, spec.cols, spec.sram_bytes_per_core)
+    if plan.mode == "weight_streaming":
+        biggest = max(plan.kernels.values(), key=lambda p: p.sram_bytes)
+        rect = Rect(biggest.rect.row, biggest.rect.col, *biggest.grid)
+        return plan.replace(memory=memory.allocate("streamed_layer", rect, (max(1, biggest.sram_bytes // 4),)))
+    for p in plan.kernels.values():
+        for t in p.params:
+            for slot in plan.storage.slots:
+                memory = _alloc(memory, f"{p.name}:{t.path}{slot}", t.rect, t.tile, t.dtype, p.name)
+                for n, rect in enumerate(t.replica_reservations()):
+                    # room for the other copies of the tile grid: reserved, no data kept
+                    memory = _alloc(memory, f"{p.name}:{t.path}{slot}#copies{n}", rect, t.tile, t.dtype, p.name)
+        if p.act_bytes:
+            memory = _alloc(memory, f"{p.name}:activations", p.grid_rect, (p.act_bytes // 4,), "float32", p.name)
+    return plan.replace(memory=memory)
+
+
+PASSES = (graph_pass, demands_pass, place_pass, partition_pass, route_pass, layout_pass)
+
+
+def build(plan: Plan, passes=PASSES) -> Plan:
+    """Run the passes in order."""
+    for p in passes:
+        plan = p(plan)
+    return plan
+
+
+def _alloc(memory, name, rect, shape, dtype, kernel):
+    try:
+        return memory.allocate(name, rect, shape, dtype)
+    except wafer.SramCapacityError as e:
+        raise wafer.SramCapacityError(
+            e.allocation, e.core, e.bytes_needed, e.bytes_free, e.capacity, detail=f"in kernel {kernel!r}"
+        ) from None
+
+
+def _with_sram_need(err: PlacementError, plan: Plan) -> PlacementError:
+    """`err` with the SRAM bytes behind the core count of the kernel it names, when that kernel needs more than
+    one core's SRAM (placement errors speak of cores; the user sized a model in bytes)."""
+    d = next((d for d in plan.demands if d.name == err.kernel), None)
+    if d is None or d.min_cores <= 1:
+        return err
+    st = plan.storage
+    weights, acts = part.sram_need(
+        plan.graph.kernel(d.name),
+        plan.traced,
+        weight_copies=st.weight_copies,
+        act_copies=st.act_copies,
+        act_itemsize=st.act_itemsize,
+    )
+    return PlacementError(
+        f"{err.reason} (kernel {d.name!r} keeps {weights:,} bytes of weights and {acts:,} bytes of activations in "
+        f"SRAM, {plan.spec.sram_bytes_per_core:,} bytes per core: at least {d.min_cores:,} cores)",
+        err.kernel,
+    )

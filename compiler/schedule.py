@@ -1,0 +1,420 @@
+"""The schedule: every timing the project reports, from a plan's kernels and their rectangles, written once.
+
+    sched = compiler.schedule.of(plan)            # a Plan (or a compiled program's plan) on its own spec
+    sched = compiler.schedule.of(plan, other)     # the same layout on another spec's figures
+    sched.samples_per_s, sched.step_cycles, sched.kernel("dense_0"), sched.compute_map(), sched.events(steps=2)
+
+Its inputs are the plan's `Features` (compiler/plan/features.py: the static facts of every kernel) and a `Layout`
+(each kernel's rectangle), and the spec. `kernel_figures` partitions every kernel on its rectangle with the one
+partition rule (`compiler.plan.partition.kernel_shape`) and charges what each core then does with the machine's
+cost rules (wafer/cost.py); `program_figures` composes kernels into a pipeline. Everything here is arithmetic of
+compiler/relax.py, so the same functions run
+
+  on a compiled plan's integer layout, in NumPy float64: the figures the report prints, the emulator charges to its
+    clock and counters, plots and the Perfetto trace draw (`Schedule`, `Charge`);
+  on a relaxed (continuous) layout in JAX: the differentiable cost model (compiler/analysis/costmodel.py) that
+    sweeps, gradient placement and what-ifs evaluate; at temperature 0 on a plan's own layout it returns these
+    figures, to float rounding.
+
+Per kernel (cycles per batch): compute = max(arithmetic, SRAM streaming) of its busiest core; comm = the kernel's own
+multicast of input chunks along rows and reduction of partial sums along columns (WEIGHT kernels); a kernel costs
+max(compute, comm) when the spec overlaps them, else their sum. Training adds a backward of 2 x the forward (input
+and weight gradients each cost a forward) and every core's optimizer update on its tiles.
+
+Pipelines (B samples per call, kernel i costing s_i cycles per sample, L the longest route's hops x hop latency):
+  inference            a call of B samples: sum_i s_i + L + (B - 1) max_i s_i; throughput clock / max_i s_i.
+  pipelined training   forward and backward stream through the kernels: sum_i (f_i + b_i) / B + 2 L
+                       + (B - 1) max_i (f_i + b_i) / B, then every kernel updates its weights at once (+ max_i u_i);
+                       the batch streams in over the edge I/O meanwhile, and the slower of the two bounds a step.
+  weight streaming     layer by layer on the whole wafer: per kernel max(f_i, weights in) forward and
+                       max(b_i, weights in again + gradients out) backward; the optimizer runs on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compiler import relax
+from compiler.plan import features as ft
+from compiler.plan.partition import kernel_shape, update_counts
+from compiler.plan.route import flow_hops, host_hops
+from wafer import cost
+from wafer.step import paint
+
+# ---- the layout ---------------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Each kernel's rectangle, arrays over kernels [n]: height and width in cores, top-left (row, col). Continuous
+    in the cost model; a plan's placement gives integers (`layout_of`)."""
+
+    height: jax.Array
+    width: jax.Array
+    row: jax.Array
+    col: jax.Array
+
+    @property
+    def area(self):
+        return self.height * self.width
+
+    @staticmethod
+    def from_area_aspect(area, aspect, row, col) -> Layout:
+        """Rectangles of `area` cores and height/width ratio `aspect`."""
+        h = jnp.sqrt(area * aspect)
+        return Layout(h, area / h, row, col)
+
+    def as_jax(self, dtype=jnp.float32) -> Layout:
+        return jax.tree.map(lambda x: jnp.asarray(x, dtype), self)
+
+
+def layout_of(placement, names) -> Layout:
+    """The Layout (NumPy float64) of a placement `{kernel name: Rect or (row, col, height, width)}` in `names` order."""
+    rects = np.asarray([tuple(placement[n]) for n in names], np.float64).reshape(-1, 4)
+    return Layout(height=rects[:, 2], width=rects[:, 3], row=rects[:, 0], col=rects[:, 1])
+
+
+# ---- kernels --------------------------------------------------------------------------------------------------------
+
+
+def _smooth_max(tau):
+    return functools.partial(relax.smax2, tau=tau)
+
+
+def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
+    """Every kernel's partition and cycles on its rectangle ([n] arrays; module docstring).
+
+    Returns `kernel_shape`'s dict plus: compute, comm, cycles (per batch: a forward pass), sram_bytes (per core);
+    in training forward (= cycles), backward, update (per step); in weight streaming io (weights in, per pass).
+    """
+    mx = _smooth_max(tau)
+    k = kernel_shape(f, lay.height, lay.width)
+    per_core = {key: k["counts"][:, j] for j, key in enumerate(f.keys)}
+    compute = cost.kernel_cycles(spec, per_core, k["read_bytes"], k["write_bytes"], maximum=mx)
+    weight = f.anchor == ft.WEIGHT
+    multicast = relax.where(k["gw"] > 1, cost.transfer_cycles(spec, k["in_words"], k["gw"] - 1.0), 0.0)
+    reduction = relax.where(k["gh"] > 1, cost.transfer_cycles(spec, k["out_words"], k["gh"] - 1.0), 0.0)
+    comm = relax.where(weight, multicast + reduction, 0.0)
+    cycles = cost.superstep_cycles(spec, compute, comm, maximum=mx)
+    k.update(compute=compute, comm=comm, cycles=cycles, sram_bytes=k["weight_bytes"] + k["act_bytes"])
+    if f.task == "training":
+        upd = update_counts(f, k)
+        k.update(
+            forward=cycles,
+            backward=2.0 * cycles,  # the input gradient and the weight gradient each cost a forward
+            update=cost.compute_cycles(spec, {key: upd[:, j] for j, key in enumerate(f.keys)}),
+            io=cost.io_cycles(spec, f.stream_bytes),
+        )
+    return k
+
+
+def route_hops(f: ft.Features, lay: Layout, spec):
+    """Hops of the longest lane of any stream between kernels or to and from the host (compiler/plan/route.py)."""
+    if f.flow_src.shape[0] == 0:
+        return 0.0
+    ns = relax.xp(lay.height, lay.row)
+    src = ns.asarray(f.flow_src).astype(int)
+    dst = ns.asarray(f.flow_dst).astype(int)
+    s, d = ns.maximum(src, 0), ns.maximum(dst, 0)
+    r, c, h, w = lay.row, lay.col, lay.height, lay.width
+    between = flow_hops(r[s], c[s], h[s], w[s], r[d], c[d], h[d], w[d])
+    inbound = host_hops(c[d], w[d], inbound=True, cols=spec.cols)
+    outbound = host_hops(c[s], w[s], inbound=False, cols=spec.cols)
+    hops = relax.where(src < 0, inbound, relax.where(dst < 0, outbound, between))
+    return ns.max(hops)
+
+
+# ---- programs -------------------------------------------------------------------------------------------------------
+
+
+def program_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
+    """The program's figures (module docstring), from `kernel_figures` and the longest route.
+
+    Returns a dict: kernel (the per-kernel dict), cycles_per_sample [n] (of each kernel), bottleneck_cycles (of the
+    slowest kernel, per sample), step_cycles (a call, or a training step), samples_per_s, latency_cycles, hops,
+    io_cycles (the batch over the edge I/O, training), compute_cycles (a training step's compute), cores (active),
+    peak_sram_bytes.
+    """
+    k = kernel_figures(f, lay, spec, tau)
+    ns = relax.xp(k["cycles"], spec.clock_hz)
+    batch = f.batch
+    hops = route_hops(f, lay, spec)
+    latency = hops * spec.hop_latency_cycles
+    out = dict(kernel=k, hops=hops, peak_sram_bytes=relax.smax(k["sram_bytes"], 0.0), io_cycles=0.0)
+    if f.task == "inference":
+        s = k["cycles"] / batch
+        worst = relax.smax(s, tau)
+        call = ns.sum(s) + latency
+        out.update(
+            cycles_per_sample=s,
+            bottleneck_cycles=worst,
+            latency_cycles=call,
+            step_cycles=call + (batch - 1) * worst,
+            compute_cycles=call + (batch - 1) * worst,
+            samples_per_s=spec.clock_hz / worst,
+            cores=ns.sum(k["cores"]),
+        )
+        return out
+    mx = _smooth_max(tau)
+    io = cost.io_cycles(spec, f.io_bytes)
+    if f.mode == "pipelined":
+        s = (k["forward"] + k["backward"]) / batch
+        worst = relax.smax(s, tau)
+        compute = ns.sum(s) + 2.0 * latency + (batch - 1) * worst + relax.smax(k["update"], tau)
+        cores = ns.sum(k["cores"])
+    else:
+        s = (k["forward"] + k["backward"]) / batch
+        worst = relax.smax(s, tau)
+        compute = ns.sum(mx(k["forward"], k["io"]) + mx(k["backward"], 2.0 * k["io"]))
+        cores = relax.smax(k["cores"], 0.0)
+    step = mx(compute, io)
+    out.update(
+        cycles_per_sample=s,
+        bottleneck_cycles=worst,
+        latency_cycles=step,
+        step_cycles=step,
+        compute_cycles=compute,
+        io_cycles=io,
+        samples_per_s=spec.clock_hz * batch / step,
+        cores=cores,
+    )
+    return out
+
+
+# ---- a plan's schedule -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Span:
+    """One event of the schedule: `name` on `track` from cycle `start` for `cycles` (category `cat`, extra args)."""
+
+    name: str
+    track: str
+    start: float
+    cycles: float
+    cat: str
+    args: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Schedule:
+    """A plan's figures on a spec (NumPy, exact). Built by `of(plan, spec)`.
+
+    Attributes:
+      plan, spec: what was scheduled.
+      figures: `program_figures`' dict (NumPy).
+    """
+
+    plan: object
+    spec: object
+    figures: dict
+
+    # ---- program figures ----
+
+    @property
+    def kernels(self) -> dict:
+        """Per-kernel figures: {figure: [n] array} (`kernel_figures`)."""
+        return self.figures["kernel"]
+
+    @property
+    def names(self) -> tuple:
+        return self.plan.features.names
+
+    @property
+    def step_cycles(self) -> float:
+        """Cycles of one call (inference) or one training step: what the emulator adds to its clock."""
+        return float(self.figures["step_cycles"])
+
+    @property
+    def samples_per_s(self) -> float:
+        return float(self.figures["samples_per_s"])
+
+    @property
+    def bottleneck(self) -> str:
+        """The kernel with the most cycles per sample."""
+        return self.names[int(np.argmax(self.figures["cycles_per_sample"]))]
+
+    def kernel(self, name: str) -> dict:
+        """One kernel's figures: {figure: float}."""
+        i = self.plan.features.index(name)
+        return {key: float(np.asarray(v)[i]) for key, v in self.kernels.items() if np.ndim(v) == 1}
+
+    def bound(self) -> str:
+        """What bounds the throughput: "I/O" (the batch, or streamed weights, over the edge I/O), "fabric" (the
+        kernels' own communication) or "compute"."""
+        k, fig = self.kernels, self.figures
+        if self.plan.task == "inference":
+            i = int(np.argmax(fig["cycles_per_sample"]))
+            return "fabric" if k["comm"][i] > k["compute"][i] else "compute"
+        if float(fig["io_cycles"]) >= float(fig["compute_cycles"]):
+            return "I/O"
+        if self.plan.mode == "weight_streaming":
+            return "I/O" if float(np.sum(3 * k["io"])) >= float(np.sum(k["forward"] + k["backward"])) else "compute"
+        return "fabric" if float(np.sum(k["comm"])) > float(np.sum(k["compute"])) else "compute"
+
+    # ---- what the emulator charges ----
+
+    def busy(self) -> np.ndarray:
+        """Compute cycles per kernel per call or step [n] (`busy_cycles`)."""
+        return np.asarray(busy_cycles(self.plan.task, self.kernels))
+
+    def compute_map(self, rows: int | None = None, cols: int | None = None) -> np.ndarray:
+        """Busy cycles per core per call or step, [rows, cols], on the cores doing each kernel's work."""
+        return compute_map(self.plan, self.busy(), rows, cols)
+
+    def link_words(self, rows: int | None = None, cols: int | None = None) -> np.ndarray:
+        """Words sent per core per direction per call or step, [4, rows, cols] (`link_words`)."""
+        return link_words(self.plan, rows, cols)
+
+    # ---- events ----
+
+    def events(self, steps: int = 1) -> list[Span]:
+        """The spans of `steps` calls or training steps, one after the other (compiler/views/trace_export.py draws
+        them). Tracks: "program" (a span per step), "host I/O", "weight streaming I/O", and one per kernel."""
+        spans: list[Span] = []
+        t = 0.0
+        step_events = {
+            ("inference", "pipelined"): self._inference_step,
+            ("training", "pipelined"): self._pipelined_training_step,
+            ("training", "weight_streaming"): self._streaming_step,
+        }[(self.plan.task, self.plan.mode)]
+        for step in range(steps):
+            step_events(spans, t)
+            spans.append(Span(f"step {step}", "program", t, self.step_cycles, "step", {"step": step}))
+            t += self.step_cycles
+        return spans
+
+    def _inference_step(self, spans, t0):
+        batch = int(float(self.plan.features.batch))
+        k, s = self.kernels, np.asarray(self.figures["cycles_per_sample"], np.float64)
+        pace = float(np.max(s, initial=0.0))
+        hops = float(self.figures["hops"])
+        latency = hops * float(self.spec.hop_latency_cycles)
+        _span(spans, "input over the fabric", "host I/O", t0, latency, "route", hops=int(hops))
+        start = t0 + latency
+        for i, name in enumerate(self.names):
+            compute, comm = float(k["compute"][i]) / batch, float(k["comm"][i]) / batch
+            for j in range(batch):
+                t = start + j * pace
+                _span(spans, f"sample {j}", name, t, s[i], "sample", kernel=name, sample=j)
+                _span(spans, "compute", name, t, compute, "compute")
+                _span(spans, "fabric", name, t if self.spec.overlap else t + compute, comm, "fabric")
+            start += s[i]
+
+    def _pipelined_training_step(self, spans, t0):
+        batch = int(float(self.plan.features.batch))
+        k, s = self.kernels, np.asarray(self.figures["cycles_per_sample"], np.float64)
+        pace = float(np.max(s, initial=0.0))
+        latency = 2 * float(self.figures["hops"]) * float(self.spec.hop_latency_cycles)
+        _span(spans, "batch I/O", "host I/O", t0, float(self.figures["io_cycles"]), "io")
+        start = t0 + latency
+        for i, name in enumerate(self.names):
+            f, b = float(k["forward"][i]), float(k["backward"][i])
+            for j in range(batch):
+                t = start + j * pace
+                _span(spans, f"sample {j}", name, t, (f + b) / batch, "sample", kernel=name, sample=j)
+                _span(spans, "forward", name, t, f / batch, "forward")
+                _span(spans, "backward", name, t + f / batch, b / batch, "backward")
+            start += s[i]
+        end = t0 + latency + float(np.sum(s)) + (batch - 1) * pace
+        for i, name in enumerate(self.names):
+            _span(spans, "update", name, end, float(k["update"][i]), "update")
+
+    def _streaming_step(self, spans, t0):
+        k = self.kernels
+        _span(spans, "batch I/O", "host I/O", t0, float(self.figures["io_cycles"]), "io")
+        t = t0
+        for i, name in enumerate(self.names):
+            f, io = float(k["forward"][i]), float(k["io"][i])
+            length = max(f, io)
+            _span(spans, "forward", name, t, length, "forward", weights_in_cycles=io, compute_cycles=f)
+            _span(spans, "compute", name, t, f, "compute")
+            _span(spans, "weights in", "weight streaming I/O", t, io, "io")
+            t += length
+        for i in reversed(range(len(self.names))):
+            b, io, name = float(k["backward"][i]), float(k["io"][i]), self.names[i]
+            length = max(b, 2 * io)
+            _span(spans, "backward", name, t, length, "backward", weights_and_gradients_cycles=2 * io, compute_cycles=b)
+            _span(spans, "compute", name, t, b, "compute")
+            _span(spans, "weights in, gradients out", "weight streaming I/O", t, 2 * io, "io")
+            t += length
+
+
+def _span(spans, name, track, start, cycles, cat, **args):
+    if float(cycles) > 0:  # zero-length spans are left out
+        spans.append(Span(name, track, float(start), float(cycles), cat, args))
+
+
+def of(plan, spec=None) -> Schedule:
+    """The schedule of a plan on `spec` (default the plan's own): its figures in NumPy float64.
+
+    Another spec's differentiable figures (clock, SIMD widths, bandwidths, latencies) change the cycles; the layout
+    (rectangles, tilings) stays the plan's.
+    """
+    spec = plan.spec if spec is None else spec
+    figures = program_figures(plan.features, plan.layout, spec)
+    return Schedule(plan, spec, jax.tree.map(np.asarray, figures))
+
+
+# ---- maps and the emulator's charge -------------------------------------------------------------------------------
+
+
+def busy_cycles(task: str, k: dict):
+    """Cycles each kernel's cores compute per call or step [n]: a call's compute (its own communication apart), or a
+    training step's forward, backward and update."""
+    return k["compute"] if task == "inference" else k["forward"] + k["backward"] + k["update"]
+
+
+def compute_map(plan, busy, rows: int | None = None, cols: int | None = None):
+    """`busy` cycles [n] painted on the cores doing each kernel's work, [rows, cols] (JAX when `busy` is)."""
+    rows = plan.spec.rows if rows is None else rows
+    cols = plan.spec.cols if cols is None else cols
+    return paint(rows, cols, [(p.grid_rect, busy[i], None) for i, p in enumerate(plan.kernels.values())])
+
+
+def link_words(plan, rows: int | None = None, cols: int | None = None) -> np.ndarray:
+    """Words sent per core per direction [4, rows, cols] per call (inference: the streams between kernels for every
+    sample, and every kernel's own traffic) or per step (training: activations forward and their gradients back,
+    and each kernel's traffic three times: forward, input gradient, weight gradient)."""
+    rows = plan.spec.rows if rows is None else rows
+    cols = plan.spec.cols if cols is None else cols
+    batch = int(float(plan.features.batch))
+    passes, stream_passes = (1, 1) if plan.task == "inference" else (3, 2)
+    out = np.zeros((4, rows, cols))
+    for p in plan.kernels.values():
+        out += passes * p.traffic.link_words(rows, cols)
+    if plan.routes is not None:
+        out += stream_passes * batch * plan.routes.link_words(rows, cols)
+    return out
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True, eq=False)
+class Charge:
+    """What one call or step of a plan charges to a `wafer.WaferState` (a `wafer.charge` record): the schedule's
+    cycles on the spec it is given (NumPy, or JAX when the spec's figures are traced), its busy map, the plan's link
+    words (static)."""
+
+    plan: object
+
+    @functools.cached_property
+    def _links(self) -> np.ndarray:
+        return link_words(self.plan)
+
+    def link_words(self, rows: int, cols: int) -> np.ndarray:
+        return self._links if (rows, cols) == self._links.shape[1:] else link_words(self.plan, rows, cols)
+
+    def _figures(self, spec):
+        return program_figures(self.plan.features, self.plan.layout, spec)
+
+    def cycles(self, spec):
+        return self._figures(spec)["step_cycles"]
+
+    def compute_map(self, spec, rows: int, cols: int):
+        return compute_map(self.plan, busy_cycles(self.plan.task, self._figures(spec)["kernel"]), rows, cols)
