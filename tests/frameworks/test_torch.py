@@ -230,3 +230,14 @@ def test_training_matches_torch_step_by_step(name, optimizer):
     for (n, a), (_, b) in zip(trained.state_dict().items(), reference.state_dict().items()):
         if a.is_floating_point():
             assert rel(a.numpy(), b.numpy()) < 1e-4, n
+
+
+def test_a_missing_framework_names_its_extra():
+    """What a user without the extra sees (simulated: a module that is not installed, under the torch extra)."""
+    from compiler.frontend import frameworks
+
+    with pytest.raises(compiler.MissingExtraError, match=r"\[torch\].*pip install -e '\.\[torch\]'") as e:
+        frameworks.require("torch", "not_installed_module_for_this_test")
+    assert isinstance(e.value, ImportError) and e.value.extra == "torch"
+    with pytest.raises(compiler.MissingExtraError, match="--no-deps tf2jax==0.3.8"):
+        frameworks.require("tf2jax", "not_installed_module_for_this_test")
