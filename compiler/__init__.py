@@ -14,6 +14,11 @@ The pipeline, top to bottom (docs/compiler.md has the diagram):
   views/      the report, pictures, Perfetto traces
   host/       the input pipeline and the training loop with checkpoints
   cli.py      the `wafer` command
+
+Frameworks: compiler.from_torch / from_keras / from_tf (frontend/torch_import.py, keras_import.py, tf_import.py)
+give a plain JAX function and params; to_torch / to_keras put trained params back; stateful trains a model whose
+train-mode forward updates state (frontend/frameworks.py); compile and trace accept a torch module or a Keras model
+directly. compiler.Estimator (host/estimator.py) is the TF / Cerebras Estimator programming model.
 """
 
 from compiler import schedule
@@ -27,10 +32,15 @@ from compiler.analysis.search import (
 )
 from compiler.analysis.sweep import pareto_front, sweep, what_if
 from compiler.errors import ColorError, CompilerError, PlacementError, RouteError, UnsupportedOpError
+from compiler.frontend.frameworks import MissingExtraError, stateful
 from compiler.frontend.graph import KINDS, SUPPORTED_PRIMITIVES, Graph, Kernel, build_graph
+from compiler.frontend.keras_import import from_keras, to_keras
 from compiler.frontend.precision import Policy, apply_policy, round_cb16
+from compiler.frontend.tf_import import from_tf
+from compiler.frontend.torch_import import UnsupportedTorchOpError, from_torch, to_torch
 from compiler.frontend.trace import Traced, split_module, trace
 from compiler.host.data import Batches, Prefetcher, prefetch
+from compiler.host.estimator import Estimator, EstimatorSpec, ModeKeys
 from compiler.host.fit import NonFiniteLossError, fit, latest_checkpoint, restore_checkpoint, save_checkpoint
 from compiler.plan import Plan, Storage
 from compiler.plan.legalise import legalise
@@ -114,4 +124,15 @@ __all__ = [
     "plots",
     "sweep_plots",
     "trace_export",
+    "from_torch",
+    "to_torch",
+    "from_keras",
+    "to_keras",
+    "from_tf",
+    "stateful",
+    "MissingExtraError",
+    "UnsupportedTorchOpError",
+    "Estimator",
+    "EstimatorSpec",
+    "ModeKeys",
 ]

@@ -176,7 +176,9 @@ class Program:
     def is_module(self) -> bool:
         from flax import nnx
 
-        return isinstance(self.fn, nnx.Module)
+        from compiler.frontend import frameworks
+
+        return isinstance(self.fn, nnx.Module) or frameworks.is_framework_model(self.fn)
 
     def forward_args(self) -> tuple:
         """Arguments of `compiler.compile` / `compiler.trace`: (fn, params, *inputs) or (module, *inputs)."""
@@ -240,8 +242,10 @@ def load_program(target: str, model_kwargs: dict) -> Program:
     if isinstance(out, tuple):
         from flax import nnx
 
-        if out and isinstance(out[0], nnx.Module):
-            out = {"fn": out[0], "inputs": out[1:]}
+        from compiler.frontend import frameworks
+
+        if out and (isinstance(out[0], nnx.Module) or frameworks.is_framework_model(out[0])):
+            out = {"fn": out[0], "inputs": out[1:]}  # an nnx, torch or Keras module and its inputs
         elif len(out) >= 2:
             out = {"fn": out[0], "params": out[1], "inputs": out[2:]}
     if not isinstance(out, dict):
@@ -264,12 +268,22 @@ def load_program(target: str, model_kwargs: dict) -> Program:
         )
     inputs = out["inputs"]
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    inputs = _as_arrays(inputs)
     prog = Program(target, "forward", fn=out["fn"], params=out.get("params"), inputs=inputs)
     if not callable(prog.fn):
         raise CLIError(f"factory {target}: 'fn' must be callable, got {type(prog.fn).__name__}")
     if prog.params is None and not prog.is_module:
         raise CLIError(f"factory {target}: 'params' is missing ('fn' is not an nnx.Module)")
     return prog
+
+
+def _as_arrays(tree):
+    """Torch (or TF) tensors of a factory's inputs as NumPy arrays: the compiler traces JAX arrays."""
+    import jax
+
+    from compiler.frontend import frameworks
+
+    return jax.tree_util.tree_map(frameworks.to_array, tree)
 
 
 def _describe_exception(e: BaseException) -> str:
@@ -402,8 +416,17 @@ def run_once(prog: Program, compiled):
         return state, _check_close("first training step's loss", metrics["loss"], native)
     state = compiled.load(prog.params)
     out, state = compiled(state, *prog.inputs)
-    native = prog.fn(*prog.inputs) if prog.is_module else prog.fn(prog.params, *prog.inputs)
+    native = _native(prog)
     return state, _check_close("forward pass", out, native)
+
+
+def _native(prog: Program):
+    """The program run natively: nnx modules called, torch/Keras models by their own framework."""
+    from compiler.frontend import frameworks
+
+    if frameworks.is_framework_model(prog.fn):
+        return frameworks.native_forward(prog.fn, *prog.inputs)
+    return prog.fn(*prog.inputs) if prog.is_module else prog.fn(prog.params, *prog.inputs)
 
 
 # ---- commands ------------------------------------------------------------------------------------------------------
@@ -436,6 +459,11 @@ def cmd_compile(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from compiler.host import estimator  # a model_fn(features, labels, mode, params): the Estimator runs it
+
+    if estimator.is_model_fn(factory := load_factory(args.target)):
+        params = load_params(getattr(args, "params", None))
+        return estimator.cli_train(args, factory, params, make_spec(args.preset, args.rows, args.cols, params["spec"]))
     params, spec, placement, prog = _setup(args, need_train=True)
     settings = params["train"]
     training = args.mode in ("train", "train_and_eval")

@@ -21,7 +21,7 @@ pytest.importorskip("ipykernel")
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-EXPECTED = {"01_quickstart", "02_cs2_report", "03_placement_sweep", "04_custom_kernel"}
+EXPECTED = {"01_quickstart", "02_cs2_report", "03_placement_sweep", "04_custom_kernel", "05_frameworks"}
 KERNEL = "wafer-emu-test"
 CELL_TIMEOUT_S = 300
 STARTUP_TIMEOUT_S = 120

@@ -30,7 +30,7 @@ from flax import nnx
 from jax.extend import core as jcore
 
 import wafer.kernel
-from compiler.frontend import precision
+from compiler.frontend import frameworks, precision
 
 # Call-like primitives whose body is inlined, and the parameter that holds it: the machine's one table.
 CALL_PRIMITIVES = wafer.kernel.CALL_PRIMITIVES
@@ -160,8 +160,9 @@ def trace(fn, *args, policy=None, stored_params: bool = True) -> Traced:
     """Trace `fn(params, *inputs)` (or an nnx module: `trace(module, *inputs)`) into a flat jaxpr.
 
     Args:
-      fn: a function of (params, *inputs), e.g. a linen `model.apply`; or an `nnx.Module`.
-      *args: `params, *inputs` for a function; `*inputs` for an nnx module. Leaves may be arrays or
+      fn: a function of (params, *inputs), e.g. a linen `model.apply`; or an `nnx.Module`, a `torch.nn.Module` or
+        a Keras 3 model (compiler/frontend: their params are the importer's).
+      *args: `params, *inputs` for a function; `*inputs` for a module or model. Leaves may be arrays or
         `jax.ShapeDtypeStruct`s. Python flags (e.g. `train=False`) must be closed over, not passed: every input leaf
         becomes a traced array.
       policy: a 16-bit precision policy (compiler/frontend/precision.py), or None / "fp32". Under a 16-bit
@@ -180,6 +181,9 @@ def trace(fn, *args, policy=None, stored_params: bool = True) -> Traced:
         return _trace_policy(fn, *args, policy=policy, stored_params=stored_params)
     if isinstance(fn, nnx.Module):
         fn, params = split_module(fn)
+        inputs, module = tuple(args), True
+    elif (imported := frameworks.as_function(fn)) is not None:  # a torch module or Keras model
+        fn, params = imported
         inputs, module = tuple(args), True
     else:
         if not callable(fn):
