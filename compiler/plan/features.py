@@ -31,7 +31,7 @@ from jax.extend import core as jcore
 from wafer import kernel as wkernel
 from wafer.memory import Rect
 
-INSTR, OPS = wkernel.INSTRUCTIONS, wkernel.OPS
+INSTR, OPS, TASK = wkernel.INSTRUCTIONS, wkernel.OPS, wkernel.TASKS
 
 # Anchor kinds (`Features.anchor`).
 SPREAD = 0  # no weight anchor: the work spreads over the rectangle, at most one output word per core
@@ -61,6 +61,8 @@ _PER_KERNEL = (
     "isz_out",
     "isz_w",
     "dx",
+    "psr",
+    "in_flight",
     "in_bytes",
     "out_bytes",
     "out_words",
@@ -110,6 +112,11 @@ class Features:
       fmac_class, acc_class (static, per kernel): the dtype classes of its FMACs and of its partial sums' adds.
       dx [n]: 1.0 when its input carries a gradient, so that training's backward computes the input's cotangent
         (not for a first layer reading the program's data).
+      psr [n]: rows of m per sample (a dense anchor's rows hold the batch: m / batch); 0 when every row holds every
+        sample (a convolution's rows are spatial).
+    Samples (layer-pipelined execution streams them through the kernels one at a time):
+      in_flight [n]: samples whose inputs a kernel keeps for its backward (training): those between its forward and
+        its backward, min(batch, 2 x kernels after it + 1); the whole batch in weight streaming; 0 in inference.
     Activations and spreading:
       in_bytes, out_bytes [n]: activation bytes per batch in SRAM (16-bit floats under a 16-bit policy).
       out_words [n]: output words as traced (a spread kernel uses at most one core per word).
@@ -152,6 +159,8 @@ class Features:
     isz_out: jax.Array
     isz_w: jax.Array
     dx: jax.Array
+    psr: jax.Array
+    in_flight: jax.Array
     in_bytes: jax.Array
     out_bytes: jax.Array
     out_words: jax.Array
@@ -267,13 +276,13 @@ def flows(graph) -> list[tuple[str, str, float]]:
     return out
 
 
-def _anchor_facts(kernel, traced) -> dict:
+def _anchor_facts(kernel, traced, batch: int = 1) -> dict:
     """The anchor weight's facts of one kernel (module docstring of `Features`), with its equation ("eqn", None
     without a WEIGHT anchor) and its weight's parameter index ("widx")."""
     from compiler.plan import partition as part
 
     f = dict(anchor=SPREAD, a=1, b=1, lead=1, m=1, n_in=0, in_s1=0, in_s0=0, in_full=0, n_out=0, out_full=0)
-    f.update(isz_in=4, isz_out=4, isz_w=4, fmac_class="fp32", acc_class="fp32", eqn=None)
+    f.update(isz_in=4, isz_out=4, isz_w=4, fmac_class="fp32", acc_class="fp32", eqn=None, psr=0.0)
     eqn, widx = part.anchor_weight(kernel, traced)
     if widx is None:
         return f | dict(widx=None)
@@ -292,7 +301,7 @@ def _anchor_facts(kernel, traced) -> dict:
     f.update(isz_in=lhs.dtype.itemsize, isz_out=out.dtype.itemsize, isz_w=np.dtype(aval.dtype).itemsize)
     f.update(fmac_class=wkernel.dtype_class(lhs.dtype, out.dtype), acc_class=wkernel.dtype_class(out.dtype))
     if kind == "dense":
-        return f | dict(n_in=1, in_s1=1, in_s0=0, in_full=m, n_out=1, out_full=0)
+        return f | dict(n_in=1, in_s1=1, in_s0=0, in_full=m, n_out=1, out_full=0, psr=m / max(batch, 1))
     dn = eqn.params["dimension_numbers"]
     c_in, sp_in = dn.lhs_spec[1], dn.lhs_spec[2]
     c_out, sp_out = dn.out_spec[1], dn.out_spec[2]
@@ -426,41 +435,13 @@ def _update_affine(optimizer, params) -> tuple[list[Counter], Counter]:
     return alpha, beta
 
 
-def _nbytes(aval) -> int:
-    return int(np.prod(aval.shape)) * int(aval.dtype.itemsize)  # (PRNG keys count their key data)
-
-
-def act_bytes(values, act_itemsize: int | None) -> int:
-    """Bytes of activation values in SRAM: floating-point elements at `act_itemsize` bytes when given (a 16-bit
-    precision policy stores activations in 2 bytes), at their dtype's otherwise."""
-    total = 0
-    for v in values:
-        a = v.aval
-        size = int(np.prod(a.shape)) * a.dtype.itemsize
-        if act_itemsize is not None and jax.dtypes.issubdtype(a.dtype, jnp.floating):
-            size = int(np.prod(a.shape)) * min(a.dtype.itemsize, act_itemsize)
-        total += size
-    return total
-
-
-def graph_batch(graph) -> int:
-    """Samples per call: the leading dimension of the first kernel input that has one (1 without)."""
-    for k in graph.kernels:
-        if k.batch:
-            return int(k.batch)
-    return 1
-
-
-def flows(graph) -> list[tuple[str, str, float]]:
-    """(src, dst, words per sample) of the activations between kernels, host input and output included."""
-    batch = graph_batch(graph)
-    out = [(src, dst, nbytes / 4 / batch) for src, dst, nbytes in graph.edges]
-    first, last = graph.kernels[0], graph.kernels[-1]
-    in_bytes = sum(_nbytes(a) for a in graph.traced.input_avals)
-    out_bytes = sum(_nbytes(a) for a in graph.traced.out_avals)
-    out.append(("host", first.name, in_bytes / 4 / batch))
-    out.append((last.name, "host", out_bytes / 4 / batch))
-    return out
+def _in_flight(n: int, batch: int, task: str, mode: str) -> np.ndarray:
+    """`Features.in_flight` of n kernels in pipeline order."""
+    if task != "training":
+        return np.zeros(n)
+    if mode == "weight_streaming":
+        return np.full(n, float(batch))
+    return np.minimum(float(batch), 2.0 * (n - 1 - np.arange(n)) + 1.0)
 
 
 def _matrix(rows: list, keys: tuple) -> np.ndarray:
@@ -495,7 +476,7 @@ def features(
     n = len(kernels)
     P = max((len(k.params) for k in kernels), default=0) or 1
     names = ("anchor", "a", "b", "lead", "m", "n_in", "in_s1", "in_s0", "in_full", "n_out", "out_full")
-    rows = {key: [] for key in (*names, "isz_in", "isz_out", "isz_w", "dx")}
+    rows = {key: [] for key in (*names, "isz_in", "isz_out", "isz_w", "dx", "psr")}
     fmac_class, acc_class = [], []
     # padding entries (and scalars) get sides 1, so that no rule divides by zero (a NaN would poison gradients)
     p_arrays = {key: np.ones((n, P)) for key in ("p_a", "p_b", "p_lead")}
@@ -505,7 +486,7 @@ def features(
     in_b, out_b, stream = np.zeros(n), np.zeros(n), np.zeros(n)
     training = task == "training"
     for i, k in enumerate(kernels):
-        facts = _anchor_facts(k, traced)
+        facts = _anchor_facts(k, traced, graph_batch(graph))
         counts, _ = kernel_counts(k, traced, facts["eqn"])
         counts[wkernel.TASKS] = 1  # one task per call: its share of the batch
         fwd.append(counts)
@@ -567,6 +548,7 @@ def features(
         upd_alpha=upd_alpha,
         upd_beta=_matrix(betas, keys),
         stream_bytes=stream,
+        in_flight=_in_flight(n, batch, task, mode),
         flow_src=np.array([float(index.get(s, -1)) for s, _, _ in fl]),
         flow_dst=np.array([float(index.get(d, -1)) for _, d, _ in fl]),
         flow_words=np.array([float(w) for _, _, w in fl]),

@@ -82,19 +82,32 @@ def grid_copies(gh, gw, m, h, w):
     return rr, rc
 
 
-def per_core_counts(f: ft.Features, counts, cores):
-    """Per-core counts [n, K] of whole-kernel `counts` [n, K] spread over `cores` [n]: elements divide (rounded up),
-    and so do instructions beyond one per operation (every core issues each operation at least once: a vector
-    instruction over the core's share); operations and tasks do not divide."""
+def per_core_counts(f: ft.Features, counts, cores, runs):
+    """Per-core counts [n, K] of whole-kernel `counts` [n, K] (one call's batch) spread over `cores` [n], each core
+    running the kernel's program `runs` [n] times a call (once per sample it holds data of): elements divide
+    (rounded up); every run issues each operation once, over the run's share (a vector instruction), the
+    instructions beyond one per operation (a matmul's loop) divide; every run is a task."""
     ns = relax.xp(counts, cores)
     keys = f.keys
     element = ns.asarray([len(k) >= 4 for k in keys])
     instr = ns.asarray([k == ft.INSTR for k in keys])
+    task = ns.asarray([k == ft.TASK for k in keys])
     ops_col = [j for j, k in enumerate(keys) if k == ft.OPS]
     ops = counts[:, ops_col[0]] if ops_col else 0.0 * cores
-    c = cores[:, None]
-    spread_instr = ops[:, None] + relax.ceil(relax.maximum(counts - ops[:, None], 0.0) / c)
-    return relax.where(element[None, :], relax.ceil(counts / c), relax.where(instr[None, :], spread_instr, counts))
+    c, r = cores[:, None], runs[:, None]
+    loop = relax.ceil(relax.maximum(counts - ops[:, None], 0.0) / c)
+    out = relax.where(instr[None, :], ops[:, None] * r + loop, counts)
+    out = relax.where(task[None, :], counts * r, out)
+    return relax.where(element[None, :], relax.ceil(counts / c), out)
+
+
+def spread_runs(f: ft.Features, cores, out_words):
+    """Runs a call of a kernel spread over `cores` makes on each core: one per sample whose outputs it holds
+    (min(batch, its output words), at least 1): layer-pipelined execution streams the samples one at a time;
+    weight streaming runs each layer once on the whole batch."""
+    if f.mode == "weight_streaming":
+        return 1.0 + 0.0 * cores
+    return relax.maximum(relax.minimum(f.batch, relax.ceil(out_words / cores)), 1.0)
 
 
 def kernel_shape(f: ft.Features, h, w) -> dict:
@@ -105,13 +118,16 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
       rr, rc, groups, mt: grid copies, row groups (rr * rc) and rows of data per group (WEIGHT kernels);
       pad: work per useful work of a WEIGHT kernel's anchor (uneven tiles and row groups), 1 elsewhere;
       grid_h, grid_w, cores: the cores that do the kernel's work (top-left of the rectangle);
-      counts, bwd_counts: per-core counts of the kernel's forward and backward programs, its WEIGHT anchor apart
-        (`per_core_counts` over `cores`);
-      mm_p, mm_c, mm_d: the per-core matmul of a WEIGHT anchor: out[mm_p, mm_c] += in[mm_p, mm_d] W[mm_d, mm_c]
-        (rows x positions, the weight tile's columns, its rows x the window), padding included; mm_pin: the
-        input-chunk positions a core's input cotangent covers (training: in[mm_pin, ta] from out[., tb] W^T);
+      runs: runs a call of the kernel's program makes on each core (`spread_runs`); samples: the samples a WEIGHT
+        kernel's core works on per call, one run of its anchor each (`runs` for other kernels);
+      counts, bwd_counts: per-core counts of the kernel's forward and backward programs per call, its WEIGHT anchor
+        apart (`per_core_counts`);
+      mm_p, mm_c, mm_d: one run of a WEIGHT anchor on a core: out[mm_p, mm_c] += in[mm_p, mm_d] W[mm_d, mm_c]
+        (a sample's rows x positions, the weight tile's columns, its rows x the window), padding included; mm_pin:
+        the input positions a run's input cotangent covers (training: in[mm_pin, ta] from out[., tb] W^T);
       weight_bytes, act_bytes: SRAM bytes per core (the fullest core: the first, which holds a tile of every
-        parameter; a WEIGHT kernel's cores each hold their input chunk and their partial result);
+        parameter; a WEIGHT kernel's cores each hold their input chunk and their partial result; per-sample
+        buffers x act_copies, and training's stash);
       tile_elems [n, P]: elements of a core's tile of each parameter;
       rows_in, rows_out: rows of its input chunk a core of a WEIGHT kernel receives, rows of the partial result it
         produces (the window's halo included for a convolution's row groups);
@@ -154,8 +170,22 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
     in_words = R.ceil(f.n_in * rows_in * ta * f.isz_in / 4.0)
     out_elems = f.n_out * rows_out * tb
     out_words = R.ceil(out_elems * f.isz_out / 4.0)
-    # a WEIGHT kernel's core holds its input chunk and its partial result; other kernels' buffers spread evenly
-    act_words = R.where(weight, in_words + out_words, R.ceil((in_words_all + out_words_all) / cores))
+    runs = spread_runs(f, cores, f.out_words)
+    # samples a WEIGHT kernel's core works on per call: its rows' samples (a dense anchor's rows hold the batch),
+    # every sample for a convolution (its rows are spatial); one run per sample in layer-pipelined execution
+    if f.mode == "weight_streaming":
+        samples = 1.0 + 0.0 * cores
+    else:
+        samples = R.where(f.psr > 0, R.minimum(R.maximum(mt / R.maximum(f.psr, 1e-9), 1.0), f.batch), f.batch)
+        samples = R.where(weight, samples, runs)
+    # SRAM: per-sample buffers (x act_copies) of a core's input chunk and partial result (a WEIGHT kernel's core
+    # holds its own: the multicast puts the chunk on every core of its row), an even share elsewhere; in training
+    # also the inputs of the samples between its forward and its backward (its stash)
+    in_core = R.where(weight, in_words, R.ceil(in_words_all / cores))
+    out_core = R.where(weight, out_words, R.ceil(out_words_all / cores))
+    per_sample = (in_core + out_core) / samples
+    stash = R.minimum(f.in_flight, samples) * in_core / samples
+    act_words = R.ceil(f.act_copies * per_sample + stash)
     return dict(
         gh=gh,
         gw=gw,
@@ -169,14 +199,16 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
         grid_h=grid_h,
         grid_w=grid_w,
         cores=cores,
-        counts=per_core_counts(f, f.counts, cores),
-        bwd_counts=per_core_counts(f, f.bwd_counts, cores),
-        mm_p=R.maximum(f.n_out * rows_out, 1.0),
+        runs=runs,
+        samples=samples,
+        counts=per_core_counts(f, f.counts, cores, runs),
+        bwd_counts=per_core_counts(f, f.bwd_counts, cores, runs),
+        mm_p=R.maximum(f.n_out * rows_out, 1.0) / samples,
         mm_c=tb,
         mm_d=ta * f.lead,
-        mm_pin=R.maximum(f.n_in * rows_in, 1.0),
+        mm_pin=R.maximum(f.n_in * rows_in, 1.0) / samples,
         weight_bytes=f.weight_copies * single,
-        act_bytes=f.act_copies * 4.0 * act_words,
+        act_bytes=4.0 * act_words,
         tile_elems=elems,
         rows_in=rows_in,
         rows_out=rows_out,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -190,9 +191,19 @@ def per_sample_cycles(task: str, k: dict):
     return k["cycles"] if task == "inference" else k["forward"] + k["backward"]
 
 
-def useful_cores(feats: ft.Features, spec, *, within: float = USEFUL_WITHIN) -> np.ndarray:
-    """Per kernel, the smallest area (of a geometric grid up to the whole wafer, at the best of a few aspect ratios)
-    whose cycles per batch under the schedule are within `within` of the least any area gives [n]."""
+def step_share_cycles(task: str, k: dict):
+    """A kernel's cycles per call or step: what it adds to a step when it is the slowest (`per_sample_cycles`, and
+    in training its update: the optimizer and the gradient's sum over its tile grid's copies, once a step)."""
+    return per_sample_cycles(task, k) + (0.0 if task == "inference" else k["update"])
+
+
+def area_scan(feats: ft.Features, spec, *, within: float = USEFUL_WITHIN) -> tuple[np.ndarray, np.ndarray]:
+    """(fewest, useful) cores per kernel [n], from the schedule on a geometric grid of areas up to the whole wafer,
+    each at the best of a few aspect ratios: fewest, the smallest area on which some aspect's fullest core fits the
+    spec's data bytes (the per-core layout: a weight kernel's cores each hold their input chunk; 1 when none does,
+    left to the SRAM check to name); useful, the smallest area whose cycles per batch are within `within` of the
+    least any feasible area gives (`step_share_cycles`: in training, more copies of a tile grid also cost their
+    gradient's sum)."""
     from compiler.schedule import Layout, kernel_figures
 
     n = feats.n
@@ -201,13 +212,17 @@ def useful_cores(feats: ft.Features, spec, *, within: float = USEFUL_WITHIN) -> 
     h = np.array([float(np.clip(np.round(np.sqrt(a * asp)), 1, spec.rows)) for a, asp in cand])
     w = np.array([float(np.clip(np.ceil(a / hh), 1, spec.cols)) for (a, _), hh in zip(cand, h)])
     idx = np.repeat(np.arange(n), len(cand))
-    tiled = feats.take(idx)
     zeros = np.zeros(len(idx))
-    k = kernel_figures(tiled, Layout(np.tile(h, n), np.tile(w, n), zeros, zeros), spec)
-    cycles = np.asarray(per_sample_cycles(feats.task, k)).reshape(n, len(areas), len(_ASPECTS)).min(axis=2)
+    k = kernel_figures(feats.take(idx), Layout(np.tile(h, n), np.tile(w, n), zeros, zeros), spec)
+    shape = (n, len(areas), len(_ASPECTS))
+    fits = np.asarray(k["sram_bytes"]).reshape(shape) <= spec.data_bytes_per_core
+    cycles = np.where(fits, np.asarray(step_share_cycles(feats.task, k)).reshape(shape), np.inf).min(axis=2)
+    feasible = np.isfinite(cycles)
+    fewest = np.where(feasible.any(axis=1), areas[np.argmax(feasible, axis=1)], 1.0)
     best = cycles.min(axis=1, keepdims=True)
     ok = cycles <= best * (1.0 + within)
-    return areas[np.argmax(ok, axis=1)]
+    useful = np.where(feasible.any(axis=1), areas[np.argmax(ok, axis=1)], np.inf)
+    return fewest, useful
 
 
 def demands_pass(plan: Plan) -> Plan:
@@ -231,15 +246,14 @@ def demands_pass(plan: Plan) -> Plan:
     one = Layout(np.ones(n), np.ones(n), np.zeros(n), np.zeros(n))
     k1 = kernel_figures(feats, one, plan.spec)
     work = np.asarray(per_sample_cycles(plan.task, k1)) / float(feats.batch)
-    useful = useful_cores(feats, plan.spec) if plan.mode == "pipelined" else np.full(n, np.inf)
+    fewest, useful = area_scan(feats, plan.spec) if plan.mode == "pipelined" else (np.ones(n), np.full(n, np.inf))
     traced, copies = plan.traced, dict(weight_copies=st.weight_copies, act_copies=st.act_copies)
     demands = []
-    for k, wk, u in zip(plan.graph.kernels, work, useful):
-        lo = part.min_cores(k, traced, plan.spec, act_itemsize=st.act_itemsize, **copies)
+    for k, wk, f, u in zip(plan.graph.kernels, work, fewest, useful):
+        weights, _ = part.sram_need(k, traced, **copies)
+        lo = max(math.ceil(weights / (0.9 * plan.spec.data_bytes_per_core)), int(f), 1)
         hi = min(part.max_cores(k, traced), u)
-        demands.append(
-            KernelDemand(name=k.name, work=max(float(wk), 1e-9), min_cores=lo, max_cores=max(lo, int(hi)))
-        )
+        demands.append(KernelDemand(name=k.name, work=max(float(wk), 1e-9), min_cores=lo, max_cores=max(lo, int(hi))))
     return plan.replace(features=feats, demands=tuple(demands))
 
 
@@ -264,9 +278,34 @@ def place_pass(plan: Plan) -> Plan:
     return plan.replace(placement=rects)
 
 
+# Automatic placements re-placed with a kernel's fewest cores raised, when its rectangle's shape overflows a core.
+_SRAM_RETRIES = 6
+
+
 def partition_pass(plan: Plan) -> Plan:
-    """Every kernel's tilings on its rectangle (raises wafer.SramCapacityError when a core overflows)."""
-    return plan.replace(kernels=part.partition(plan.graph, plan.placement, plan.features, plan.spec))
+    """Every kernel's tilings on its rectangle. An automatic placement whose rectangle overflows a kernel's cores
+    (its fewest cores came from a scan of other shapes) is placed again with that kernel's fewest cores raised by
+    the overflow; a hand placement, or one still overflowing after a few tries, raises wafer.SramCapacityError."""
+    for attempt in range(_SRAM_RETRIES + 1):
+        try:
+            return plan.replace(kernels=part.partition(plan.graph, plan.placement, plan.features, plan.spec))
+        except wafer.SramCapacityError as e:
+            if plan.hand_placement is not None or plan.mode == "weight_streaming" or attempt == _SRAM_RETRIES:
+                raise
+            rect = plan.placement[e.allocation]
+            grow = math.ceil(rect.cores * 1.25 * e.bytes_needed / e.capacity)
+            demands = tuple(
+                dataclasses.replace(
+                    d,
+                    min_cores=max(d.min_cores, grow),
+                    max_cores=None if d.max_cores is None else max(d.max_cores, grow),
+                )
+                if d.name == e.allocation
+                else d
+                for d in plan.demands
+            )
+            plan = place_pass(plan.replace(demands=demands))
+    raise AssertionError("unreachable")
 
 
 def route_pass(plan: Plan) -> Plan:
