@@ -112,22 +112,21 @@ def matmul_cycles(spec, classes, p, c, d, lhs_isz, rhs_isz, acc_isz, maximum=cos
     return instr * spec.instr_startup_cycles + p * c * d * per
 
 
-def reduction(spec, f, n, words, elements, itemsize, runs, *, to: str):
+def reduction(spec, f, n, words, elements, itemsize, *, to: str):
     """The cheapest of `PATTERNS` for a call's reductions along n cores of `words` words (`elements` elements of
-    `itemsize` bytes) per core to core `to`, in `runs` reductions (one per sample), per kernel: (transfer cycles, the
-    busiest core's adds, pattern index), wafer/fabric.py's closed forms of the primitive the per-core path runs."""
+    `itemsize` bytes) per core to core `to`, per kernel: (transfer cycles, the busiest core's adds, pattern index),
+    wafer/fabric.py's closed forms of the primitive the per-core path runs."""
     comm, adds = [], []
     for p in PATTERNS:
         comm.append(fabric.reduce_cycles(n, words, spec, pattern=p, to=to))
-        once = _by_class(
-            f.acc_class,
-            lambda k, p=p: fabric.reduce_adds_cycles(
-                n, elements, spec, dtype_class=k, itemsize=itemsize, pattern=p, to=to
-            ),
+        adds.append(
+            _by_class(
+                f.acc_class,
+                lambda k, p=p: fabric.reduce_adds_cycles(
+                    n, elements, spec, dtype_class=k, itemsize=itemsize, pattern=p, to=to
+                ),
+            )
         )
-        # every run's partial results are added as they arrive: the elements once, the instructions per run
-        again = (runs - 1.0) * fabric.reduce_receives(n, pattern=p, to=to) * spec.instr_startup_cycles
-        adds.append(once + again)
     ns = relax.xp(n, words, *comm, *adds)
     total = ns.stack(ns.broadcast_arrays(*[a + b for a, b in zip(comm, adds)]))
     pick = ns.argmin(total, axis=0)
@@ -156,7 +155,7 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
     mm = matmul_cycles(spec, f.fmac_class, k["mm_p"], k["mm_c"], k["mm_d"], f.isz_in, f.isz_w, f.isz_out, mx)
     anchor = runs * mm
     multicast = fabric.multicast_cycles(k["gw"], k["in_words"], spec, src="first")
-    red, adds, pattern = reduction(spec, f, k["gh"], k["out_words"], k["out_elems"], f.isz_out, runs, to="last")
+    red, adds, pattern = reduction(spec, f, k["gh"], k["out_words"], k["out_elems"], f.isz_out, to="last")
     zero = 0.0 * k["cores"]
     anchor, adds = relax.where(weight, anchor, zero), relax.where(weight, adds, zero)
     multicast, red = relax.where(weight, multicast, zero), relax.where(weight, red, zero)
@@ -185,7 +184,7 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
         spec, f.fmac_class, k["mm_pin"], k["ta"], k["mm_c"] * f.lead, f.isz_out, f.isz_w, f.isz_in, mx
     )
     in_elems = f.n_in * k["rows_in"] * k["ta"]
-    b_red, b_adds, b_pattern = reduction(spec, f, k["gw"], k["in_words"], in_elems, f.isz_in, runs, to="first")
+    b_red, b_adds, b_pattern = reduction(spec, f, k["gw"], k["in_words"], in_elems, f.isz_in, to="first")
     b_multicast = fabric.multicast_cycles(k["gh"], k["out_words"], spec, src="last")
     b_compute = cost.compute_cycles(spec, per_core(k["bwd_counts"]), maximum=mx)
     b_compute = b_compute + relax.where(weight, dw, zero) + dx * (dxm + b_adds)

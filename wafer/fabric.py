@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wafer import cost
-from wafer.kernel import INSTRUCTIONS, KernelCost, dtype_class
+from wafer.kernel import KernelCost, dtype_class
 from wafer.memory import Rect
 
 DIRECTIONS = ("N", "E", "S", "W")
@@ -507,9 +507,8 @@ def reduce_adds(shape, dtype, axis, op: str = "sum", *, to=0, pattern: str = "ch
     fabric adds (or maxes) it into its own data, one ALU operation per element, reading its own operand from
     SRAM and writing the result back while the other operand streams in from the fabric (the SDK's reductions
     are `@fadds(mem, mem, fabin)` instructions). The count depends on the pattern: in a chain every core but
-    the farthest adds once, in a star the root adds n - 1 partial results (arriving on one colour: one instruction
-    takes them all), in a tree the cores at even positions add once per round. Put these records in the superstep
-    of the reduction, next to its traffic:
+    the farthest adds once, in a star the root adds n - 1 partial results, in a tree the cores at even positions
+    add once per round. Put these records in the superstep of the reduction, next to its traffic:
     `wafer.superstep(*adds, traffic)` (or `reduce(..., return_adds=True)` gives them with the data).
 
     Args:
@@ -535,9 +534,10 @@ def reduce_adds(shape, dtype, axis, op: str = "sum", *, to=0, pattern: str = "ch
         mask = np.broadcast_to(line[:, None] if axis == 0 else line[None, :], (h, w)).copy()
         ops = count * elements
         # `@fadds(mem, mem, fabin)`: its own operand read from SRAM, the result written, the other from the ramp
-        # (a fabric operand: at most a wavelet a cycle); one instruction per incoming partial result, except at a
-        # star's root, whose partials all arrive on one colour and are taken by one instruction
-        counts = {("alu", cls, itemsize, itemsize, itemsize / 4): ops, INSTRUCTIONS: 1 if pattern == "star" else count}
+        # (a fabric operand: at most a wavelet a cycle). Its start-up is not charged: the instruction is set up
+        # while the core waits for the partial, and the transfer's dependent stage (2 T_R + 1 cycles, wafer/cost.py)
+        # already holds the receive-add-send of Luczynski et al.'s model, which the calibration checks
+        counts = {("alu", cls, itemsize, itemsize, itemsize / 4): ops}
         out.append(KernelCost(Rect(0, 0, h, w), counts, mask))
     return tuple(out)
 
@@ -839,7 +839,7 @@ def reduce_receives(n, *, pattern: str = "chain", to="last", group=None):
     m_l, m_r = _sides(n, xp.floor((n - 1) / 2) if to == "all" else to)  # (an allreduce reduces to the middle)
     if pattern == "chain":  # the root takes one stream per side; every other core but the ends one
         return xp.maximum(_ind(m_l > 1) + _ind(m_r > 1), _ind(xp.maximum(m_l, m_r) > 2))
-    if pattern == "star":  # the root takes all of them (one instruction: `reduce_adds`)
+    if pattern == "star":  # the root takes all of them
         return n - 1.0
     if pattern == "tree":  # the root adds once per round on each side
         return _ceil_log2(m_l) + _ceil_log2(m_r)
@@ -855,13 +855,10 @@ def reduce_receives(n, *, pattern: str = "chain", to="last", group=None):
 def reduce_adds_cycles(
     n, elements, spec, *, dtype_class: str = "fp32", itemsize=4, pattern: str = "chain", to="last", group=None
 ):
-    """Cycles the busiest core of a reduction along n cores spends adding what it takes in (`reduce_adds`): one
-    `@fadds(mem, mem, fabin)` per incoming partial of `elements` elements (a star's root: one for all of them)."""
-    xp = _mod(n, elements)
+    """Cycles the busiest core of a reduction along n cores spends adding what it takes in (`reduce_adds`): a
+    `@fadds(mem, mem, fabin)` over `elements` elements per incoming partial, at its element rate."""
     k = reduce_receives(n, pattern=pattern, to=to, group=group)
-    per = cost.element_cycles(spec, "alu", dtype_class, itemsize, itemsize, itemsize / 4.0)
-    instructions = xp.minimum(k, 1.0) if pattern == "star" else k
-    return k * elements * per + instructions * spec.instr_startup_cycles
+    return k * elements * cost.element_cycles(spec, "alu", dtype_class, itemsize, itemsize, itemsize / 4.0)
 
 
 def strided_allreduce_cycles(n, stride, words, spec):

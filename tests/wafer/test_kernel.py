@@ -334,3 +334,22 @@ def test_kernel_cycles_grad_wrt_spec():
     np.testing.assert_allclose(g.instr_startup_cycles, 16.0, rtol=1e-6)  # 16 instructions
     np.testing.assert_allclose(g.task_cycles, 1.0, rtol=1e-6)
     np.testing.assert_allclose(g.sram_read_bytes_per_cycle, 0.0, atol=0)  # not the bound
+
+
+def test_matmul_loop_is_one_rule_for_numbers_and_arrays():
+    """The compiler calls matmul_loop on arrays of per-core tiles; counting calls it on numbers: same answers."""
+    from wafer.kernel import matmul_loop
+
+    rng = np.random.default_rng(0)
+    rows, cols, depth = (rng.integers(1, 40, 64).astype(float) for _ in range(3))
+    got = matmul_loop(rows, cols, depth, 2.0, 4.0, 4.0)
+    for i in range(64):
+        want = matmul_loop(int(rows[i]), int(cols[i]), int(depth[i]), 2, 4, 4)
+        assert tuple(float(g[i]) for g in got) == tuple(float(v) for v in want)
+    # by hand: 3 x 5 times 5 x 7: along the longer free axis (7), 5 x 3 = 15 instructions reading the 4-byte W row
+    # and the accumulator, writing it; 10 x 100 times 100 x 1: 10 dot products (not 100 instructions along a free
+    # axis of 1), reading both operands, accumulating in a register
+    assert matmul_loop(3, 7, 5, 2, 4, 4) == (15, 8, 4)
+    assert matmul_loop(10, 1, 100, 4, 4, 4) == (10, 8, 0)
+    jr = jnp.asarray(rows)
+    assert np.allclose(np.asarray(matmul_loop(jr, jnp.asarray(cols), jnp.asarray(depth), 2.0, 4.0, 4.0)[0]), got[0])
