@@ -16,18 +16,29 @@ compiler/relax.py, so the same functions run
     sweeps, gradient placement and what-ifs evaluate; at temperature 0 on a plan's own layout it returns these
     figures, to float rounding.
 
-Per kernel (cycles per batch): compute = max(arithmetic, SRAM streaming) of its busiest core; comm = the kernel's own
-multicast of input chunks along rows and reduction of partial sums along columns (WEIGHT kernels); a kernel costs
-max(compute, comm) when the spec overlaps them, else their sum. Training adds a backward of 2 x the forward (input
-and weight gradients each cost a forward) and every core's optimizer update on its tiles.
+Per kernel (cycles per call's batch, of its busiest core; wafer/cost.py's rates):
+  compute   the per-core counts of its program (`partition.per_core_counts`: elements divided over its cores,
+            every operation issued once per sample the core holds, a task per sample) x `cost.unit_cycles`, plus a
+            WEIGHT anchor's matmul on the core's tiles per sample (`matmul_cycles`: wafer/kernel.py's loop rule) and
+            the adds of its reduction;
+  comm      a WEIGHT kernel's multicast of input chunks along its rows and the reduction of its partial sums down
+            its columns, in the cheapest of `PATTERNS` for its shape (`reduction`: wafer/fabric.py's closed forms);
+  cycles    max(compute, comm) when the spec overlaps them, else their sum.
+Training adds each kernel's backward (counted from its VJP's jaxpr; the anchor's weight and input cotangents on the
+tiles; the output cotangent multicast up the columns, the input cotangent's partials reduced along the rows) and its
+update (the optimizer on every core's tiles, after the weight gradient's sum over the tile grid's copies).
 
 Pipelines (B samples per call, kernel i costing s_i cycles per sample, L the longest route's hops x hop latency):
-  inference            a call of B samples: sum_i s_i + L + (B - 1) max_i s_i; throughput clock / max_i s_i.
-  pipelined training   forward and backward stream through the kernels: sum_i (f_i + b_i) / B + 2 L
-                       + (B - 1) max_i (f_i + b_i) / B, then every kernel updates its weights at once (+ max_i u_i);
-                       the batch streams in over the edge I/O meanwhile, and the slower of the two bounds a step.
+  inference            a call: io + sum_i s_i + L + (B - 1) pace, pace = the slowest of the kernels' s_i, the busiest
+                       stream (`stream_cycles`: words / lanes x share per sample) and the edge I/O per sample (inputs
+                       in and outputs out at once); throughput clock / pace.
+  pipelined training   forward and backward stream through the kernels: sum_i (f_i + b_i) / B + 2 L + (B - 1) pace
+                       (the kernels' (f_i + b_i) / B and the busiest stream), then every kernel updates its weights at
+                       once (+ max_i u_i); the batch streams in over the edge I/O meanwhile, and the slower of the two
+                       bounds a step.
   weight streaming     layer by layer on the whole wafer: per kernel max(f_i, weights in) forward and
-                       max(b_i, weights in again + gradients out) backward; the optimizer runs on the host.
+                       max(b_i + gradient sum, weights in again + gradients out) backward; the optimizer runs on the
+                       host.
 """
 
 from __future__ import annotations

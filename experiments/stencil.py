@@ -36,73 +36,90 @@ import numpy as np
 import wafer
 
 PRESETS = {"wse1": wafer.WSE1, "wse2": wafer.WSE2, "wse3": wafer.WSE3}
-FLOPS_PER_POINT = 8  # 5 adds for the neighbour sum, alpha * sum, then one FMAC c0 * u + (...)
+FLOPS_PER_POINT = 8  # radius 1: 5 adds for the neighbour sum, alpha * sum, then one FMAC c0 * u + (...)
 RTOL = 1e-5  # float32, relative to max |u| (summation order may differ; here it does not)
 ALLOCATION = "data"  # the name wafer.init gives its whole-grid allocation
 
 
-def column_update(u, n, s, w, e, *, alpha):
-    """One core's Jacobi update of its Z column.
+def flops_per_point(radius: int = 1) -> int:
+    """FLOPs of one point's update: 6r - 1 adds for its 6r neighbours, alpha x the sum, one FMAC (two FLOPs)."""
+    return 6 * radius + 2
+
+
+def column_update(u, n, s, w, e, *, alpha, radius: int = 1):
+    """One core's Jacobi update of its Z column with a star stencil of radius r ((6r + 1) points).
 
     Args:
-      u: [Z] this core's column; n, s, w, e: [Z] the columns of its north, south, west and east neighbours.
-      alpha: diffusion number (stable for alpha <= 1/6).
+      u: [Z] this core's column; n, s, w, e: the columns of its north, south, west and east neighbours, [Z] for
+        radius 1, [r, Z] (1 .. r hops away) for larger radii.
+      alpha: diffusion number (stable for alpha <= 1 / (6 r)).
     Returns:
-      [Z] the new column. Z neighbours come from the core's own column, zero beyond its ends.
+      [Z] the new column, u + alpha (sum of the 6r neighbours - 6r u), written c0 u + alpha sum. Z neighbours come
+      from the core's own column, zero beyond its ends.
     """
     zero = jnp.zeros((), u.dtype)
-    below = jax.lax.pad(u, zero, [(1, -1, 0)])  # below[k] = u[k - 1], 0 at k = 0
-    above = jax.lax.pad(u, zero, [(-1, 1, 0)])  # above[k] = u[k + 1], 0 at k = Z - 1
-    total = n + s + w + e + below + above
-    return (1.0 - 6.0 * alpha) * u + alpha * total
+    total = None
+    for j in range(1, radius + 1):
+        below = jax.lax.pad(u, zero, [(j, -j, 0)])  # below[k] = u[k - j], 0 for k < j
+        above = jax.lax.pad(u, zero, [(-j, j, 0)])  # above[k] = u[k + j], 0 for k >= Z - j
+        side = [v if radius == 1 else v[j - 1] for v in (n, s, w, e)]
+        part = side[0] + side[1] + side[2] + side[3] + below + above
+        total = part if total is None else total + part
+    return (1.0 - 6.0 * radius * alpha) * u + alpha * total
 
 
-def make_step(spec: wafer.WaferSpec, alpha: float, name: str = ALLOCATION):
+def make_step(spec: wafer.WaferSpec, alpha: float, name: str = ALLOCATION, radius: int = 1):
     """A superstep `step(state) -> (state, wafer.Superstep)` of the stencil on allocation `name` [rows, cols, Z].
 
     Args:
       spec: the wafer (only its shape matters here; costs are evaluated from the returned record).
       alpha: diffusion number.
       name: the SRAM allocation holding the field, one Z column per core.
+      radius: the stencil's radius r ((6r + 1) points: 7 for r = 1, 25 for r = 4).
     """
     del spec  # the step is shape-polymorphic; kept in the signature so callers build steps per wafer
 
     def step(state):
         u = state.read(name)
-        halo, traffic = wafer.halo_exchange(u, 1)
-        new, kernel_cost = wafer.map_cores(
-            lambda *cols: column_update(*cols, alpha=alpha), u, halo["N"], halo["S"], halo["W"], halo["E"]
-        )
+        halo, traffic = wafer.halo_exchange(u, radius)
+        # radius > 1 stacks the hops first, [r, h, w, Z]: each core takes its [r, Z]
+        sides = [halo[k] if radius == 1 else jnp.moveaxis(halo[k], 0, 2) for k in ("N", "S", "W", "E")]
+        new, kernel_cost = wafer.map_cores(lambda *cols: column_update(*cols, alpha=alpha, radius=radius), u, *sides)
         return state.write(name, new), wafer.superstep(kernel_cost, traffic)
 
     return step
 
 
-def native_step(u, alpha: float):
+def native_step(u, alpha: float, radius: int = 1):
     """The same Jacobi step in plain jnp on an [X, Y, Z] array (the reference, and the benchmark baseline)."""
-    p = jnp.pad(u, 1)
-    total = (
-        p[:-2, 1:-1, 1:-1]
-        + p[2:, 1:-1, 1:-1]
-        + p[1:-1, :-2, 1:-1]
-        + p[1:-1, 2:, 1:-1]
-        + p[1:-1, 1:-1, :-2]
-        + p[1:-1, 1:-1, 2:]
-    )
-    return (1.0 - 6.0 * alpha) * u + alpha * total
+    r = radius
+    p = jnp.pad(u, r)
+    X, Y, Z = u.shape
+    total = None
+    for j in range(1, r + 1):
+        part = (
+            p[r - j : r - j + X, r : r + Y, r : r + Z]
+            + p[r + j : r + j + X, r : r + Y, r : r + Z]
+            + p[r : r + X, r - j : r - j + Y, r : r + Z]
+            + p[r : r + X, r + j : r + j + Y, r : r + Z]
+            + p[r : r + X, r : r + Y, r - j : r - j + Z]
+            + p[r : r + X, r : r + Y, r + j : r + j + Z]
+        )
+        total = part if total is None else total + part
+    return (1.0 - 6.0 * r * alpha) * u + alpha * total
 
 
-def native_run(u, alpha: float, steps: int):
+def native_run(u, alpha: float, steps: int, radius: int = 1):
     """`steps` native steps with `lax.fori_loop`."""
-    return jax.lax.fori_loop(0, steps, lambda _, v: native_step(v, alpha), u)
+    return jax.lax.fori_loop(0, steps, lambda _, v: native_step(v, alpha, radius), u)
 
 
-def make_run(spec: wafer.WaferSpec, alpha: float, steps: int):
+def make_run(spec: wafer.WaferSpec, alpha: float, steps: int, radius: int = 1):
     """(jitted `run(state) -> state` of `steps` supersteps with the state donated, `record()` of one step).
 
     `record()` returns the step's `wafer.Superstep` once `run` has been traced (it depends on shapes only).
     """
-    step = make_step(spec, alpha)
+    step = make_step(spec, alpha, radius=radius)
     records = []
 
     def run(state):
@@ -119,7 +136,9 @@ def initial_field(spec: wafer.WaferSpec, z: int, seed: int) -> np.ndarray:
     return np.asarray(jax.random.uniform(key, (spec.rows, spec.cols, z), jnp.float32))
 
 
-def run_experiment(spec: wafer.WaferSpec, z: int = 32, steps: int = 20, seed: int = 0, *, alpha: float = 0.1) -> dict:
+def run_experiment(
+    spec: wafer.WaferSpec, z: int = 32, steps: int = 20, seed: int = 0, *, alpha: float = 0.1, radius: int = 1
+) -> dict:
     """Run the stencil on the emulated wafer and natively; return the figures of the report.
 
     Args:
@@ -128,19 +147,23 @@ def run_experiment(spec: wafer.WaferSpec, z: int = 32, steps: int = 20, seed: in
       steps: Jacobi steps.
       seed: seed of the random initial field.
       alpha: diffusion number.
+      radius: the stencil's radius ((6 radius + 1) points).
     Returns:
       A JSON-serialisable dict (see `format_report` for the fields).
     """
     if z < 1 or steps < 1:
         raise ValueError(f"z and steps must be >= 1, got z={z}, steps={steps}")
+    if radius < 1 or radius >= z:
+        raise ValueError(f"radius must be >= 1 and below z (a core's column), got radius={radius}, z={z}")
     u0 = initial_field(spec, z, seed)
 
     t0 = time.perf_counter()
     state = wafer.init(spec, words=z, value=u0)  # raises SramCapacityError if Z columns do not fit
-    run, record_of = make_run(spec, alpha, steps)
+    run, record_of = make_run(spec, alpha, steps, radius)
     emulated = run.lower(state).compile()
     t_compile = time.perf_counter() - t0
-    native = jax.jit(lambda u: native_run(u, alpha, steps), donate_argnums=0).lower(jnp.asarray(u0)).compile()
+    native = jax.jit(lambda u: native_run(u, alpha, steps, radius), donate_argnums=0)
+    native = native.lower(jnp.asarray(u0)).compile()
     record = record_of()
 
     # One warm-up call each (first touches of fresh buffers are slow), then one timed call each from u0.
@@ -164,7 +187,7 @@ def run_experiment(spec: wafer.WaferSpec, z: int = 32, steps: int = 20, seed: in
     cycles = float(record.cycles(spec))
     seconds = cycles / float(spec.clock_hz)
     points = spec.rows * spec.cols * z
-    analytic = float(FLOPS_PER_POINT * points)
+    analytic = float(flops_per_point(radius) * points)
     peak = float(spec.peak_flops("fp32"))
     link_words = record.traffic.link_words(spec.rows, spec.cols)
     return {
@@ -174,6 +197,7 @@ def run_experiment(spec: wafer.WaferSpec, z: int = 32, steps: int = 20, seed: in
         "z": z,
         "steps": steps,
         "alpha": alpha,
+        "radius": radius,
         "overlap": spec.overlap,
         "words_per_core": alloc.words,
         "sram_bytes_per_core": alloc.nbytes,
@@ -214,15 +238,16 @@ def format_report(r: dict) -> str:
     """The report as readable lines."""
     mode = "overlapped" if r["overlap"] else "serialised"
     lines = [
-        f"7-point stencil on {r['spec']}: {r['rows']} x {r['cols']} cores, Z = {r['z']}, {r['steps']} steps, "
+        f"{6 * r['radius'] + 1}-point stencil on {r['spec']}: {r['rows']} x {r['cols']} cores, Z = {r['z']}, "
+        f"{r['steps']} steps, "
         f"alpha = {r['alpha']:g}",
         f"  SRAM          {r['words_per_core']} words/core = {r['sram_bytes_per_core']} B of "
         f"{r['sram_capacity_bytes']} B ({100 * r['sram_occupancy']:.2f}% occupancy)",
         f"  cycles/step   compute {r['compute_cycles']:.1f}, comm {r['comm_cycles']:.1f}, "
         f"total {r['cycles']:.1f} ({mode})",
         f"  time/step     {r['us_per_step']:.4g} us at {r['clock_hz'] / 1e6:.0f} MHz",
-        f"  FLOPs/step    {r['flops_analytic']:.4g} analytic ({FLOPS_PER_POINT}/point); "
-        f"{r['flops_counted']:.4g} counted (+ 2 Z-shift moves/point)",
+        f"  FLOPs/step    {r['flops_analytic']:.4g} analytic ({flops_per_point(r['radius'])}/point); "
+        f"{r['flops_counted']:.4g} counted (+ {2 * r['radius']} Z-shift moves/point)",
         f"  achieved      {_si(r['flops_per_s'], 'FLOP/s')} = {100 * r['peak_fraction']:.1f}% of fp32 peak "
         f"{_si(r['peak_flops_fp32'], 'FLOP/s')}",
         f"  busiest link  {r['busiest_link_words']:.0f} words/step "
@@ -244,7 +269,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cols", type=int, default=64, help="core columns of the mini wafer (default 64)")
     p.add_argument("--z", type=int, default=32, help="points per core column, Z (default 32)")
     p.add_argument("--steps", type=int, default=20, help="Jacobi steps (default 20)")
-    p.add_argument("--alpha", type=float, default=0.1, help="diffusion number, <= 1/6 for stability (default 0.1)")
+    p.add_argument("--alpha", type=float, default=0.1, help="diffusion number, <= 1/(6 r) for stability (default 0.1)")
+    p.add_argument("--radius", type=int, default=1, help="stencil radius r: 6r + 1 points (default 1; 4: 25-point)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initial field (default 0)")
     p.add_argument(
         "--overlap",
@@ -266,7 +292,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         spec = spec_from_args(args)
-        report = run_experiment(spec, args.z, args.steps, args.seed, alpha=args.alpha)
+        report = run_experiment(spec, args.z, args.steps, args.seed, alpha=args.alpha, radius=args.radius)
     except (ValueError, wafer.SramCapacityError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

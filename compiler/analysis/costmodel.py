@@ -19,6 +19,10 @@ Relaxations (compiler/relax.py):
                 near-bottleneck kernels, which is what gradient-based placement needs.
   min           of core counts (tile grids) and the longest route: exact (a gradient almost everywhere); smoothing
                 small integers would distort the grid.
+  choices       the reduction pattern of each WEIGHT kernel (the cheapest of chain, tree, two-phase) and a matmul's
+                loop order (the one with fewer instructions): exact selections; the gradient is the chosen one's.
+  fabric terms  wafer/fabric.py's closed forms count rounds and dependent stages with exact ceil / round: piecewise
+                constant in a kernel's side (no gradient through the number of tree rounds), linear in the words.
 Features come from a plan (or a program's plan, or just a kernel graph): sweeps and searches need no compiled
 program. `compact(feats)` drops the instruction-count columns no kernel uses (same figures, several times faster
 in batched sweeps).
