@@ -123,10 +123,13 @@ def matmul_cycles(spec, classes, p, c, d, lhs_isz, rhs_isz, acc_isz, maximum=cos
     return instr * spec.instr_startup_cycles + p * c * d * per
 
 
-def reduction(spec, f, n, words, elements, itemsize, *, to: str):
+def reduction(spec, f, n, words, elements, itemsize, *, to: str, compute=0.0, comm=0.0):
     """The cheapest of `PATTERNS` for a call's reductions along n cores of `words` words (`elements` elements of
     `itemsize` bytes) per core to core `to`, per kernel: (transfer cycles, the busiest core's adds, pattern index),
-    wafer/fabric.py's closed forms of the primitive the per-core path runs."""
+    wafer/fabric.py's closed forms of the primitive the per-core path runs. Cheapest for the kernel: the pattern whose
+    superstep, with the rest of the kernel's `compute` and `comm`, is the shortest (its adds are compute, its transfer
+    communication; so a higher latency never makes a kernel faster)."""
+    base_compute, base_comm = compute, comm
     comm, adds = [], []
     for p in PATTERNS:
         comm.append(fabric.reduce_cycles(n, words, spec, pattern=p, to=to))
@@ -139,7 +142,8 @@ def reduction(spec, f, n, words, elements, itemsize, *, to: str):
             )
         )
     ns = relax.xp(n, words, *comm, *adds)
-    total = ns.stack(ns.broadcast_arrays(*[a + b for a, b in zip(comm, adds)]))
+    total = [cost.superstep_cycles(spec, base_compute + a, base_comm + c) for c, a in zip(comm, adds)]
+    total = ns.stack(ns.broadcast_arrays(*total))
     pick = ns.argmin(total, axis=0)
     take = lambda xs: ns.take_along_axis(ns.stack(ns.broadcast_arrays(*xs)), pick[None], axis=0)[0]  # noqa: E731
     return take(comm), take(adds), pick
@@ -166,11 +170,14 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
     mm = matmul_cycles(spec, f.fmac_class, k["mm_p"], k["mm_c"], k["mm_d"], f.isz_in, f.isz_w, f.isz_out, mx)
     anchor = runs * mm
     multicast = fabric.multicast_cycles(k["gw"], k["in_words"], spec, src="first")
-    red, adds, pattern = reduction(spec, f, k["gh"], k["out_words"], k["out_elems"], f.isz_out, to="last")
+    rest = cost.compute_cycles(spec, per_core(k["counts"]), maximum=mx)
+    red, adds, pattern = reduction(
+        spec, f, k["gh"], k["out_words"], k["out_elems"], f.isz_out, to="last", compute=rest + anchor, comm=multicast
+    )
     zero = 0.0 * k["cores"]
     anchor, adds = relax.where(weight, anchor, zero), relax.where(weight, adds, zero)
     multicast, red = relax.where(weight, multicast, zero), relax.where(weight, red, zero)
-    compute = cost.compute_cycles(spec, per_core(k["counts"]), maximum=mx) + anchor + adds
+    compute = rest + anchor + adds
     comm = multicast + red
     cycles = cost.superstep_cycles(spec, compute, comm, maximum=mx)
     k.update(
@@ -195,11 +202,13 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
         spec, f.fmac_class, k["mm_pin"], k["ta"], k["mm_c"] * f.lead, f.isz_out, f.isz_w, f.isz_in, mx
     )
     in_elems = f.n_in * k["rows_in"] * k["ta"]
-    b_red, b_adds, b_pattern = reduction(spec, f, k["gw"], k["in_words"], in_elems, f.isz_in, to="first")
-    b_multicast = fabric.multicast_cycles(k["gh"], k["out_words"], spec, src="last")
-    b_compute = cost.compute_cycles(spec, per_core(k["bwd_counts"]), maximum=mx)
-    b_compute = b_compute + relax.where(weight, dw, zero) + dx * (dxm + b_adds)
-    b_comm = relax.where(weight, b_multicast, zero) + dx * b_red
+    b_multicast = relax.where(weight, fabric.multicast_cycles(k["gh"], k["out_words"], spec, src="last"), zero)
+    b_rest = cost.compute_cycles(spec, per_core(k["bwd_counts"]), maximum=mx) + relax.where(weight, dw, zero)
+    b_red, b_adds, b_pattern = reduction(
+        spec, f, k["gw"], k["in_words"], in_elems, f.isz_in, to="first", compute=b_rest + dxm, comm=b_multicast
+    )
+    b_compute = b_rest + dx * (dxm + b_adds)
+    b_comm = b_multicast + dx * b_red
     backward = cost.superstep_cycles(spec, b_compute, b_comm, maximum=mx)
     # the weight gradient summed over the copies of the tile grid (chains between copies, then back): every copy
     # updates with the same sum

@@ -412,14 +412,21 @@ def _update_counts(optimizer, tiles) -> Counter:
     return Counter(wkernel.count(update, list(tiles)))
 
 
+# Elements of the tiles the affine update count is measured on: a one-element operand is a scalar in a register
+# (wafer/kernel.py counts no SRAM bytes for it), so tiles of two elements and more are the vectors the rule extends.
+_BASE_TILE = 2
+
+
 def _update_affine(optimizer, params) -> tuple[list[Counter], Counter]:
     """(alpha, beta) of the affine update count of one core holding tiles of `params` ([(layout, rank, dtype)]):
-    counted on unit tiles, and with each tile in turn doubled; alpha[p] per element of tile p, beta the rest."""
+    counted on tiles of `_BASE_TILE` elements, and with each tile in turn one element longer; alpha[p] per element
+    of tile p, beta the rest (a one-element tile is counted as a vector one: its SRAM bytes at most overestimated)."""
 
-    def tiles(doubled=None):
+    def tiles(longer=None):
         out = []
         for i, (layout, rank, dtype) in enumerate(params):
-            shape = () if layout == SCALAR else (1,) * (rank - 1) + (2 if i == doubled else 1,)
+            size = _BASE_TILE + (i == longer)
+            shape = () if layout == SCALAR else (1,) * (rank - 1) + (size,)
             out.append(jax.ShapeDtypeStruct(shape, dtype))
         return out
 
@@ -428,10 +435,10 @@ def _update_affine(optimizer, params) -> tuple[list[Counter], Counter]:
     for i, (layout, _, _) in enumerate(params):
         a = Counter()
         if layout != SCALAR:
-            doubled = _update_counts(optimizer, tiles(i))
-            a = Counter({k: doubled.get(k, 0) - base.get(k, 0) for k in set(doubled) | set(base)})
+            longer = _update_counts(optimizer, tiles(i))
+            a = Counter({k: longer.get(k, 0) - base.get(k, 0) for k in set(longer) | set(base)})
         alpha.append(a)
-    beta = Counter({k: base.get(k, 0) - sum(a.get(k, 0) for a in alpha) for k in base})
+    beta = Counter({k: base.get(k, 0) - _BASE_TILE * sum(a.get(k, 0) for a in alpha) for k in base})
     return alpha, beta
 
 

@@ -179,10 +179,12 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
         samples = R.where(f.psr > 0, R.minimum(R.maximum(mt / R.maximum(f.psr, 1e-9), 1.0), f.batch), f.batch)
         samples = R.where(weight, samples, runs)
     # SRAM: per-sample buffers (x act_copies) of a core's input chunk and partial result (a WEIGHT kernel's core
-    # holds its own: the multicast puts the chunk on every core of its row), an even share elsewhere; in training
-    # also the inputs of the samples between its forward and its backward (its stash)
-    in_core = R.where(weight, in_words, R.ceil(in_words_all / cores))
-    out_core = R.where(weight, out_words, R.ceil(out_words_all / cores))
+    # holds its own in layer-pipelined execution: the multicast puts the chunk on every core of its row), an even
+    # share elsewhere; in training also the inputs of the samples between its forward and its backward (its stash)
+    # (weight streaming streams the weights past activations that stay spread over the whole wafer: an even share)
+    chunks = weight & (f.mode == "pipelined")
+    in_core = R.where(chunks, in_words, R.ceil(in_words_all / cores))
+    out_core = R.where(chunks, out_words, R.ceil(out_words_all / cores))
     per_sample = (in_core + out_core) / samples
     stash = R.minimum(f.in_flight, samples) * in_core / samples
     act_words = R.ceil(f.act_copies * per_sample + stash)

@@ -9,12 +9,12 @@ cycles converted to microseconds at `spec.clock_hz`; every event's `args` also g
 
 What the spans show (compiler/schedule.py has the formulas): in inference, every sample's span on every kernel at
 the pipeline's pace, with "compute" and "fabric" inside (together when the spec overlaps them, one after the other
-otherwise), the input's trip over the fabric first on the "host I/O" track; in pipelined training, each sample's
-"forward" and "backward" on each kernel, then every kernel's "update", the batch streaming in meanwhile ("batch I/O");
-in weight streaming, forward layer by layer then backward in reverse, with the weights' and gradients' I/O on the
-"weight streaming I/O" track. Steps follow each other; each step also gets a span on the "program" track. The JSON
-is the Trace Event Format's object form: {"traceEvents": [...], "displayTimeUnit"}, with complete ("X") events and
-metadata ("M") events naming the process and the tracks.
+otherwise), the inputs in and outputs out on the "host I/O" track and the first input's trip over the fabric on the
+"routes" track; in pipelined training, each sample's "forward" and "backward" on each kernel, then every kernel's
+"update", the batch streaming in meanwhile ("batch I/O"); in weight streaming, forward layer by layer then backward in
+reverse, with the weights' and gradients' I/O on the "weight streaming I/O" track. Steps follow each other; each step
+also gets a span on the "program" track. The JSON is the Trace Event Format's object form: {"traceEvents": [...],
+"displayTimeUnit"}, with complete ("X") events and metadata ("M") events naming the process and the tracks.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import os
 from compiler.run.program import Program
 
 PID = 1
-_FIXED = ("program", "host I/O", "weight streaming I/O")  # tracks before the kernels', in this order
+_FIXED = ("program", "host I/O", "routes", "weight streaming I/O")  # tracks before the kernels', in this order
 
 
 def chrome_trace(program, path=None, steps: int = 1) -> dict:
@@ -51,7 +51,8 @@ def chrome_trace(program, path=None, steps: int = 1) -> dict:
     schedule, spec = program.schedule, program.spec
     mode = program.report.mode
     spans = schedule.events(steps)
-    fixed = [t for t in _FIXED if t != "weight streaming I/O" or program.plan.mode == "weight_streaming"]
+    used = {"routes": program.plan.task == "inference", "weight streaming I/O": program.plan.mode == "weight_streaming"}
+    fixed = [t for t in _FIXED if used.get(t, True)]
     tracks = {name: tid for tid, name in enumerate([*fixed, *schedule.names])}
     us = lambda cycles: float(cycles) / float(spec.clock_hz) * 1e6  # noqa: E731
     events = [

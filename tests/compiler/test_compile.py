@@ -113,7 +113,9 @@ def test_model_too_large_for_the_wafer(spec, kw):
     assert "dense_0" in msg and "cores" in msg and "bytes" in msg
     weight_bytes = (4096 * 4096 + 4096) * 4
     assert weight_bytes in _numbers(msg), msg  # the weights' size
-    assert spec.sram_bytes_per_core in _numbers(msg), msg  # what one core holds
+    # what one core holds for data: its SRAM less the code's reservation
+    assert spec.data_bytes_per_core == spec.sram_bytes_per_core - spec.code_bytes_per_core == 48 * 1024 - 4096
+    assert spec.data_bytes_per_core in _numbers(msg), msg
 
 
 def test_tile_too_large_for_a_core():
@@ -126,8 +128,10 @@ def test_tile_too_large_for_a_core():
     e = info.value
     assert "dense_0" in str(e)
     assert e.core == (2, 3)
-    assert e.bytes_needed >= 20000 * 4 > e.bytes_free
-    assert e.capacity == spec.sram_bytes_per_core
+    # its first core: the whole weight column and the bias's one word, and (a weight kernel's core holds its own
+    # input chunk and partial result) the sample's 20000 inputs and its one output
+    assert e.bytes_needed == (20000 + 1) * 4 + (20000 + 1) * 4 > e.bytes_free
+    assert e.capacity == e.bytes_free == spec.data_bytes_per_core  # the SRAM less the code's 4 KB
     assert str(e.bytes_needed) in str(e) and "(2, 3)" in str(e)
 
 

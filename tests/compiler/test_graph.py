@@ -16,6 +16,7 @@ import wafer
 from compiler.errors import UnsupportedOpError
 from compiler.frontend.graph import KINDS, SUPPORTED_PRIMITIVES, Graph, Kernel, build_graph, nbytes
 from compiler.frontend.trace import trace
+from wafer.kernel import arithmetic
 
 SEQUENTIAL = ("mlp", "lenet", "resnet_block", "depthwise", "rmsnorm", "nnx_mlp", "rnn")
 
@@ -101,12 +102,43 @@ def test_dense_flops(model, name):
     """A dense kernel does B*K*N FMACs for its matmul, plus its epilogue."""
     _, _, graph = model(name)
     for k in graph.kernels:
-        assert k.flops == sum(c * (2 if cls == "fmac" else 1) for (cls, _), c in k.counts.items())
+        # count keys: (op class, dtype class, SRAM read bytes, write bytes) -> elements, and ("instr",), ("ops",)
+        arith = {key: c for key, c in k.counts.items() if key[0] in ("fmac", "alu", "special")}
+        assert all(len(key) == 4 for key in arith) and set(k.counts) - set(arith) <= {("instr",), ("ops",)}
+        assert k.flops == sum(c * (2 if key[0] == "fmac" else 1) for key, c in arith.items())
+        assert k.counts[("instr",)] >= k.counts[("ops",)] >= 1  # every operation issues one instruction at least
         if k.kind in ("dense", "matmul"):
             macs = _dense_macs(k.anchor)
-            assert k.counts[("fmac", "fp32")] >= macs
+            assert arithmetic(k.counts)[("fmac", "fp32")] >= macs
             assert k.flops >= 2 * macs
             assert k.batch == k.anchor.invars[0].aval.shape[0]
+
+
+# The MLP's counts by hand (wafer/kernel.py's rules). x[4, K] @ W[K, N] runs in the loop order with fewer vector
+# instructions: along the longer free axis, K x min(4, N) instructions reading the vector operand and the accumulator
+# (4 + 4 bytes) and writing the accumulator (4); or one dot product per output element, 4 x N instructions reading
+# both operands (4 + 4) and writing nothing (the sum stays in a register). The bias add reads two vectors (8) and
+# writes one (4); the relu max(h, 0.0) reads one (its 0.0 is a scalar in a register) and writes one.
+#   dense_0 [4,12] @ [12,13]: 12 x 4 = 48 <= 4 x 13 = 52: along the free axis, 48 instructions of 624 FMACs
+#   dense_1 [4,13] @ [13,10]: 13 x 4 = 52 >  4 x 10 = 40: dot products, 40 instructions of 520 FMACs
+#   dense_2 [4,10] @ [10, 8]: 10 x 4 = 40 >  4 x 8  = 32: dot products, 32 instructions of 320 FMACs
+MLP_COUNTS = {
+    "dense_0": {
+        ("fmac", "fp32", 8, 4): 4 * 12 * 13,
+        ("alu", "fp32", 8, 4): 4 * 13,
+        ("alu", "fp32", 4, 4): 4 * 13,
+        ("instr",): 48 + 1 + 1,
+        ("ops",): 3,
+    },
+    "dense_1": {
+        ("fmac", "fp32", 8, 0): 4 * 13 * 10,
+        ("alu", "fp32", 8, 4): 4 * 10,
+        ("alu", "fp32", 4, 4): 4 * 10,
+        ("instr",): 40 + 1 + 1,
+        ("ops",): 3,
+    },
+    "dense_2": {("fmac", "fp32", 8, 0): 4 * 10 * 8, ("alu", "fp32", 8, 4): 4 * 8, ("instr",): 32 + 1, ("ops",): 2},
+}
 
 
 def test_mlp_kernels_exactly(model):
@@ -115,7 +147,8 @@ def test_mlp_kernels_exactly(model):
     assert graph.names == ("dense_0", "dense_1", "dense_2")
     b, k = case.inputs[0].shape
     for kernel, (n, relu) in zip(graph.kernels, ((13, True), (10, True), (8, False))):
-        assert kernel.counts[("fmac", "fp32")] == b * k * n
+        assert kernel.counts == MLP_COUNTS[kernel.name]
+        assert arithmetic(kernel.counts)[("fmac", "fp32")] == b * k * n
         assert kernel.flops == 2 * b * k * n + b * n * (2 if relu else 1)
         assert kernel.param_bytes == 4 * (k * n + n)
         assert kernel.in_bytes == 4 * b * k and kernel.out_bytes == 4 * b * n
@@ -136,9 +169,19 @@ def test_cnn_epilogues_and_prologues(model):
     assert pool_0.ops == ("reduce_window_sum", "div")  # average pooling
     assert pool_1.ops == ("reduce_window_max",)
     assert dense_0.ops[0] == "reshape"  # the flatten is the dense kernel's prologue
-    assert pool_0.counts == {("alu", "fp32"): 2 * 8 * 8 * 6 * 4, ("special", "fp32"): 2 * 8 * 8 * 6}
-    # conv: output elements times (in channels x kernel window) FMACs
-    assert conv_0.counts[("fmac", "fp32")] == 2 * 16 * 16 * 6 * (1 * 5 * 5)
+    # average pooling: a 2x2 window sum, one instruction per window element over the 2x8x8x6 outputs (reading the
+    # accumulator and the input, writing the accumulator), then the division by 4.0: a special function (16
+    # instructions of its software sequence) reading one vector and writing one
+    assert pool_0.counts == {
+        ("alu", "fp32", 8, 4): 2 * 8 * 8 * 6 * 4,
+        ("special", "fp32", 4, 4): 2 * 8 * 8 * 6,
+        ("instr",): 4 + 16,
+        ("ops",): 2,
+    }
+    # conv: output elements times (in channels x kernel window) FMACs, a matmul of 2x16x16 positions by 6 output
+    # channels over a depth of 25: along the 6 channels, 25 x 6 = 150 instructions (fewer than 512 x 6 dot products)
+    assert conv_0.counts[("fmac", "fp32", 8, 4)] == 2 * 16 * 16 * 6 * (1 * 5 * 5)
+    assert conv_0.counts[("instr",)] == 25 * 6 + 1 + 1  # and the bias add and the relu
     assert conv_0.batch == 2 and conv_0.params and not pool_0.params
     assert not conv_0.depthwise
 
@@ -156,8 +199,10 @@ def test_depthwise_conv(model):
     _, _, graph = model("depthwise")
     conv_0, conv_1 = graph.kernels
     assert conv_0.depthwise and not conv_1.depthwise
-    # depthwise: one 3x3 filter per channel, stride 2 on 9x9 (SAME): 5x5 outputs
-    assert conv_0.counts[("fmac", "fp32")] == 2 * 5 * 5 * 6 * 9
+    # depthwise: one 3x3 filter per channel, stride 2 on 9x9 (SAME): 5x5 outputs; 6 groups of a matmul of 2x5x5
+    # positions by 1 output channel over a depth of 9: along the channel, 6 x 9 x 1 = 54 instructions
+    assert conv_0.counts[("fmac", "fp32", 8, 4)] == 2 * 5 * 5 * 6 * 9
+    assert conv_0.counts[("instr",)] == 6 * 9 + 1 + 1
 
 
 def test_attention_kernels(model):
@@ -197,8 +242,11 @@ def test_scan_kernel_counts_every_step(model):
     scan = graph.kernel("scan_0")
     t, b, d_in = case.inputs[0].shape
     h = case.params["wh"].shape[0]
-    assert scan.counts[("fmac", "fp32")] == t * b * h * (d_in + h)
-    assert scan.counts[("special", "fp32")] == t * b * h  # tanh
+    assert scan.counts[("fmac", "fp32", 8, 4)] == t * b * h * (d_in + h)
+    assert scan.counts[("special", "fp32", 4, 4)] == t * b * h  # tanh
+    # a step: x @ wx ([2, 8] @ [8, 10]: 8 x 2 instructions along the hidden axis), h @ wh (10 x 2), two adds, tanh (16)
+    assert scan.counts[("instr",)] == t * (8 * 2 + 10 * 2 + 1 + 1 + 16)
+    assert scan.counts[("ops",)] == t * 5
     assert "broadcast_in_dim" in scan.ops  # the zero initial state is built in the kernel that uses it
 
 
@@ -217,7 +265,14 @@ def test_tied_embedding_is_shared():
 def test_no_anchor_program_is_one_elementwise_kernel():
     graph = build_graph(trace(lambda p, x: jnp.exp(x) * p, jnp.float32(2.0), jnp.ones(5)))
     assert graph.names == ("elementwise_0",) and graph.kernels[0].params == (0,)
-    assert graph.kernels[0].counts == {("special", "fp32"): 5, ("alu", "fp32"): 5}
+    # exp: a special function's 16 instructions over 5 elements; the multiply by the scalar p (in a register) reads
+    # one vector
+    assert graph.kernels[0].counts == {
+        ("special", "fp32", 4, 4): 5,
+        ("alu", "fp32", 4, 4): 5,
+        ("instr",): 16 + 1,
+        ("ops",): 2,
+    }
 
 
 def test_dropout_and_cond_are_supported():
@@ -232,7 +287,7 @@ def test_dropout_and_cond_are_supported():
     fn = lambda v, x, key: Net().apply(v, x, rngs={"dropout": key})
     graph = build_graph(trace(fn, variables, x, jax.random.key(1)))
     assert graph.names == ("dense_0", "dense_1")
-    assert "random_bits" in graph.kernels[0].ops and graph.kernels[0].counts[("alu", "int")] > 0
+    assert "random_bits" in graph.kernels[0].ops and arithmetic(graph.kernels[0].counts)[("alu", "int")] > 0
     assert "cond" in graph.kernels[1].ops
 
 
@@ -289,7 +344,9 @@ def test_bf16_counts_mixed_precision():
     w = jnp.ones((8, 10), jnp.bfloat16)
     fn = lambda w, x: jnp.dot(x, w, preferred_element_type=jnp.float32)
     graph = build_graph(trace(fn, w, jnp.ones((4, 8), jnp.bfloat16)))
-    assert graph.kernels[0].counts == {("fmac", "mixed"): 4 * 8 * 10}
+    # 16-bit operands accumulated in fp32: along the 10 output columns (8 x 4 = 32 instructions, fewer than 4 x 10 dot
+    # products), each reading a 2-byte weight row and the 4-byte accumulator and writing the accumulator
+    assert graph.kernels[0].counts == {("fmac", "mixed", 2 + 4, 4): 4 * 8 * 10, ("instr",): 8 * 4, ("ops",): 1}
 
 
 def test_counts_match_the_machine_on_a_whole_kernel():
@@ -297,7 +354,8 @@ def test_counts_match_the_machine_on_a_whole_kernel():
     fn = lambda p, x: jax.nn.relu(x @ p["w"] + p["b"]) * 3.0 + 1.0
     params = {"w": jnp.ones((6, 5)), "b": jnp.ones(5)}
     graph = build_graph(trace(fn, params, jnp.ones((4, 6))))
-    machine = wafer.kernel.count(lambda x: fn(params, x), jax.ShapeDtypeStruct((4, 6), np.float32))[0]
+    machine = wafer.kernel.count(lambda x: fn(params, x), jax.ShapeDtypeStruct((4, 6), np.float32))
+    assert machine.pop(("task",)) == 1  # the machine runs it as one task; a kernel's counts are its instructions
     assert graph.kernels[0].counts == machine
 
 

@@ -39,7 +39,13 @@ def test_one_row_by_hand():
     assert r.hops == {("a", "b"): 4, (HOST, "a"): 0, ("b", HOST): 2}
     assert r.paths[("a", "b")] == [[(0, 1), (0, 2), (0, 3), (0, 4), (0, 5)]]
     assert r.max_link_words == 6.0
-    assert r.cycles(ROW) == cost.transfer_cycles(ROW, 6.0, 4)
+    # ramps: a's core (0, 1) puts the 6 words on, b's (0, 5) takes them off; a's (0, 0) takes the host's 2 in and
+    # b's (0, 7) puts its 1 on (the host's ends are the edge I/O's): the busiest ramp carries 6
+    ramps = r.traffic.ramp_words(1, 10)
+    np.testing.assert_array_equal(ramps[0, 0], [2, 0, 0, 0, 0, 6, 0, 0, 0, 0])
+    np.testing.assert_array_equal(ramps[1, 0], [0, 6, 0, 0, 0, 0, 0, 1, 0, 0])
+    # one phase: max(busiest ramp 6, busiest link 6, mean link words (4 x 6 + 2 x 1) / 6 links + 4 hops)
+    assert r.cycles(ROW) == 26 / 6 + 4 == cost.transfer_cycles(ROW, 6.0, 4, ramp_words=6.0, mean_words=26 / 6)
 
 
 def test_westward_and_host_columns():
@@ -162,10 +168,15 @@ def test_traffic_is_one_phase_of_bounding_boxes():
     r = route(placement, [("a", "b", 1.0), ("b", "c", 1.0)], spec)
     assert isinstance(r.traffic, Traffic) and len(r.traffic.phases) == 1
     phase = r.traffic.phases[0]
-    assert [(r0, c0, w.shape) for r0, c0, w in phase.parts] == [(0, 1, (4, 2, 4)), (1, 4, (4, 6, 2))]
+    # per part: the six channels (N, E, S, W links, then the ramp in and out) over the flow's bounding box
+    assert [(r0, c0, w.shape) for r0, c0, w in phase.parts] == [(0, 1, (6, 2, 4)), (1, 4, (6, 6, 2))]
     assert phase.hops == 5
     np.testing.assert_array_equal(r.link_words(), r.traffic.link_words(10, 10))
-    assert r.traffic.cycles(spec) == r.cycles(spec) == cost.transfer_cycles(spec, r.max_link_words, 5)
+    # a -> b: two lanes of 1/2 word over 3 east links each; b -> c: two lanes of 1/2 over 5 south links each; every
+    # lane's ends take 1/2 on or off their ramp. Busiest link and ramp 1/2, mean link load 1/2 over the 16 links in
+    # use, the longest lane 5 hops: max(1/2, 1/2 + 5)
+    assert r.max_link_words == 0.5 and phase.max_ramp_words == 0.5 and phase.mean_link_words == 0.5
+    assert r.traffic.cycles(spec) == r.cycles(spec) == 0.5 + 5 == cost.transfer_cycles(spec, 0.5, 5, ramp_words=0.5)
     assert route(placement, [], spec).traffic.phases == ()
 
 
