@@ -241,6 +241,8 @@ class Graph:
       kernels: in program order (a topological order: values only flow to later kernels).
       traced: the `Traced` program.
       edges: (src kernel, dst kernel, bytes) for the values flowing between kernels, one per pair, in order of dst.
+      edge_values: {(src, dst): the jaxpr variables that edge carries}: edges from one source carrying the same
+        values are one multicast stream (compiler/plan/route.py).
       param_owner: flat parameter index -> the first kernel reading it (where it is stored).
       shared_params: flat parameter index -> the later kernels also reading it (only for shared parameters).
       unused_params: flat parameter indices no kernel reads.
@@ -252,6 +254,7 @@ class Graph:
     param_owner: Mapping[int, str]
     shared_params: Mapping[int, tuple[str, ...]]
     unused_params: tuple[int, ...]
+    edge_values: Mapping = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -398,6 +401,7 @@ def build_graph(traced: Traced) -> Graph:
 
     kernels = []
     edge_bytes: dict[tuple[str, str], int] = {}
+    edge_values: dict[tuple[str, str], list] = {}
     for index, g in enumerate(order):
         idx = members[g]
         keqns = tuple(eqns[i] for i in idx)
@@ -427,6 +431,7 @@ def build_graph(traced: Traced) -> Graph:
                 preds.add(src)
                 key = (names[src], names[g])
                 edge_bytes[key] = edge_bytes.get(key, 0) + nbytes(v.aval)
+                edge_values.setdefault(key, []).append(v)
         counts = dict(_count(keqns, outputs))
         anchor = eqns[anchors[g]] if g >= 0 else None
         batch = next((v.aval.shape[0] for v in inputs if v in active and v.aval.ndim >= 1), None)
@@ -467,6 +472,7 @@ def build_graph(traced: Traced) -> Graph:
         kernels=tuple(kernels),
         traced=traced,
         edges=tuple(edges),
+        edge_values={key: tuple(vs) for key, vs in edge_values.items()},
         param_owner=param_owner,
         shared_params={p: tuple(v) for p, v in shared.items()},
         unused_params=tuple(i for i in range(traced.n_params) if i not in param_owner),

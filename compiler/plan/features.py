@@ -276,6 +276,17 @@ def flows(graph) -> list[tuple[str, str, float]]:
     return out
 
 
+def flow_groups(graph) -> list:
+    """A multicast group per flow of `flows(graph)`: flows from one kernel carrying the same values (an activation
+    read by several kernels, as q, k and v read their input) are one stream that routers deliver to every reader
+    and forward; each host flow is its own."""
+    out = []
+    for src, dst, _ in flows(graph):
+        values = graph.edge_values.get((src, dst))
+        out.append((src, frozenset(id(v) for v in values)) if values else (src, dst))
+    return out
+
+
 def _anchor_facts(kernel, traced, batch: int = 1) -> dict:
     """The anchor weight's facts of one kernel (module docstring of `Features`), with its equation ("eqn", None
     without a WEIGHT anchor) and its weight's parameter index ("widx")."""

@@ -317,7 +317,7 @@ def route_pass(plan: Plan) -> Plan:
         routes = None
     else:
         flows = ft.flows(plan.graph)
-        routes = route(plan.placement, flows, plan.spec)
+        routes = route(plan.placement, flows, plan.spec, groups=ft.flow_groups(plan.graph))
         feats = dataclasses.replace(feats, flow_share=flow_shares(routes, [(s, d) for s, d, _ in flows]))
     colors = {}
     for i, (name, kp) in enumerate(plan.kernels.items()):

@@ -278,6 +278,7 @@ def route(
     spec,
     *,
     lanes: str = "auto",
+    groups: Sequence | None = None,
 ) -> Routes:
     """Route every flow of a pipeline and count the words per sample on every link.
 
@@ -287,6 +288,9 @@ def route(
         the east edge). A pair given twice is one flow carrying the sum.
       spec: the wafer (rows, cols).
       lanes: "auto", "min" or "single" (module docstring).
+      groups: a multicast group per flow (hashable keys, `features.flow_groups`): flows of one group carry the same
+        words from one source, so a link their lanes share carries them once (the router forwards the stream and
+        delivers it to each reader) and the source injects them once; None: every flow its own.
     Returns:
       Routes (one concurrent phase).
     Raises:
@@ -298,7 +302,10 @@ def route(
     if HOST in placement:
         raise RouteError(f"a kernel is named {HOST!r}, which flows reserve for host I/O; rename the kernel")
     merged: dict[tuple[str, str], float] = {}
-    for flow in flows:
+    group_of: dict[tuple[str, str], object] = {}
+    if groups is not None and len(groups) != len(flows):
+        raise RouteError(f"route: groups must give one group per flow, got {len(groups)} for {len(flows)} flows")
+    for n_flow, flow in enumerate(flows):
         try:
             src, dst, words = flow
         except (TypeError, ValueError):
@@ -310,6 +317,7 @@ def route(
         if src == dst:
             raise RouteError(f"flow {src!r} -> {dst!r} goes from a kernel to itself; flows join different kernels")
         merged[(src, dst)] = merged.get((src, dst), 0.0) + float(words)
+        group_of[(src, dst)] = (src, dst) if groups is None else groups[n_flow]
 
     parts, hops, all_lanes, lane_words = [], {}, {}, {}
     for (src, dst), words in merged.items():
@@ -338,6 +346,7 @@ def route(
         hops[(src, dst)] = int((np.abs(ends[:, 1] - ends[:, 3]) + np.abs(ends[:, 0] - ends[:, 2])).max())
         all_lanes[(src, dst)] = ends
         lane_words[(src, dst)] = per_lane
+    parts = _multicast(parts, [group_of[key] for key in merged])
     phase = Phase(tuple(parts), max(hops.values(), default=0))
     return Routes(
         traffic=Traffic((phase,)) if parts else Traffic.none(),
@@ -348,6 +357,40 @@ def route(
         rows=spec.rows,
         cols=spec.cols,
     )
+
+
+def _multicast(parts: list, groups: list) -> list:
+    """Per-flow parts with each multicast group's link loads and source ramp merged: on every link and at the source,
+    the most any of its flows puts there (one stream), kept on the group's first flow; the others keep only what
+    their own destination takes off its ramp."""
+    members: dict = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    out = list(parts)
+    for idx in members.values():
+        if len(idx) < 2:
+            continue
+        top = min(parts[i][0] for i in idx)
+        left = min(parts[i][1] for i in idx)
+        bottom = max(parts[i][0] + parts[i][2].shape[1] for i in idx)
+        right = max(parts[i][1] + parts[i][2].shape[2] for i in idx)
+        merged = np.zeros((CHANNELS, bottom - top, right - left))
+        for i in idx:
+            t, lft, load = parts[i]
+            _, h, w = load.shape
+            view = merged[:, t - top : t - top + h, lft - left : lft - left + w]
+            channels = [c for c in range(CHANNELS) if c != RAMP_IN]
+            view[channels] = np.maximum(view[channels], load[channels])
+            if i != idx[0]:
+                only_in = np.zeros_like(load)
+                only_in[RAMP_IN] = load[RAMP_IN]
+                out[i] = (t, lft, only_in)
+        for i in idx:
+            t, lft, load = parts[i]
+            _, h, w = load.shape
+            merged[RAMP_IN, t - top : t - top + h, lft - left : lft - left + w] += load[RAMP_IN] * (i == idx[0])
+        out[idx[0]] = (top, left, merged)
+    return out
 
 
 # ---- what the routes occupy ---------------------------------------------------------------------------------------
@@ -365,15 +408,14 @@ def flow_shares(routes: Routes, keys) -> np.ndarray:
         return np.ones(len(keys))
     (phase,) = routes.traffic.phases
     total = phase.loads(routes.rows, routes.cols)[:4]
-    index = {key: i for i, key in enumerate(routes.lanes)}
     out = np.ones(len(keys))
     for j, key in enumerate(keys):
-        i = index.get(tuple(key))
-        if i is None or routes.lane_words[key] <= 0:
+        key = tuple(key)
+        if key not in routes.lanes or routes.lane_words[key] <= 0:
             continue
-        top, left, load = phase.parts[i]
-        _, h, w = load.shape
-        mine = load[:4] > 0
+        top, left, counts = lane_loads(routes.lanes[key])  # the flow's own lanes (a multicast's part is shared)
+        _, h, w = counts.shape
+        mine = counts > 0
         busiest = float(total[:, top : top + h, left : left + w][mine].max(initial=0.0))
         out[j] = max(busiest / routes.lane_words[key], 1.0)
     return out

@@ -443,7 +443,8 @@ def kernel_cycles(report, ax=None, *, path=None):
     Returns:
       The `Figure`. Inference: one bar per kernel with its compute and communication cycles marked (a kernel
       costs the larger when the spec overlaps them, their sum otherwise). Training: forward and backward cycles
-      per sample stacked. The dashed line is the bottleneck's cycles per sample: the pipeline's pace.
+      per sample stacked. The dashed line is the slowest kernel's cycles per sample; in inference a dotted line
+      marks the pipeline's pace when a stream or the edge I/O sets it instead.
     """
     d = _report(report)
     ks = d["kernels"]
@@ -469,7 +470,11 @@ def kernel_cycles(report, ax=None, *, path=None):
         ax.scatter(x, [k["comm_cycles_per_sample"] for k in ks], marker="x", s=20, color="dimgrey", label="fabric")
     if worst in names:
         i = names.index(worst)
-        ax.axhline(tops[i], color="red", linestyle="--", linewidth=0.8, label=f"bottleneck: {worst}")
+        ax.axhline(tops[i], color="red", linestyle="--", linewidth=0.8, label=f"slowest kernel: {worst}")
+    pace = d.get("cycles_per_sample", 0.0)
+    if not training and pace > float(np.max(tops, initial=0.0)) * (1 + 1e-9):
+        # a stream or the edge I/O paces the pipeline, not a kernel
+        ax.axhline(pace, color="black", linestyle=":", linewidth=1.0, label=f"pace ({d.get('bound', '')})")
     ax.set_xticks(x, names, rotation=90 if len(ks) > 8 else 0, fontsize=8 if len(ks) > 8 else 9)
     ax.set_ylabel("cycles per sample")
     ax.set_xlabel("kernel")

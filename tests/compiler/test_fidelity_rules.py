@@ -224,15 +224,20 @@ def test_stream_cycles_count_shared_links():
     flows = [(int(s), int(d)) for s, d in zip(f.flow_src, f.flow_dst)]
     assert flows == [(0, 1), (0, 2), (1, 2), (-1, 0), (2, -1)]
     np.testing.assert_array_equal(f.flow_words, [8, 8, 8, 8, 8])  # 4 samples x 8 floats per call: 8 words a sample
-    # east links: host -> dense_0 over columns 0-2; dense_0 -> dense_1 and dense_0 -> dense_2 share columns 3-4,
-    # dense_0 -> dense_2 and dense_1 -> dense_2 columns 5-6; dense_2 -> host columns 7-10
+    # east links: host -> dense_0 over columns 0-2; dense_0 -> dense_1 and dense_0 -> dense_2 carry the same value
+    # h, one multicast stream: columns 3-4 carry it once; dense_0 -> dense_2 and dense_1 -> dense_2 share columns
+    # 5-6; dense_2 -> host columns 7-10
     east = exe.routes.link_words()[1, 0]
-    np.testing.assert_array_equal(east, [8, 8, 8, 16, 16, 16, 16, 8, 8, 8, 8, 0])
-    # share: the busiest link on a stream's lanes carries 2 streams' words for the three between kernels
-    np.testing.assert_array_equal(f.flow_share, [2, 2, 2, 1, 1])
+    np.testing.assert_array_equal(east, [8, 8, 8, 8, 8, 16, 16, 8, 8, 8, 8, 0])
+    # share: the busiest link on a stream's lanes carries 2 streams' words where the multicast meets dense_1's
+    np.testing.assert_array_equal(f.flow_share, [1, 2, 2, 1, 1])
     # a stream's cycles per sample: its words over its lanes (one: the kernels are one row high) x its share
-    np.testing.assert_array_equal(fig["stream_cycles"], [8 / 1 * 2, 8 / 1 * 2, 8 / 1 * 2, 8, 8])
+    np.testing.assert_array_equal(fig["stream_cycles"], [8, 8 / 1 * 2, 8 / 1 * 2, 8, 8])
     assert fig["pace"][len(f.names)] == 16  # the busiest stream's entry of the pace
+    # dense_0 injects h once (its ramp), and each reader takes it off its own
+    ramps = exe.routes.traffic.phases[0].loads(1, 12)
+    assert ramps[wafer.fabric.RAMP_OUT, 0, 3] == 8 and ramps[wafer.fabric.RAMP_IN, 0, 5] == 8
+    assert ramps[wafer.fabric.RAMP_IN, 0, 7] == 16  # dense_2 takes h and dense_1's output
 
 
 def test_a_narrow_route_bounds_the_pipeline():
@@ -293,7 +298,7 @@ def _heads(p, x):
 
 
 def test_too_many_streams_through_a_router_raise_color_error():
-    """dense_0 feeds four heads placed east of it on one row: five streams pass dense_0's core."""
+    """dense_0 feeds four heads placed east of it on one row: two streams pass dense_0's core."""
     params = {f"w{i}": jnp.ones((8, 8)) for i in range(5)}
     x = jnp.ones((4, 8))
     hand = {"dense_0": (0, 3, 1, 1), "dense_1": (0, 6, 1, 1), "dense_2": (0, 8, 1, 1)}
@@ -304,10 +309,10 @@ def test_too_many_streams_through_a_router_raise_color_error():
         compiler.compile(_heads, params, x, spec=spec, placement=hand)
     e = info.value
     assert isinstance(e, compiler.RouteError)
-    # dense_0's router: the host's stream in and its four out, and dense_0's own multicast (1) and chain (2): 8.
-    # (dense_1's has 4 streams and its 3, the links between 4 or fewer streams.)
-    assert (e.core, e.needed, e.available, e.kernel) == ((0, 3), 5 + 3, 2, "dense_0")
-    assert set(e.streams) == {(HOST, "dense_0"), *(("dense_0", f"dense_{i}") for i in range(1, 5))}
+    # dense_0's router: the host's stream in and h out to the four heads -- one multicast stream, one colour (the
+    # routers deliver it to each head and forward it) -- and dense_0's own multicast (1) and chain (2): 5.
+    assert (e.core, e.needed, e.available, e.kernel) == ((0, 3), 2 + 3, 2, "dense_0")
+    assert set(e.streams) == {(HOST, "dense_0"), ("dense_0", "dense_1")}  # the multicast named by its first flow
     assert "(0, 3)" in str(e) and "dense_0" in str(e)
     # with the WSE-2's 24 - 6 colours the same placement routes
     exe = compiler.compile(_heads, params, x, spec=wafer.WaferSpec.mini(1, 16), placement=hand)
