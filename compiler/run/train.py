@@ -17,8 +17,8 @@ shapes (e.g. Adafactor's factored moments) must use `update_on="params"`, which 
 
 Weight-streaming mode (models whose weights do not fit): the weights and optimizer state live in a host-side
 store (the MemoryX role); each layer in turn streams its weights in over the edge I/O, uses the whole wafer for
-its forward and backward, streams its gradient out, and the optimizer runs off-wafer. `mode="auto"` picks the
-mode the schedule predicts faster among those that fit (layer-pipelined on a tie).
+its forward and backward, streams its gradient out, and the optimizer runs off-wafer. `mode="auto"` picks
+layer-pipelined when the program fits and weight streaming when it does not.
 
 Both modes compute exactly what native JAX computes: the step is `value_and_grad` of the user's loss and the
 user's optax transformation, on the same numbers. They are two builders, `pipelined_trainer` and
@@ -278,9 +278,8 @@ def compile_train(
       params, example_batch: example pytrees (shapes and dtypes are what matter).
       optimizer: any optax GradientTransformation.
       spec: the wafer.
-      mode: "pipelined" (weights resident), "weight_streaming" (weights from the host store), or "auto": the one
-        of the two the schedule predicts faster among those that fit (pipelined on a tie; with a hand placement,
-        pipelined when it fits).
+      mode: "pipelined" (weights resident), "weight_streaming" (weights from the host store), or "auto":
+        pipelined when it fits, streaming when it does not.
       placement, placement_params: as for `compile` (pipelined mode).
       update_on: "tiles" (each core updates its own tiles; exact for elementwise transformations and global-norm
         clipping) or "params" (untile, update, re-tile: for transformations that look at parameter shapes).
@@ -305,7 +304,6 @@ def compile_train(
     act_itemsize = policy.storage_bytes if policy.mixed else None
     mirror, n_slots = _mirrors(jax.eval_shape(optimizer.init, params), jax.tree_util.tree_leaves(params))
     common = dict(spec=spec, task="training", policy=policy, optimizer=optimizer)
-    pipelined = None
     if mode in ("auto", "pipelined"):
         slots = ("", "#grad", *(f"#opt{k}" for k in range(n_slots)))
         storage = Storage(slots=slots, act_copies=2, act_itemsize=act_itemsize)
@@ -321,24 +319,11 @@ def compile_train(
                 **common,
             )
             plan = build(plan)
-            if mode == "pipelined" or placement is not None:
-                return pipelined_trainer(plan, loss_fn, optimizer, has_aux=has_aux, mirror=mirror, update_on=update_on)
-            pipelined = plan
+            return pipelined_trainer(plan, loss_fn, optimizer, has_aux=has_aux, mirror=mirror, update_on=update_on)
         except (wafer.SramCapacityError, PlacementError):
             if mode == "pipelined":
                 raise
     # Weight streaming: every layer in turn on the whole usable wafer, its weights streamed in.
     storage = Storage(slots=("",), act_copies=2, act_itemsize=act_itemsize)
-    trace = trace_program(scalar_loss, params, example_batch, mode="weight_streaming", storage=storage, **common)
-    try:
-        plan = build(trace)
-    except (wafer.SramCapacityError, PlacementError):
-        if mode == "weight_streaming" or pipelined is None:
-            raise
-        plan = None
-    if mode == "auto" and pipelined is not None:
-        from compiler import schedule
-
-        if plan is None or schedule.of(pipelined).samples_per_s >= schedule.of(plan).samples_per_s:
-            return pipelined_trainer(pipelined, loss_fn, optimizer, has_aux=has_aux, mirror=mirror, update_on=update_on)
+    plan = build(trace_program(scalar_loss, params, example_batch, mode="weight_streaming", storage=storage, **common))
     return streaming_trainer(plan, loss_fn, optimizer, has_aux=has_aux)
