@@ -42,7 +42,7 @@ from compiler.frontend.trace import Traced, split_module, trace
 from compiler.host.data import Batches, Prefetcher, prefetch
 from compiler.host.estimator import Estimator, EstimatorSpec, ModeKeys
 from compiler.host.fit import NonFiniteLossError, fit, latest_checkpoint, restore_checkpoint, save_checkpoint
-from compiler.plan import Plan, Storage
+from compiler.plan import Plan, Storage, with_placement
 from compiler.plan.legalise import legalise
 from compiler.plan.partition import KernelPlan, ParamTiling
 from compiler.plan.place import (
@@ -67,6 +67,7 @@ __all__ = [
     "compile",
     "compile_train",
     "estimate",
+    "with_placement",
     "Program",
     "Executable",
     "Trainer",

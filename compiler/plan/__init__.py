@@ -23,6 +23,7 @@ from compiler.plan.plan import (
     place_pass,
     route_pass,
     trace_program,
+    with_placement,
 )
 
 __all__ = [
@@ -39,4 +40,5 @@ __all__ = [
     "place_pass",
     "route_pass",
     "trace_program",
+    "with_placement",
 ]

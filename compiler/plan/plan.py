@@ -357,6 +357,17 @@ def layout_pass(plan: Plan) -> Plan:
 PASSES = (graph_pass, demands_pass, place_pass, partition_pass, route_pass, layout_pass)
 
 
+def with_placement(plan_or_program, placement) -> Plan:
+    """The plan (of a `Plan` or a compiled program) laid out on another placement `{kernel: Rect or (row, col,
+    height, width)}`: the place (validated as a hand placement), partition, route and layout passes again, without
+    re-tracing. `compiler.estimate(with_placement(exe, rects))` is the report a compile with that placement gives,
+    streams sharing links included (which a sweep's cost model cannot see), in a fraction of a compile's time.
+    """
+    plan = plan_or_program if isinstance(plan_or_program, Plan) else plan_or_program.plan
+    plan = plan.replace(hand_placement=dict(placement), placement=None, kernels=None, routes=None, memory=None)
+    return build(plan, (place_pass, partition_pass, route_pass, layout_pass))
+
+
 def build(plan: Plan, passes=PASSES) -> Plan:
     """Run the passes in order."""
     for p in passes:

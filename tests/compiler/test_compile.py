@@ -52,6 +52,20 @@ def test_hand_placement_is_honoured(mlp):
                 assert c <= a.rect.col and a.rect.col + a.rect.width <= c + w
 
 
+def test_with_placement_is_the_compile_with_that_placement(mlp):
+    """`compiler.with_placement` lays an existing plan out again: the same plan, report and figures a compile with
+    that placement gives, and a bad placement is refused as compile refuses it."""
+    case, _ = mlp
+    auto = compiler.compile(*case.trace_args(), spec=SPEC)
+    plan = compiler.with_placement(auto, GOOD)
+    direct = _compile_mlp(case, GOOD)
+    assert plan.placement == direct.placement
+    assert compiler.estimate(plan).to_dict() == direct.report.to_dict()
+    assert compiler.estimate(compiler.with_placement(plan, auto.placement)).to_dict() == auto.report.to_dict()
+    with pytest.raises(compiler.PlacementError):
+        compiler.with_placement(auto, {**GOOD, "dense_1": (0, 3, 3, 5)})  # overlaps dense_0
+
+
 def test_hand_placement_accepts_rects(mlp):
     case, _ = mlp
     exe = _compile_mlp(case, {k: wafer.Rect(*v) for k, v in GOOD.items()})
