@@ -42,6 +42,7 @@ from compiler.frontend.trace import Traced, split_module, trace
 from compiler.host.data import Batches, Prefetcher, prefetch
 from compiler.host.estimator import Estimator, EstimatorSpec, ModeKeys
 from compiler.host.fit import NonFiniteLossError, fit, latest_checkpoint, restore_checkpoint, save_checkpoint
+from compiler.host.pipeline import ArraySource, InputStats, Pipeline
 from compiler.plan import Plan, Storage, with_placement
 from compiler.plan.legalise import legalise
 from compiler.plan.partition import KernelPlan, ParamTiling
@@ -108,6 +109,9 @@ __all__ = [
     "Batches",
     "Prefetcher",
     "prefetch",
+    "Pipeline",
+    "InputStats",
+    "ArraySource",
     "fit",
     "NonFiniteLossError",
     "latest_checkpoint",

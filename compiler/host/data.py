@@ -11,6 +11,10 @@ into the wafer's edge while the wafer trains on the previous batch. Here:
 drawn from `numpy.random.default_rng([seed, epoch])`, so a run resumed at step `i` (compiler/host.py) sees exactly
 the batches an uninterrupted run would, and the data iterator's position is just the step number.
 
+`fit` reads a `Batches` through grain input workers (compiler/host/pipeline.py: `compiler.Pipeline(batches,
+workers=N)`, the same batches in the same order, with worker processes and a checkpointable iterator state);
+`Batches` stays the description of the data and its order, and `prefetch` the device-side queue.
+
 The time a batch takes to stream in over the wafer's edge I/O is part of the compiled step's cost
 (`tx.record.io_cycles(spec)`, shown in `tx.report` as "batch I/O"); this module is the host side of that stream.
 """

@@ -5,9 +5,12 @@
     state, history = compiler.fit(tx, tx.init(params), batches, steps=1000, eval_fn=evaluate, eval_every=100,
                                   checkpoint_dir="runs/mlp", checkpoint_every=100)
 
-`fit` prefetches batches on a background thread (compiler/data.py), calls the compiled step, and shows a progress
-bar with the step, the loss, the compiled program's predicted samples/s on its wafer (`tx.report`) and the
-emulator's own steps/s. `history` is a list of dicts, one per step: {"step", "loss"} and, at evaluation steps,
+`fit` reads a `Batches` with grain input workers (compiler/host/pipeline.py; `workers=N` processes, or a thread),
+moves each batch to the device ahead of its step on a background thread (compiler/host/data.py), calls the
+compiled step, and shows a progress bar with the step, the loss, the compiled program's predicted samples/s on its
+wafer (`tx.report`), the emulator's own steps/s and, when the workers make fewer samples/s than the wafer would
+consume, "input-bound"; at the end it prints the pipeline's measured throughput against the wafer's.
+`history` is a list of dicts, one per step: {"step", "loss"} and, at evaluation steps,
 "eval_<name>" for every figure `eval_fn(state)` returns (`pandas.DataFrame(history)` makes a table of it).
 
 Steps count from 1: step k consumes batch k - 1 of the pipeline and leaves `state.step == k`.
@@ -15,7 +18,8 @@ Steps count from 1: step k consumes batch k - 1 of the pipeline and leaves `stat
 Checkpoints are orbax's (`orbax.checkpoint.CheckpointManager`, PyTree handler): each is written to a temporary
 directory and renamed when complete, so a run killed mid-write leaves the previous checkpoint as the latest. One
 holds the whole `TrainState` (every SRAM allocation that holds data, the wafer's counters, the host store, the
-step) and, as JSON, the history so far and a description of the input pipeline. The SRAM layout
+step) and, as JSON, the history so far, a description of the input pipeline and its iterator state (grain's,
+restored when the run resumes with the same number of workers). The SRAM layout
 (`state.wafer.memory`) is a static field: it is not saved but comes from the compiled program, so restoring
 needs a state of the same program as a template (`tx.init(params)`). Because `Batches` is a pure function of
 (seed, step), the step number is the data iterator's position: a run resumed from a checkpoint sees the same
@@ -40,6 +44,7 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from compiler.host.data import Batches, prefetch
+from compiler.host.pipeline import Pipeline, stream
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -141,14 +146,18 @@ def restore_checkpoint(directory, like, *, step: int | None = None) -> tuple[Any
 # ---- the loop --------------------------------------------------------------------------------------------------
 
 
-def _batches(train_batches, start: int, stop: int) -> Iterable:
-    if isinstance(train_batches, Batches):  # random access: start where the run left off
-        return train_batches.iterate(start, stop)
-    return itertools.islice(iter(train_batches), start, stop)  # replay a plain iterable up to the same place
+def _batches(train_batches, start: int, stop: int, state: dict | None) -> Iterable:
+    """(batch, the input pipeline's state after it) for batches start .. stop - 1."""
+    if isinstance(train_batches, Pipeline):  # random access: start where the run left off (or at its saved state)
+        if state is not None and int(state.get("next", -1)) != start:
+            state = None
+        return stream(train_batches, start, stop, state)
+    plain = itertools.islice(iter(train_batches), start, stop)  # replay a plain iterable up to the same place
+    return ((jax.device_put(b), None) for b in plain)
 
 
 def _describe(train_batches):
-    return train_batches.describe() if isinstance(train_batches, Batches) else None
+    return train_batches.batches.describe() if isinstance(train_batches, Pipeline) else None
 
 
 def _header(tx) -> str:
@@ -184,6 +193,7 @@ def fit(
     progress: bool = True,
     log_every: int = 10,
     prefetch_size: int = 2,
+    workers: int = 0,
     on_step: Callable[[int, Any, Mapping], None] | None = None,
 ) -> tuple[Any, list[dict]]:
     """Train until `state.step == steps`.
@@ -191,8 +201,10 @@ def fit(
     Args:
       tx: a compiled training step (`compiler.compile_train`): `tx.step(state, batch) -> (state, metrics)`.
       state: the starting state (`tx.init(params)`); when resuming, only its structure is used.
-      train_batches: a `compiler.Batches` (resumed at any step by position) or any iterable of batches (replayed
-        from its start and skipped up to the resumed step, so it must give the same batches again).
+      train_batches: a `compiler.Batches` (read by grain input workers, compiler/host/pipeline.py, and resumed at
+        its saved iterator state), a `compiler.Pipeline` (the same, with your own workers and transform), or any
+        iterable of batches (replayed from its start and skipped up to the resumed step, so it must give the same
+        batches again).
       steps: the total number of steps the run is to reach (a resumed run trains the remaining ones).
       eval_fn: `eval_fn(state) -> {name: number}`, called every `eval_every` steps and after the last one;
         figures go into the history as "eval_<name>". It must not keep `state`: the next step donates it.
@@ -204,7 +216,10 @@ def fit(
         that holds checkpoints is an error (nothing is overwritten).
       progress: show a progress bar (and a header and eval lines on stdout).
       log_every: steps between progress-bar updates.
-      prefetch_size: batches prepared ahead by the input pipeline's thread.
+      prefetch_size: batches prepared ahead (by each input worker, and on the device by the loop's thread).
+      workers: input worker processes for a `Batches` (0: read on a thread in this process); a `Pipeline` keeps
+        its own. The progress bar says "input-bound" when they make fewer samples/s than the wafer is predicted
+        to consume, and how many would keep up (`Pipeline.stats`).
       on_step: `on_step(step, state, metrics)` after every step (and its checkpoint, if any); `state` is donated by
         the next step.
     Returns:
@@ -216,11 +231,16 @@ def fit(
     """
     _check_positive(steps=steps, eval_every=eval_every, checkpoint_every=checkpoint_every, keep=keep)
     _check_positive(log_every=log_every, prefetch_size=prefetch_size)
+    if isinstance(train_batches, Batches):
+        train_batches = Pipeline(train_batches, workers=workers, prefetch=prefetch_size)
+    elif not isinstance(train_batches, Pipeline) and workers:
+        raise ValueError("workers= needs a compiler.Batches (or a compiler.Pipeline): a plain iterable is read as is")
     eval_every = eval_every or steps
     checkpoint_every = checkpoint_every or steps
     data = _describe(train_batches)
     history: list[dict] = []
     start = int(state.step)
+    input_state = None  # the input pipeline's iterator state at `start` (from a checkpoint)
     manager = None if checkpoint_dir is None else _manager(checkpoint_dir, keep)
     bar = None
     try:
@@ -237,6 +257,7 @@ def fit(
                     "resuming would not see the same batches"
                 )
             history, start = list(meta.get("history", [])), last
+            input_state = meta.get("input")
             if progress:
                 tqdm.write(f"resumed from the checkpoint of step {last} in {checkpoint_dir}")
         if start >= steps:
@@ -253,13 +274,18 @@ def fit(
             dynamic_ncols=True,
         )
         predicted = float(tx.report.samples_per_s)
+        pipeline = train_batches if isinstance(train_batches, Pipeline) else None
         busy, timed = 0.0, 0  # wall time and count of steps since the first (which compiles), evals and saves apart
-        with prefetch(_batches(train_batches, start, steps), prefetch_size) as it:
+        items = _batches(train_batches, start, steps, input_state)
+        with prefetch(items, prefetch_size, to_device=False) as it:
             for step in range(start + 1, steps + 1):
                 t0 = time.perf_counter()
-                batch = next(it, None)
-                if batch is None:
+                item = next(it, None)
+                if item is None:
                     raise ValueError(f"train_batches ran out after {step - 1} steps; fit needs {steps}")
+                batch, input_state = item
+                if pipeline is not None and step > start + 1:
+                    pipeline.wait_s += time.perf_counter() - t0
                 state, metrics = tx.step(state, batch)
                 loss = float(metrics["loss"])  # the step's one host sync
                 if step > start + 1:
@@ -276,16 +302,19 @@ def fit(
                         tqdm.write(f"step {step}: loss {loss:.4g}, {shown}")
                 history.append(row)
                 if manager is not None and (step % checkpoint_every == 0 or step == steps):
-                    _save(manager, step, state, {"step": step, "history": history, "data": data})
+                    meta = {"step": step, "history": history, "data": data, "input": input_state}
+                    _save(manager, step, state, meta)
                 if on_step is not None:
                     on_step(step, state, metrics)
                 if step % log_every == 0 or step == steps:
                     rate = f"{timed / busy:,.1f}" if busy > 0 else "-"
-                    bar.set_postfix_str(
-                        f"loss {loss:.4f}, predicted {predicted:,.0f} samples/s, emulated {rate} steps/s",
-                        refresh=False,
-                    )
+                    text = f"loss {loss:.4f}, predicted {predicted:,.0f} samples/s, emulated {rate} steps/s"
+                    if pipeline is not None and (stats := pipeline.stats(predicted)).input_bound:
+                        text += f", input-bound ({stats.samples_per_s:,.0f} samples/s in)"
+                    bar.set_postfix_str(text, refresh=False)
                     bar.update(step - bar.n)
+        if progress and pipeline is not None:
+            tqdm.write(pipeline.stats(predicted).summary())
         return state, history
     finally:
         if bar is not None:
