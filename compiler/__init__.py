@@ -55,6 +55,9 @@ from compiler.plan.place import (
     validate_placement,
 )
 from compiler.plan.route import HOST, Routes, route
+from compiler.run.cluster import WaferSplitError
+from compiler.run.cluster import mesh as cluster_mesh
+from compiler.run.cluster import shard as shard_wafers
 from compiler.run.infer import compile
 from compiler.run.program import Program
 from compiler.run.train import TrainState, compile_train
@@ -73,6 +76,9 @@ __all__ = [
     "Executable",
     "Trainer",
     "TrainState",
+    "WaferSplitError",
+    "cluster_mesh",
+    "shard_wafers",
     "Plan",
     "Storage",
     "schedule",

@@ -39,6 +39,14 @@ Pipelines (B samples per call, kernel i costing s_i cycles per sample, L the lon
   weight streaming     layer by layer on the whole wafer: per kernel max(f_i, weights in) forward and
                        max(b_i + gradient sum, weights in again + gradients out) backward; the optimizer runs on the
                        host.
+Several wafers (a `wafer.ClusterSpec` of N, training; wafer/cluster.py has the interconnect's closed forms): every
+wafer runs the plan on its B samples of an N x B global batch at once, so a step takes the plan's time plus
+  pipelined            the gradients' all-reduce between the wafers (SwarmX: up the tree and back, S = the
+                       gradients' bytes) after the last backward and before the update: + 2 levels latency + S / bw;
+  weight streaming     weights broadcast to, and gradients reduced from, every wafer through SwarmX: each kernel's
+                       weights in (and gradients out) at the slower of the interconnect and the edge I/O, plus the
+                       tree's levels of latency;
+and samples/s = clock x N x B / step.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ from compiler import relax
 from compiler.plan import features as ft
 from compiler.plan.partition import kernel_shape, update_counts
 from compiler.plan.route import flow_hops, flow_lane_count, host_hops
+from wafer import cluster as wcluster
 from wafer import cost, fabric
 from wafer import kernel as wkernel
 from wafer.step import paint
@@ -271,14 +280,17 @@ def stream_cycles(f: ft.Features, lay: Layout, spec):
 # ---- programs -------------------------------------------------------------------------------------------------------
 
 
-def program_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
-    """The program's figures (module docstring), from `kernel_figures`, the streams and the longest route.
+def program_figures(f: ft.Features, lay: Layout, spec, tau=0.0, cluster=None) -> dict:
+    """The program's figures (module docstring), from `kernel_figures`, the streams and the longest route; with a
+    `wafer.ClusterSpec` of N > 1 wafers (training), N wafers each on its share of the batch (module docstring).
 
     Returns a dict: kernel (the per-kernel dict), cycles_per_sample [n] (of each kernel), stream_cycles [F] (per
     sample, of each stream's busiest link), io_sample_cycles (a sample over the edge I/O, inference), pace [n + 2]
     (per sample: the kernels, the busiest stream, the edge I/O), bottleneck_cycles (the slowest of them),
     step_cycles (a call, or a training step), samples_per_s, latency_cycles, hops, io_cycles (the batch over the
-    edge I/O, training), compute_cycles (a training step's compute), cores (active), peak_sram_bytes.
+    edge I/O, training), compute_cycles (a training step's compute), cores (active), peak_sram_bytes; in training
+    also wafers and interconnect_cycles (pipelined: the gradients' all-reduce between wafers, on the step's
+    critical path; weight streaming: SwarmX's weight broadcasts and gradient reduces, overlapping the compute).
     """
     k = kernel_figures(f, lay, spec, tau)
     ns = relax.xp(k["cycles"], spec.clock_hz)
@@ -311,10 +323,20 @@ def program_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
     mx = _smooth_max(tau)
     io = cost.io_cycles(spec, f.io_bytes)
     s = (k["forward"] + k["backward"]) / batch
+    wafers = 1 if cluster is None else cluster.wafers
+    interconnect = 0.0 * batch
+    if wafers > 1 and f.mode == "weight_streaming":
+        # MemoryX -> SwarmX -> every wafer's edge: weights broadcast in, gradients reduced out, at the slower of the
+        # interconnect and the edge I/O, plus the tree's levels
+        k["io"] = wcluster.stream_seconds(cluster, f.stream_bytes, spec.edge_io_bits_per_s) * spec.clock_hz
+        interconnect = ns.sum(3.0 * k["io"])
+    elif wafers > 1:
+        interconnect = wcluster.allreduce_seconds(cluster, ns.sum(f.stream_bytes)) * spec.clock_hz
     if f.mode == "pipelined":
         pace = ns.concatenate([s, ns.stack([stream + 0.0 * batch, 0.0 * batch])])
         worst = relax.smax(pace, tau)
-        compute = ns.sum(s) + 2.0 * latency + (batch - 1) * worst + relax.smax(k["update"], tau)
+        # the gradients are all-reduced between the wafers after the last backward, before every kernel updates
+        compute = ns.sum(s) + 2.0 * latency + (batch - 1) * worst + interconnect + relax.smax(k["update"], tau)
         cores = ns.sum(k["cores"])
     else:
         pace = ns.concatenate([s, ns.stack([0.0 * batch, 0.0 * batch])])
@@ -331,8 +353,10 @@ def program_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
         step_cycles=step,
         compute_cycles=compute,
         io_cycles=io,
-        samples_per_s=spec.clock_hz * batch / step,
+        samples_per_s=spec.clock_hz * batch * wafers / step,
         cores=cores,
+        wafers=wafers + 0.0 * batch,
+        interconnect_cycles=interconnect,
     )
     return out
 
@@ -410,6 +434,8 @@ class Schedule:
             return "fabric" if k["comm"][worst] > k["compute"][worst] else "compute"
         if float(fig["io_cycles"]) >= float(fig["compute_cycles"]):
             return "I/O"
+        if self.plan.mode == "pipelined" and 2 * float(fig["interconnect_cycles"]) > float(fig["compute_cycles"]):
+            return "interconnect"
         if self.plan.mode == "weight_streaming":
             return "I/O" if float(np.sum(3 * k["io"])) >= float(np.sum(k["forward"] + k["backward"])) else "compute"
         if worst == n:
@@ -484,8 +510,11 @@ class Schedule:
                 _span(spans, "backward", name, t + f / batch, b / batch, "backward")
             start += s[i]
         end = t0 + latency + float(np.sum(s)) + (batch - 1) * pace
+        allreduce = float(self.figures["interconnect_cycles"])
+        wafers = int(self.figures["wafers"])
+        _span(spans, "gradient all-reduce", "interconnect", end, allreduce, "interconnect", wafers=wafers)
         for i, name in enumerate(self.names):
-            _span(spans, "update", name, end, float(k["update"][i]), "update")
+            _span(spans, "update", name, end + allreduce, float(k["update"][i]), "update")
 
     def _streaming_step(self, spans, t0):
         k = self.kernels
@@ -519,7 +548,7 @@ def of(plan, spec=None) -> Schedule:
     (rectangles, tilings) stays the plan's.
     """
     spec = plan.spec if spec is None else spec
-    figures = program_figures(plan.features, plan.layout, spec)
+    figures = program_figures(plan.features, plan.layout, spec, cluster=plan.cluster)
     return Schedule(plan, spec, jax.tree.map(np.asarray, figures))
 
 
@@ -574,7 +603,7 @@ class Charge:
         return self._links if (rows, cols) == self._links.shape[1:] else link_words(self.plan, rows, cols)
 
     def _figures(self, spec):
-        return program_figures(self.plan.features, self.plan.layout, spec)
+        return program_figures(self.plan.features, self.plan.layout, spec, cluster=self.plan.cluster)
 
     def cycles(self, spec):
         return self._figures(spec)["step_cycles"]

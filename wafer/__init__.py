@@ -7,7 +7,8 @@ SRAM segmented by allocation, link and compute counters, the clock), an SRAM all
 package builds on it.
 """
 
-from wafer import cost, fabric, kernel, mesh
+from wafer import cluster, cost, fabric, kernel, mesh
+from wafer.cluster import ClusterSpec
 from wafer.errors import SramCapacityError, UnsupportedPrimitiveError, WaferError
 from wafer.fabric import (
     DIRECTIONS,
@@ -32,6 +33,7 @@ __all__ = [
     "WSE2",
     "WSE3",
     "WaferSpec",
+    "ClusterSpec",
     "WaferState",
     "init",
     "DIRECTIONS",
@@ -59,6 +61,7 @@ __all__ = [
     "make_mesh",
     "shard",
     "cost",
+    "cluster",
     "fabric",
     "kernel",
     "mesh",

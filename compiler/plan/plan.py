@@ -79,6 +79,8 @@ class Plan:
       storage: what every core keeps beside its weights (`Storage`).
       optimizer: the optax transformation of a training step (None in inference).
       placement_params: the knobs of the automatic placement; hand_placement: a given one {kernel: Rect}, or None.
+      cluster: a `wafer.ClusterSpec` when several wafers train data-parallel, each running this plan on its share
+        of the global batch (the schedule adds the interconnect); None: one wafer.
       graph: the kernel graph (graph_pass).
       features: the kernels' static features; demands: KernelDemands (demands_pass).
       placement: {kernel: Rect} (place_pass).
@@ -96,6 +98,7 @@ class Plan:
     optimizer: Any = None
     placement_params: PlacementParams = PlacementParams()
     hand_placement: Mapping | None = None
+    cluster: Any = None
     graph: Any = None
     features: ft.Features | None = None
     demands: tuple | None = None

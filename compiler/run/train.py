@@ -41,6 +41,7 @@ from compiler.errors import PlacementError
 from compiler.frontend import precision
 from compiler.plan import Plan, Storage, build, trace_program
 from compiler.plan.place import PlacementParams
+from compiler.run import cluster as cluster_lib
 from compiler.run.program import Program, charge
 from compiler.schedule import Charge
 
@@ -270,6 +271,8 @@ def compile_train(
     placement_params: PlacementParams | None = None,
     update_on: str = "tiles",
     policy: precision.Policy | str | None = None,
+    wafers: int = 1,
+    cluster: wafer.ClusterSpec | None = None,
 ) -> Program:
     """Compile a training step of `loss_fn(params, batch)` with an optax `optimizer` onto `spec`.
 
@@ -287,9 +290,13 @@ def compile_train(
         storage with float32 accumulation ("fp16", "bf16", "cb16" or a `compiler.Policy`). The loss runs as
         `apply_policy(loss_fn, policy)` on float32 master weights, which stay in SRAM with float32 optimizer
         state; activations are counted at 2 bytes and matmul FMACs at the mixed SIMD width.
+      wafers: train data-parallel on this many wafers (compiler/run/cluster.py): `example_batch` is the global
+        batch, split evenly over them; the state gains a leading wafer axis.
+      cluster: the interconnect between the wafers (`wafer.ClusterSpec`; default: CS-2 figures for `wafers`).
     Returns:
       A `Program`: `state = tx.init(params)`, `state, metrics = tx.step(state, batch)`, `tx.report`.
     Raises:
+      compiler.WaferSplitError: the global batch does not split evenly over `wafers`.
       ValueError: bad mode/update_on or loss output; wafer.SramCapacityError or compiler.PlacementError when
         mode="pipelined" does not fit, or a single layer does not fit the whole wafer in weight streaming.
     """
@@ -297,10 +304,22 @@ def compile_train(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if update_on not in ("tiles", "params"):
         raise ValueError(f"update_on must be 'tiles' or 'params', got {update_on!r}")
+    raw_loss = loss_fn
+    wafers = cluster_lib.check_wafers(wafers)
+    if cluster is None:
+        cluster = wafer.ClusterSpec(wafers=wafers)
+    elif wafers not in (1, cluster.wafers):
+        raise ValueError(f"wafers={wafers} but cluster has {cluster.wafers} wafers; give one of them")
+    wafers = cluster.wafers
+    if wafers > 1:  # every wafer compiles for its share of the global batch
+        example_batch = cluster_lib.per_wafer(example_batch, wafers)
     has_aux = _has_aux(loss_fn, params, example_batch)
     scalar_loss = (lambda p, b: loss_fn(p, b)[0]) if has_aux else loss_fn
     policy = precision.Policy.of(policy)
     loss_fn = precision.apply_policy(loss_fn, policy)
+    if wafers > 1 and mode != "weight_streaming":
+        loss_fn = cluster_lib.allreduce_gradients(loss_fn)
+    on = cluster if wafers > 1 else None
     act_itemsize = policy.storage_bytes if policy.mixed else None
     mirror, n_slots = _mirrors(jax.eval_shape(optimizer.init, params), jax.tree_util.tree_leaves(params))
     common = dict(spec=spec, task="training", policy=policy, optimizer=optimizer)
@@ -318,12 +337,20 @@ def compile_train(
                 placement_params=placement_params,
                 **common,
             )
-            plan = build(plan)
-            return pipelined_trainer(plan, loss_fn, optimizer, has_aux=has_aux, mirror=mirror, update_on=update_on)
+            plan = build(plan).replace(cluster=on)
+            tx = pipelined_trainer(plan, loss_fn, optimizer, has_aux=has_aux, mirror=mirror, update_on=update_on)
+            return tx if on is None else cluster_lib.pipelined(tx, wafers)
         except (wafer.SramCapacityError, PlacementError):
             if mode == "pipelined":
                 raise
     # Weight streaming: every layer in turn on the whole usable wafer, its weights streamed in.
     storage = Storage(slots=("",), act_copies=2, act_itemsize=act_itemsize)
     plan = build(trace_program(scalar_loss, params, example_batch, mode="weight_streaming", storage=storage, **common))
-    return streaming_trainer(plan, loss_fn, optimizer, has_aux=has_aux)
+    plan = plan.replace(cluster=on)
+    tx = streaming_trainer(plan, loss_fn, optimizer, has_aux=has_aux)
+    if on is None:
+        return tx
+    if mode == "auto":  # auto fell back to streaming: its loss was wrapped for the pipelined all-reduce
+        loss_fn = precision.apply_policy(raw_loss, policy)
+    loss = _loss_of(loss_fn, has_aux)
+    return cluster_lib.streaming(plan, loss, optimizer, wafers, has_aux=has_aux, init_one=tx.init)

@@ -62,6 +62,11 @@ class Report:
     clock_hz: float
     bound: str = "compute"  # what bounds the throughput: "compute", "fabric" or "I/O"
     io_cycles_per_step: float = 0.0  # streaming the batch in through the edge I/O
+    # several wafers (training): `batch` is the global batch, `wafers` share it; the interconnect's cycles per step
+    # (pipelined: the gradients' all-reduce; weight streaming: SwarmX's broadcasts and reduces, overlapping)
+    wafers: int = 1
+    batch_per_wafer: int = 0
+    interconnect_cycles_per_step: float = 0.0
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -84,7 +89,9 @@ class Report:
             head += f"{'fwd cyc':>11}{'bwd cyc':>11}{'upd cyc':>10}"
             if "streaming" in self.mode:
                 head += f"{'I/O cyc':>11}"
-        lines = [f"Compile report: {self.mode} on {self.spec_name}, batch {self.batch}", head, "-" * len(head)]
+        where = self.spec_name if self.wafers == 1 else f"{self.wafers} x {self.spec_name}"
+        batch = f"batch {self.batch}" + ("" if self.wafers == 1 else f" ({self.batch_per_wafer} per wafer)")
+        lines = [f"Compile report: {self.mode} on {where}, {batch}", head, "-" * len(head)]
         for k in self.kernels:
             r = k.rect
             rect = f"{r[2]}x{r[3]}@({r[0]},{r[1]})"
@@ -112,6 +119,12 @@ class Report:
         ]
         if training:
             lines.append(f"bound by              {self.bound} (batch I/O {self.io_cycles_per_step:,.0f} cycles/step)")
+            if self.wafers > 1:
+                what = "weights in, gradients out (SwarmX)" if "streaming" in self.mode else "gradient all-reduce"
+                lines.append(
+                    f"interconnect          {self.wafers} wafers data-parallel; {what} "
+                    f"{self.interconnect_cycles_per_step:,.0f} cycles/step"
+                )
         else:
             lines.append(f"bound by              {self.bound} (the slowest of kernels, streams and edge I/O)")
         return "\n".join(lines)
@@ -123,6 +136,7 @@ def build_report(schedule: sched.Schedule) -> Report:
     k, names, batch = schedule.kernels, schedule.names, plan.batch
     training = plan.task == "training"
     streaming = plan.mode == "weight_streaming"
+    wafers = int(fig.get("wafers", 1))
     graph = {kernel.name: kernel for kernel in plan.graph.kernels}
     flops_factor = 3.0 if training else 1.0  # training: forward, input gradient, weight gradient
     s = np.asarray(fig["cycles_per_sample"], np.float64)
@@ -160,7 +174,7 @@ def build_report(schedule: sched.Schedule) -> Report:
     lanes = float(spec.simd_width("fmac", plan.policy.dtype_class))  # peak: matmul FMACs at the policy's lanes
     if training:
         util = flops * batch / (active * 2 * lanes * step) if step else 0.0
-        cycles_per_sample, latency = step / batch, step
+        cycles_per_sample, latency = step / (batch * wafers), step
         mode = f"{plan.mode} training"
     else:
         pace = float(fig["bottleneck_cycles"])  # the slowest kernel, stream or the edge I/O, per sample
@@ -171,7 +185,7 @@ def build_report(schedule: sched.Schedule) -> Report:
     return Report(
         spec_name=spec.name,
         mode=f"{mode} ({plan.policy})" if plan.policy.mixed else mode,
-        batch=batch,
+        batch=batch * wafers,
         kernels=tuple(rows),
         bottleneck=names[worst],
         cycles_per_sample=cycles_per_sample,
@@ -188,6 +202,9 @@ def build_report(schedule: sched.Schedule) -> Report:
         clock_hz=float(spec.clock_hz),
         bound=schedule.bound(),
         io_cycles_per_step=float(fig["io_cycles"]),
+        wafers=wafers,
+        batch_per_wafer=batch,
+        interconnect_cycles_per_step=float(fig.get("interconnect_cycles", 0.0)),
     )
 
 
