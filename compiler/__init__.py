@@ -57,7 +57,6 @@ from compiler.plan.place import (
 from compiler.plan.route import HOST, Routes, route
 from compiler.run.cluster import WaferSplitError
 from compiler.run.cluster import mesh as cluster_mesh
-from compiler.run.cluster import shard as shard_wafers
 from compiler.run.infer import compile
 from compiler.run.program import Program
 from compiler.run.train import TrainState, compile_train
@@ -78,7 +77,6 @@ __all__ = [
     "TrainState",
     "WaferSplitError",
     "cluster_mesh",
-    "shard_wafers",
     "Plan",
     "Storage",
     "schedule",

@@ -7,9 +7,11 @@
 
 The global batch [N x B, ...] is split into N consecutive shards of B samples (wafer w takes samples w B .. (w+1)
 B - 1), each wafer runs the single-wafer plan compiled for B samples, and:
-  pipelined          every wafer holds a full copy of the weights and optimizer state in its SRAM; the gradients of
+  pipelined          every wafer holds a full copy of the weights and optimizer slots in its SRAM; the gradients of
                      the N wafers are all-reduced (summed and divided by N) and every wafer applies the same update
-                     to its own copy, so the copies stay equal, bit for bit;
+                     to its own copy, so the copies stay equal, bit for bit; the optimizer's step counts are the host
+                     loop's, one for all wafers (an optimizer whose other non-weight-shaped state depended on a
+                     single wafer's gradient would fail to trace: there is none in optax's elementwise family);
   weight streaming   one host store (MemoryX) holds the weights and the optimizer state; the weights are broadcast to
                      every wafer, the N gradients are reduced (SwarmX) and the optimizer runs once on the host.
 The interconnect's time is the schedule's (compiler/schedule.py, wafer/cluster.py).
@@ -17,14 +19,17 @@ The interconnect's time is the schedule's (compiler/schedule.py, wafer/cluster.p
 Numerics: the step's loss is the mean of the wafers' losses and its gradient the mean of their gradients, which is
 the loss and the gradient of the global batch when the loss is a mean over the batch's samples (the usual case, and
 what data parallelism means; a loss summed over samples would be scaled by 1 / N). Sums over wafers run in wafer
-order (w = 0, 1, ...), one add at a time, so the result does not depend on where the wafers' states live: on one
-device, or one wafer per device of a mesh, the numbers are the same bit for bit (`shard`).
+order (w = 0, 1, ...), one add at a time, and each device loops over its own wafers running the same per-wafer
+program (`_opaque`), so the numbers do not depend on where the wafers' states live: all on one device, or one wafer
+per device of a mesh, bit for bit (tests/compiler/test_cluster_mesh.py).
 
-States on a device mesh: `mesh(N)` is a JAX mesh with one axis "wafer"; `shard(state, mesh)` puts every stacked
-leaf's wafer axis on it (the host store and the step counter replicated). The jitted step keeps that placement, and
-XLA's SPMD partitioner turns the sums over wafers into collectives between the devices: the scale-out engine is
-JAX's. Over several processes (`jax.distributed.initialize`), the mesh spans every process's devices; see
-docs/cluster.md.
+States on a device mesh: `compile_train(..., wafers=N, mesh=compiler.cluster_mesh(N))` keeps the wafers' states on
+a JAX mesh with one axis "wafer" (`place`: the stacked wafer axis split over it; the host's part, weight
+streaming's store and the optimizer's step counts, and the step counter replicated); by default all N live on the
+first device. The step is a `jax.shard_map` over that mesh: each device runs its wafers' forward and backward, the
+all-reduce is an all-gather over the "wafer" axis, which XLA carries out between the devices (the scale-out engine
+is JAX's), and each device updates its wafers' copies. Over several processes (`jax.distributed.initialize`) the
+mesh spans every process's devices: docs/cluster.md, experiments/cluster_distributed.py.
 """
 
 from __future__ import annotations
@@ -92,31 +97,10 @@ def wafer_mean(x, axis: int = 0):
     return total / len(parts) if jnp.issubdtype(total.dtype, jnp.inexact) else total
 
 
-@jax.custom_vjp
-def _allreduced(params):
-    """The identity on the params, whose cotangent (the wafer's gradient) is all-reduced over the wafers."""
-    return params
-
-
-def _allreduced_fwd(params):
-    return params, None
-
-
-def _allreduced_bwd(_, g):
-    return (jax.tree_util.tree_map(lambda x: wafer_mean(jax.lax.all_gather(x, AXIS)), g),)
-
-
-_allreduced.defvjp(_allreduced_fwd, _allreduced_bwd)
-
-
-def allreduce_gradients(loss_fn):
-    """`loss_fn` whose gradient with respect to the params is the mean over the wafers (run under a vmap with
-    axis_name "wafer"): what the pipelined wafers all-reduce before each applies its update."""
-
-    def loss(params, batch):
-        return loss_fn(_allreduced(params), batch)
-
-    return loss
+def _gather_mean(x):
+    """The mean over every wafer of the mesh of `x` [local wafers, ...]: an all-gather over the "wafer" axis (XLA's
+    collective), then the sum in wafer order."""
+    return wafer_mean(jax.lax.all_gather(x, AXIS, tiled=True))
 
 
 def _stack(tree, wafers: int):
@@ -127,43 +111,104 @@ def _first(tree):
     return jax.tree_util.tree_map(lambda x: x[0], tree)
 
 
-def _metrics(metrics, has_aux: bool):
-    out = {"loss": wafer_mean(metrics["loss"])}
-    if has_aux:
-        out["aux"] = metrics["aux"]  # per wafer, stacked [wafers, ...]
-    return out
+def _at(tree, w):
+    """Wafer `w` (traced) of a stacked tree."""
+    return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, w, 0, False), tree)
 
 
-def pipelined(single: Program, wafers: int) -> Program:
-    """N copies of a pipelined single-wafer program whose loss all-reduces its gradients (`allreduce_gradients`)."""
-    from compiler.run.train import TrainState
+def _put(tree, w, value):
+    return jax.tree_util.tree_map(lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, w, 0), tree, value)
 
-    axes = TrainState(wafer=0, host=0, step=None)
 
-    def init(params=None):
-        s = single.init(params)
-        return TrainState(wafer=_stack(s.wafer, wafers), host=_stack(s.host, wafers), step=s.step)
+def _opaque(n: int):
+    """`n` as a loop bound XLA cannot see. Loops over a device's wafers with it are neither unrolled nor fused
+    across wafers, so every wafer runs the same per-wafer program whether a device holds one wafer or all of them:
+    the numbers are bit-identical across placements (a fused or unrolled loop contracts multiply-adds differently)."""
+    return jax.lax.optimization_barrier(jnp.asarray(n, jnp.int32))
+
+
+def _each(n: int, count, fn):
+    """fn(w) for w = 0 .. n - 1 (a loop of `count` = `_opaque(n)` trips), stacked [n, ...]."""
+    shapes = jax.eval_shape(fn, 0)
+    out = jax.tree_util.tree_map(lambda s: jnp.zeros((n, *s.shape), s.dtype), shapes)
+    return jax.lax.fori_loop(0, count, lambda w, acc: _put(acc, w, fn(w)), out)
+
+
+def _surrogate_loss(params, loss_in):
+    """A loss whose gradient with respect to the params is the all-reduced gradient it is given, exactly
+    (d/dp sum(g p) = g), and whose value is the wafer's own loss: what each wafer's update runs once the gradients
+    are all-reduced. `loss_in` = {"grad", "value", "aux"}."""
+    grads, leaves = jax.tree_util.tree_leaves(loss_in["grad"]), jax.tree_util.tree_leaves(params)
+    dot = sum(jnp.sum(jax.lax.stop_gradient(g) * p) for g, p in zip(grads, leaves))
+    return loss_in["value"] + (dot - jax.lax.stop_gradient(dot)), loss_in["aux"]
+
+
+def _program(plan, mesh: Mesh, wafers: int, state_specs, local, read_params, read_opt_state, init_fn, has_aux):
+    """A Program whose step runs `local` on every device of `mesh` (its wafers' states and batch shards)."""
+    metric_specs = {"loss": P(), "aux": P(AXIS)} if has_aux else {"loss": P()}
+    run = jax.shard_map(
+        local, mesh=mesh, in_specs=(state_specs, P(AXIS)), out_specs=(state_specs, metric_specs), check_vma=False
+    )
 
     def apply(state, batch):
-        run = jax.vmap(single.apply, in_axes=(axes, 0), out_axes=(axes, 0), axis_name=AXIS)
-        state, metrics = run(state, split(batch, wafers))
-        return state, _metrics(metrics, single.has_aux)
-
-    def on_wafer(read):
-        return lambda state: read(TrainState(wafer=_first(state.wafer), host=_first(state.host), step=state.step))
+        return run(state, split(batch, wafers))
 
     return Program(
-        plan=single.plan,
-        init=init,
+        plan=plan,
+        init=init_fn,
         step=jax.jit(apply, donate_argnums=0),
         apply=apply,
-        read_params=on_wafer(single.read_params),
-        read_opt_state=on_wafer(single.read_opt_state),
-        has_aux=single.has_aux,
+        read_params=read_params,
+        read_opt_state=read_opt_state,
+        has_aux=has_aux,
     )
 
 
-def streaming(plan, loss, optimizer, wafers: int, *, has_aux: bool, init_one) -> Program:
+def pipelined(plan, loss, optimizer, wafers: int, mesh: Mesh, *, has_aux: bool, build) -> Program:
+    """Pipelined training on N wafers (module docstring): every wafer's state in its SRAM, gradients all-reduced.
+
+    Args:
+      plan: the single-wafer plan (with its cluster); loss: `(params, batch) -> (loss, aux or None)`.
+      build: `build(loss_fn) -> Program`, the single-wafer pipelined program of a loss returning (loss, aux).
+    """
+    from compiler.run.train import TrainState
+
+    single = build(_surrogate_loss)  # its init, reads and update; the update's loss is the surrogate
+    specs = TrainState(wafer=P(AXIS), host=P(), step=P())
+
+    def local(state, shards):
+        n = jax.tree_util.tree_leaves(shards)[0].shape[0]  # this device's wafers
+        count = _opaque(n)
+        one = lambda w, wafer_state: TrainState(wafer=_at(wafer_state, w), host=state.host, step=state.step)  # noqa: E731
+        grad = jax.value_and_grad(loss, has_aux=True)
+        (values, auxs), grads = _each(n, count, lambda w: grad(single.read_params(one(w, state.wafer)), _at(shards, w)))
+        mean = jax.tree_util.tree_map(_gather_mean, grads)  # the all-reduce
+
+        def update(w, carry):
+            wafer_state, _ = carry
+            loss_in = {"grad": mean, "value": values[w], "aux": _at(auxs, w)}
+            new, _ = single.apply(one(w, wafer_state), loss_in)
+            return _put(wafer_state, w, new.wafer), new.host
+
+        wafer_state, host = jax.lax.fori_loop(0, count, update, (state.wafer, state.host))
+        metrics = {"loss": _gather_mean(values)}
+        if has_aux:
+            metrics["aux"] = auxs
+        return TrainState(wafer=wafer_state, host=host, step=state.step + 1), metrics
+
+    def init(params=None):
+        s = single.init(params)
+        return place(TrainState(wafer=_stack(s.wafer, wafers), host=s.host, step=s.step), mesh)
+
+    def on_wafer(read):
+        return lambda state: read(TrainState(wafer=_first(state.wafer), host=state.host, step=state.step))
+
+    return _program(
+        plan, mesh, wafers, specs, local, on_wafer(single.read_params), on_wafer(single.read_opt_state), init, has_aux
+    )
+
+
+def streaming(plan, loss, optimizer, wafers: int, mesh: Mesh, *, has_aux: bool, init_one) -> Program:
     """Weight streaming on N wafers: one host store, weights broadcast, gradients reduced, one optimizer update.
 
     Args:
@@ -173,32 +218,38 @@ def streaming(plan, loss, optimizer, wafers: int, *, has_aux: bool, init_one) ->
     from compiler.run.train import TrainState
 
     record = _record(plan)
+    specs = TrainState(wafer=P(AXIS), host=P(), step=P())
+
+    def local(state, shards):
+        n = jax.tree_util.tree_leaves(shards)[0].shape[0]
+        count = _opaque(n)
+        params, opt_state = state.host["params"], state.host["opt_state"]
+        grad = jax.value_and_grad(loss, has_aux=True)
+        # the same weights to every wafer (a broadcast), each its own shard of the batch
+        (values, auxs), grads = _each(n, count, lambda w: grad(params, _at(shards, w)))
+        grads = jax.tree_util.tree_map(_gather_mean, grads)  # SwarmX's reduce
+        updates, opt_state = optimizer.update(grads, opt_state, params)  # once, on the host (MemoryX)
+        params = optax.apply_updates(params, updates)
+        w = jax.lax.fori_loop(0, count, lambda i, ws: _put(ws, i, charge(_at(ws, i), plan.spec, record)), state.wafer)
+        metrics = {"loss": _gather_mean(values)}
+        if has_aux:
+            metrics["aux"] = auxs
+        return TrainState(wafer=w, host={"params": params, "opt_state": opt_state}, step=state.step + 1), metrics
 
     def init(params=None):
         s = init_one(params)
-        return TrainState(wafer=_stack(s.wafer, wafers), host=s.host, step=s.step)
+        return place(TrainState(wafer=_stack(s.wafer, wafers), host=s.host, step=s.step), mesh)
 
-    def apply(state, batch):
-        params, opt_state = state.host["params"], state.host["opt_state"]
-        grad = jax.value_and_grad(loss, has_aux=True)
-        # the same weights to every wafer (in_axes None: a broadcast), a shard of the batch to each
-        (values, aux), grads = jax.vmap(grad, in_axes=(None, 0))(params, split(batch, wafers))
-        grads = jax.tree_util.tree_map(wafer_mean, grads)  # SwarmX's reduce
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        w = jax.vmap(lambda w: charge(w, plan.spec, record))(state.wafer)
-        host = {"params": params, "opt_state": opt_state}
-        metrics = {"loss": values, "aux": aux} if has_aux else {"loss": values}
-        return TrainState(wafer=w, host=host, step=state.step + 1), _metrics(metrics, has_aux)
-
-    return Program(
-        plan=plan,
-        init=init,
-        step=jax.jit(apply, donate_argnums=0),
-        apply=apply,
-        read_params=lambda state: state.host["params"],
-        read_opt_state=lambda state: state.host["opt_state"],
-        has_aux=has_aux,
+    return _program(
+        plan,
+        mesh,
+        wafers,
+        specs,
+        local,
+        lambda state: state.host["params"],
+        lambda state: state.host["opt_state"],
+        init,
+        has_aux,
     )
 
 
@@ -229,27 +280,17 @@ def mesh(wafers: int, devices=None) -> Mesh:
     return Mesh(np.array(devices, dtype=object), (AXIS,))
 
 
-def shard(tx: Program, state, mesh: Mesh | None = None):
-    """`state` of an N-wafer program `tx` with its wafer axis on `mesh` (default `mesh(N)`; module docstring): the
-    wafers' states are split over the mesh's "wafer" axis; the host store in weight streaming (one, MemoryX's) and
-    the step counter are replicated on every device."""
-    wafers = 1 if tx.plan.cluster is None else tx.plan.cluster.wafers
-    mesh = globals()["mesh"](wafers) if mesh is None else mesh
-    if AXIS not in mesh.axis_names:
-        raise ValueError(f"expected a mesh with a {AXIS!r} axis (compiler.cluster_mesh), got {mesh.axis_names}")
-    split_ = NamedSharding(mesh, P(AXIS))
-    replicated = NamedSharding(mesh, P())
-
-    def put(x, stacked):
-        sharding = split_ if stacked and wafers > 1 else replicated
-        return _place(x, sharding)
-
+def place(state, mesh: Mesh):
+    """An N-wafer `TrainState` on `mesh` (module docstring): the wafers' states split over its "wafer" axis; the
+    host's part (weight streaming's store, the optimizer's step counts) and the step counter replicated."""
     from compiler.run.train import TrainState
 
-    wafer_state = jax.tree_util.tree_map(lambda x: put(x, True), state.wafer)  # [wafers, ...] when wafers > 1
-    stacked_host = wafers > 1 and tx.plan.mode == "pipelined"  # weight streaming: one store for every wafer
-    host = jax.tree_util.tree_map(lambda x: put(x, stacked_host), state.host)
-    return TrainState(wafer=wafer_state, host=host, step=put(state.step, False))
+    split_, replicated = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P())
+    return TrainState(
+        wafer=jax.tree_util.tree_map(lambda x: _place(x, split_), state.wafer),
+        host=jax.tree_util.tree_map(lambda x: _place(x, replicated), state.host),
+        step=_place(state.step, replicated),
+    )
 
 
 def _place(x, sharding: NamedSharding):

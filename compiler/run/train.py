@@ -273,6 +273,7 @@ def compile_train(
     policy: precision.Policy | str | None = None,
     wafers: int = 1,
     cluster: wafer.ClusterSpec | None = None,
+    mesh=None,
 ) -> Program:
     """Compile a training step of `loss_fn(params, batch)` with an optax `optimizer` onto `spec`.
 
@@ -293,6 +294,8 @@ def compile_train(
       wafers: train data-parallel on this many wafers (compiler/run/cluster.py): `example_batch` is the global
         batch, split evenly over them; the state gains a leading wafer axis.
       cluster: the interconnect between the wafers (`wafer.ClusterSpec`; default: CS-2 figures for `wafers`).
+      mesh: where the wafers' states live: a JAX mesh with a "wafer" axis (`compiler.cluster_mesh(N)`: a wafer per
+        device, across processes too); default: all on the first device.
     Returns:
       A `Program`: `state = tx.init(params)`, `state, metrics = tx.step(state, batch)`, `tx.report`.
     Raises:
@@ -304,7 +307,6 @@ def compile_train(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if update_on not in ("tiles", "params"):
         raise ValueError(f"update_on must be 'tiles' or 'params', got {update_on!r}")
-    raw_loss = loss_fn
     wafers = cluster_lib.check_wafers(wafers)
     if cluster is None:
         cluster = wafer.ClusterSpec(wafers=wafers)
@@ -317,9 +319,9 @@ def compile_train(
     scalar_loss = (lambda p, b: loss_fn(p, b)[0]) if has_aux else loss_fn
     policy = precision.Policy.of(policy)
     loss_fn = precision.apply_policy(loss_fn, policy)
-    if wafers > 1 and mode != "weight_streaming":
-        loss_fn = cluster_lib.allreduce_gradients(loss_fn)
     on = cluster if wafers > 1 else None
+    if on is not None and mesh is None:
+        mesh = cluster_lib.mesh(wafers, jax.devices()[:1])
     act_itemsize = policy.storage_bytes if policy.mixed else None
     mirror, n_slots = _mirrors(jax.eval_shape(optimizer.init, params), jax.tree_util.tree_leaves(params))
     common = dict(spec=spec, task="training", policy=policy, optimizer=optimizer)
@@ -338,8 +340,13 @@ def compile_train(
                 **common,
             )
             plan = build(plan).replace(cluster=on)
-            tx = pipelined_trainer(plan, loss_fn, optimizer, has_aux=has_aux, mirror=mirror, update_on=update_on)
-            return tx if on is None else cluster_lib.pipelined(tx, wafers)
+            if on is None:
+                return pipelined_trainer(plan, loss_fn, optimizer, has_aux=has_aux, mirror=mirror, update_on=update_on)
+            build_one = lambda lf: pipelined_trainer(  # noqa: E731
+                plan, lf, optimizer, has_aux=True, mirror=mirror, update_on=update_on
+            )
+            loss = _loss_of(loss_fn, has_aux)
+            return cluster_lib.pipelined(plan, loss, optimizer, wafers, mesh, has_aux=has_aux, build=build_one)
         except (wafer.SramCapacityError, PlacementError):
             if mode == "pipelined":
                 raise
@@ -350,7 +357,5 @@ def compile_train(
     tx = streaming_trainer(plan, loss_fn, optimizer, has_aux=has_aux)
     if on is None:
         return tx
-    if mode == "auto":  # auto fell back to streaming: its loss was wrapped for the pipelined all-reduce
-        loss_fn = precision.apply_policy(raw_loss, policy)
     loss = _loss_of(loss_fn, has_aux)
-    return cluster_lib.streaming(plan, loss, optimizer, wafers, has_aux=has_aux, init_one=tx.init)
+    return cluster_lib.streaming(plan, loss, optimizer, wafers, mesh, has_aux=has_aux, init_one=tx.init)
