@@ -1,4 +1,5 @@
-"""The wafers' states on a JAX device mesh with a wafer axis (compiler/run/cluster.py): bit-identical to one device.
+"""The wafers' states on a JAX device mesh with a wafer axis (compiler/run/cluster.py): bit-identical to one device,
+with forced host devices and across two processes (jax.distributed on localhost, experiments/cluster_distributed.py).
 
 The devices are forced host devices (XLA_FLAGS=--xla_force_host_platform_device_count=4), which must be set before
 JAX starts, so the check runs in a fresh process: this module, run as a script, is that process.
@@ -79,3 +80,12 @@ if __name__ == "__main__":
     result = {mode: _check(mode) for mode in ("pipelined", "weight_streaming")}
     with open(sys.argv[1], "w") as f:
         json.dump(result, f)
+
+
+def test_two_processes_with_jax_distributed_are_bit_identical_to_one():
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "cluster_distributed.py")
+    done = subprocess.run(
+        [sys.executable, os.path.abspath(script), "--steps", "2"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "bit-identical: losses True, params True" in done.stdout
