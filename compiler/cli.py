@@ -317,8 +317,8 @@ def _execution(args, params) -> str:
     return ex
 
 
-def compile_program(prog: Program, spec, placement, execution: str = "auto"):
-    """An Executable (forward) or a Trainer (training) for the program."""
+def compile_program(prog: Program, spec, placement, execution: str = "auto", wafers: int = 1):
+    """An Executable (forward) or a Trainer (training; on `wafers` wafers data-parallel) for the program."""
     import compiler
 
     if prog.kind == "train":
@@ -330,6 +330,7 @@ def compile_program(prog: Program, spec, placement, execution: str = "auto"):
             spec=spec,
             mode=execution,
             placement_params=placement,
+            wafers=wafers,
         )
     return compiler.compile(*prog.forward_args(), spec=spec, placement_params=placement)
 
@@ -462,6 +463,12 @@ def cmd_train(args) -> int:
     from compiler.host import estimator  # a model_fn(features, labels, mode, params): the Estimator runs it
 
     if estimator.is_model_fn(factory := load_factory(args.target)):
+        if args.wafers != 1 or args.workers:
+            raise CLIError(
+                "--wafers and --workers train a training factory; an Estimator model_fn trains on one "
+                "wafer from its input_fn",
+                code=2,
+            )
         params = load_params(getattr(args, "params", None))
         return estimator.cli_train(args, factory, params, make_spec(args.preset, args.rows, args.cols, params["spec"]))
     params, spec, placement, prog = _setup(args, need_train=True)
@@ -476,7 +483,13 @@ def cmd_train(args) -> int:
         raise CLIError(f"--mode {args.mode}: factory {prog.target} gives neither 'eval_data' nor 'eval_fn'")
     import compiler
 
-    tx = compile_program(prog, spec, placement, _execution(args, params))
+    tx = compile_program(prog, spec, placement, _execution(args, params), wafers=args.wafers)
+    if args.workers and not isinstance(prog.data, compiler.Batches):
+        raise CLIError(
+            f"--workers needs the factory's 'data' to be a compiler.Batches; {prog.target} gives a "
+            f"{type(prog.data).__name__}, which is read as it is",
+            code=2,
+        )
     ckpt = os.path.join(args.model_dir, "checkpoints")
     os.makedirs(args.model_dir, exist_ok=True)
     evaluate = _evaluator(prog, tx, spec, placement) if evaluating else None
@@ -502,10 +515,12 @@ def cmd_train(args) -> int:
             keep=setting("keep", 3),
             progress=not args.quiet,
             log_every=settings.get("log_every", 10),
+            workers=args.workers,
         )
         with open(os.path.join(args.model_dir, "history.json"), "w") as f:
             json.dump(history, f)
-        write_outputs(prog.target, tx, args.model_dir, state, pictures=not args.no_pictures)
+        drawn = state if args.wafers == 1 else None  # pictures of one wafer's layout (the wafers hold the same)
+        write_outputs(prog.target, tx, args.model_dir, drawn, pictures=not args.no_pictures)
         step = int(state.step)
         last = history[-1] if history else {}
         figures = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step")
@@ -700,6 +715,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=_positive, metavar="N", help="checkpoints to keep (3)")
     p.add_argument("--quiet", action="store_true", help="no report or progress bar")
     p.add_argument("--no-pictures", action="store_true", help="skip the PNG pictures")
+    p.add_argument("--wafers", type=_positive, default=1, metavar="N", help="wafers training data-parallel (1)")
+    p.add_argument("--workers", type=_non_negative, default=0, metavar="N", help="input worker processes (0: a thread)")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser(
@@ -718,6 +735,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, metavar="REL", help="override every case's tolerance (default 0.1)")
     p.set_defaults(run=cmd_validate)
     return parser
+
+
+def _non_negative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
 
 
 def _positive(text: str) -> int:

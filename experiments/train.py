@@ -16,6 +16,7 @@ emulated wafer, and the same training step compiled for the full WSE-2 (compilin
     python experiments/train.py --preset wse2 --steps 50 # train on the full 757 x 996 WSE-2 fabric
     python experiments/train.py --mode weight_streaming  # weights in the host store, streamed in layer by layer
     python experiments/train.py --checkpoint-dir /tmp/digits --steps 400   # run again to resume
+    python experiments/train.py --wafers 2 --workers 2   # 2 wafers data-parallel, 2 input worker processes
 """
 
 from __future__ import annotations
@@ -130,6 +131,8 @@ def run_experiment(
     checkpoint_every: int = 50,
     progress: bool = True,
     predict_on: wafer.WaferSpec | None = wafer.WSE2,
+    wafers: int = 1,
+    workers: int = 0,
 ) -> dict:
     """Train on the emulated wafer and natively; return the figures of the report.
 
@@ -139,6 +142,8 @@ def run_experiment(
         `compiler.compile_train`. seed: seeds the params, the data split and the batch order.
       eval_every: steps between test-set evaluations. checkpoint_dir, checkpoint_every: as for `compiler.fit`.
       progress: show the progress bar. predict_on: also compile the training step for this wafer (None: skip).
+      wafers: wafers training data-parallel, each on batch / wafers samples of every batch.
+      workers: input worker processes of the grain pipeline (0: a thread).
     Returns:
       A dict; "tx" and "predicted" hold the compiled trainers (their `.report`s are printed).
     """
@@ -148,6 +153,7 @@ def run_experiment(
     opt = make_optimizer(optimizer, lr)
     x_train, y_train, x_test, y_test = load_data(model, seed)
     batches = compiler.Batches.from_arrays(x_train, y_train, batch, seed=seed)
+    pipeline = compiler.Pipeline(batches, workers=workers)
     net = MODELS[model][0]()
     params = init_params(net, batches.batch(0)["x"], seed)
 
@@ -162,7 +168,7 @@ def run_experiment(
         return {"loss": loss, "accuracy": jnp.mean(logits.argmax(-1) == y_test)}
 
     t0 = time.perf_counter()
-    tx = compiler.compile_train(loss_fn, params, batches.batch(0), opt, spec=spec, mode=mode)
+    tx = compiler.compile_train(loss_fn, params, batches.batch(0), opt, spec=spec, mode=mode, wafers=wafers)
     t_compile = time.perf_counter() - t0
 
     # Emulated: the host loop streams the batches into the wafer; evaluation reads the params back from SRAM.
@@ -171,7 +177,7 @@ def run_experiment(
     state, history = compiler.fit(
         tx,
         jax.jit(tx.init)(params),
-        batches,
+        pipeline,
         steps=steps,
         eval_fn=jax.jit(lambda state: test_metrics(read_params(state))),
         eval_every=eval_every,
@@ -206,7 +212,9 @@ def run_experiment(
 
     predicted = None
     if predict_on is not None and predict_on != spec:
-        predicted = compiler.compile_train(loss_fn, params, batches.batch(0), opt, spec=predict_on, mode=mode)
+        predicted = compiler.compile_train(
+            loss_fn, params, batches.batch(0), opt, spec=predict_on, mode=mode, wafers=wafers
+        )
 
     def per_step(ts):  # the median step: not the first, which compiles, nor those that evaluate or save
         return float(np.median(np.diff(ts))) if len(ts) > 1 else math.nan
@@ -236,7 +244,10 @@ def run_experiment(
         "compile_s": t_compile,
         "emulated_s_per_step": per_step(times),  # nan when resumed with nothing left to run
         "native_s_per_step": per_step(native_times),
-        "wafer_clock": float(state.wafer.clock),
+        "wafer_clock": float(np.max(state.wafer.clock)),  # every wafer's clock, the same
+        "wafers": wafers,
+        "input": pipeline.stats(tx.report.samples_per_s),
+        "input_cs2": None if predicted is None else pipeline.stats(predicted.report.samples_per_s),
     }
 
 
@@ -249,6 +260,7 @@ def format_report(r: dict) -> str:
     tx, report = r["tx"], r["tx"].report
     spec = tx.spec
     kernels = len(report.kernels)
+    several = "" if r["wafers"] == 1 else f"{r['wafers']} x "
     title = f"Predicted on the emulated wafer ({spec.name}):"
     if spec == wafer.WSE2:
         title = "Predicted on the CS-2 (the emulated wafer is the full WSE-2):"
@@ -256,8 +268,8 @@ def format_report(r: dict) -> str:
         "",
         f"Trained {r['model']}, {r['params']:,} params, on scikit-learn digits ({r['train_samples']:,} training, "
         f"{r['test_samples']} test images)",
-        f"  wafer         {spec.name}: {spec.rows} x {spec.cols} cores, {report.mode}: {kernels} kernels on "
-        f"{report.active_cores:,} cores (compiled in {r['compile_s']:.2f} s)",
+        f"  wafer         {several}{spec.name}: {spec.rows} x {spec.cols} cores, {report.mode}: {kernels} "
+        f"kernels on {report.active_cores:,} cores (compiled in {r['compile_s']:.2f} s)",
         f"  optimizer     {r['optimizer']}, lr {r['lr']:g}, batch {r['batch']}, {r['steps']} steps "
         f"({r['epochs']:.1f} epochs), seed {r['seed']}",
         f"  wafer time    {r['wafer_clock']:,.0f} cycles on the wafer's clock = "
@@ -272,6 +284,7 @@ def format_report(r: dict) -> str:
         f"native {100 * r['native_test']['accuracy']:.2f}% "
         f"(test loss {r['emulated_test']['loss']:.4f} and {r['native_test']['loss']:.4f})",
         f"  wall time     emulated {_ms(r['emulated_s_per_step'])}, native {_ms(r['native_s_per_step'])} (median step)",
+        f"  input         {r['input'].summary()}",
         "",
         title,
         str(report),
@@ -289,6 +302,8 @@ def format_report(r: dict) -> str:
             f"{r['steps'] * r['batch'] / report.samples_per_s * 1e3:.3g} ms on {spec.name} "
             f"({report.samples_per_s:,.0f} samples/s)",
         ]
+        if r["input_cs2"] is not None and r["input_cs2"].batches:
+            lines.append(f"CS-2 {r['input_cs2'].summary()}")
     return "\n".join(lines)
 
 
@@ -307,6 +322,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint-dir", default=None, help="keep orbax checkpoints here, and resume from them")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
     p.add_argument("--seed", type=int, default=0, help="seed of the params, data split and batch order (default 0)")
+    p.add_argument("--wafers", type=int, default=1, help="wafers training data-parallel on each batch (default 1)")
+    p.add_argument("--workers", type=int, default=0, help="input worker processes (default 0: a thread)")
     p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar (default on)"
     )
@@ -330,6 +347,8 @@ def main(argv=None) -> int:
             checkpoint_dir=args.checkpoint_dir,
             checkpoint_every=args.checkpoint_every,
             progress=args.progress,
+            wafers=args.wafers,
+            workers=args.workers,
         )
     except compiler.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)

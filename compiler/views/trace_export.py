@@ -25,7 +25,8 @@ import os
 from compiler.run.program import Program
 
 PID = 1
-_FIXED = ("program", "host I/O", "routes", "weight streaming I/O")  # tracks before the kernels', in this order
+# tracks before the kernels', in this order ("interconnect": the gradient all-reduce between several wafers)
+_FIXED = ("program", "host I/O", "routes", "weight streaming I/O", "interconnect")
 
 
 def chrome_trace(program, path=None, steps: int = 1) -> dict:
@@ -51,7 +52,11 @@ def chrome_trace(program, path=None, steps: int = 1) -> dict:
     schedule, spec = program.schedule, program.spec
     mode = program.report.mode
     spans = schedule.events(steps)
-    used = {"routes": program.plan.task == "inference", "weight streaming I/O": program.plan.mode == "weight_streaming"}
+    used = {
+        "routes": program.plan.task == "inference",
+        "weight streaming I/O": program.plan.mode == "weight_streaming",
+        "interconnect": any(s.track == "interconnect" for s in spans),
+    }
     fixed = [t for t in _FIXED if used.get(t, True)]
     tracks = {name: tid for tid, name in enumerate([*fixed, *schedule.names])}
     us = lambda cycles: float(cycles) / float(spec.clock_hz) * 1e6  # noqa: E731

@@ -266,3 +266,14 @@ def test_unsupported_op_gives_one_line_naming_the_primitive_and_source(run, tmp_
     assert_one_error_line(err)
     assert "UnsupportedOpError" in err and "'fft'" in err and "fft_model.py:3" in err
     assert len(err) < 400
+
+
+def test_train_on_two_wafers_with_input_workers(run, tmp_path):
+    common = ["compiler.examples:digits", *MINI, "--model-dir", "m", "--quiet", "--no-pictures", "--max-steps", "2"]
+    status, out, err = run("train", *common, "--wafers", "2", "--workers", "1")
+    assert status == 0, err
+    d = json.loads((tmp_path / "m" / "report.json").read_text())
+    assert d["wafers"] == 2 and d["interconnect_cycles_per_step"] > 0
+    assert "step 2 of 2" in out
+    status, _, err = run("train", *common, "--wafers", "7")
+    assert status != 0 and "does not split over 7 wafers" in err
