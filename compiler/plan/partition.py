@@ -32,7 +32,6 @@ import dataclasses
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
@@ -284,37 +283,18 @@ class ParamTiling:
     def tile_bytes(self) -> int:
         return wafer.memory.words_for(self.tile, self.dtype) * 4
 
+    @property
+    def blocked(self) -> wafer.layout.Blocked:
+        """How its SRAM allocations store it: the whole leaf, core (i, j) owning block (i, j) (wafer/layout.py)."""
+        return wafer.layout.Blocked(self.shape, self.layout)
+
     def tile_array(self, x):
-        """[*shape] -> [gh, gw, *tile] (zero padding)."""
-        gh, gw = self.grid
-        if self.layout == "scalar":
-            return jnp.reshape(x, (1, 1))
-        if self.layout == "vector":
-            (t,) = self.tile
-            flat = jnp.pad(jnp.ravel(x), (0, gh * gw * t - x.size))
-            return flat.reshape(gh, gw, t)
-        *lead, a, b = self.shape
-        ta, tb = self.tile[-2:]
-        x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, gh * ta - a), (0, gw * tb - b)])
-        x = x.reshape(*lead, gh, ta, gw, tb)
-        n = len(lead)
-        perm = (n, n + 2, *range(n), n + 1, n + 3)
-        return jnp.transpose(x, perm)
+        """[*shape] -> [gh, gw, *tile] (zero padding): the per-core view."""
+        return self.blocked.to_cores(x, self.grid, self.tile)
 
     def untile(self, t):
         """[gh, gw, *tile] -> [*shape] (padding dropped)."""
-        gh, gw = self.grid
-        if self.layout == "scalar":
-            return jnp.reshape(t, self.shape)
-        if self.layout == "vector":
-            return jnp.ravel(t)[: math.prod(self.shape)].reshape(self.shape)
-        *lead, a, b = self.shape
-        ta, tb = self.tile[-2:]
-        n = len(lead)
-        # [gh, gw, *lead, ta, tb] -> [*lead, gh, ta, gw, tb]
-        perm = (*range(2, 2 + n), 0, 2 + n, 1, 3 + n)
-        x = jnp.transpose(t, perm).reshape(*lead, gh * ta, gw * tb)
-        return x[..., :a, :b]
+        return self.blocked.from_cores(t)
 
 
 def tile_param(index, path, aval, rect: Rect) -> ParamTiling:
