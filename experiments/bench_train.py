@@ -104,14 +104,16 @@ def _timed(fn, *args):
     return out, time.perf_counter() - t0
 
 
-def bench(name, spec, repeats, warmup):
+def bench(name, spec, repeats, warmup, placement_params=None):
     _, make = MODELS[name]
     model, batch, loss_fn = make()
     params = model.init(jax.random.key(0), batch["x"])
     optimizer = optax.adam(1e-3)
 
     t0 = time.perf_counter()
-    tx = compiler.compile_train(loss_fn, params, batch, optimizer, spec=spec, mode="pipelined")
+    tx = compiler.compile_train(
+        loss_fn, params, batch, optimizer, spec=spec, mode="pipelined", placement_params=placement_params
+    )
     state = tx.init(params)
     emulated = tx.step.lower(state, batch).compile()
     t_compile_emu = time.perf_counter() - t0
