@@ -1,7 +1,7 @@
 """compiler: turns JAX / Flax programs into wafer programs (see ../shared/DESIGN.md, "The compiler").
 
     exe = compiler.compile(fn, params, *example_inputs, spec=wafer.WSE2)   # or compile(nnx_module, *inputs, spec=)
-    state = exe.load(params)          # weights into their kernels' SRAM tiles
+    state = exe.load(params)          # weights into their kernels' SRAM allocations
     out, state = exe(state, *inputs)  # emulated forward == fn(params, *inputs)
     exe.report, exe.placement, exe.read_params(state), exe.plan, compiler.estimate(exe, other_spec)
 

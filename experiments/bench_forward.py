@@ -3,8 +3,9 @@
 For each model (an MLP 784-512-512-10 at batch 256, a LeNet-style CNN on 28x28x1 at batch 128, a Transformer
 encoder block with seq 64, d_model 128, 4 heads at batch 16) the program is compiled onto a mini wafer
 (`compiler.compile`, layer-pipelined), its weights loaded into SRAM, and the emulated forward `exe(state, x)`
-(jitted, the state donated and fed back in, fast path: weights read from their SRAM tiles every call, counters
-charged) is timed against the native `jax.jit(model.apply)(params, x)` on the same batch in the same process.
+(jitted, the state donated and fed back in, fast path: weights read from their SRAM allocations every call,
+stored blocked so with no copy, counters charged) is timed against the native `jax.jit(model.apply)(params, x)`
+on the same batch in the same process.
 Both are compiled before timing (compile times reported apart), warmed up, then timed interleaved (alternating
 which goes first), each call ended by `block_until_ready`; medians are compared. The last line is
 `emulated/native = X.XX`, the worst ratio over the models.

@@ -5,7 +5,9 @@ side as `wafer.run` (lax.scan of supersteps: halo exchange, per-core update, cou
 donated `WaferState`, the native side as `lax.fori_loop` of `experiments.stencil.native_step` (one zero pad and
 six slices, what one would write in jnp) on a donated array. Both are compiled before timing (compile times are
 reported apart), warmed up, then timed interleaved, each call ended by `block_until_ready`, and the medians are
-compared. The last line is `emulated/native = X.XX`.
+compared. It also prints the emulation rate in core-cycles per wall second (every core of the grid times the
+wafer cycles a step takes, over the emulated step's wall time), the unit of cycle-level many-core simulators.
+The last line is `emulated/native = X.XX`.
 
     python experiments/bench_stencil.py [--repeats 9] [--steps 10] [--z 32] [--preset wse2]
 """
@@ -82,6 +84,9 @@ def main(argv=None) -> int:
     err = float(jnp.max(jnp.abs(state.read(stencil.ALLOCATION) - u)))
     emu = statistics.median(t_emu) / args.steps
     nat = statistics.median(t_nat) / args.steps
+    # the wafer's clock advanced by every step run (warm-up included): cycles per step, times every core of the grid
+    cycles_per_step = float(state.clock) / ((args.warmup + args.repeats) * args.steps)
+    core_cycles = spec.rows * spec.cols * cycles_per_step / emu
     print(
         f"{spec.name}: {spec.rows} x {spec.cols} cores x Z = {args.z} ({spec.rows * spec.cols * args.z:,} points), "
         f"{args.steps} steps per call, median of {args.repeats} interleaved calls after {args.warmup} warm-up"
@@ -89,6 +94,10 @@ def main(argv=None) -> int:
     print(f"compile: emulated {t_compile_emu:.2f} s, native {t_compile_nat:.2f} s")
     print(f"emulated: {1e3 * emu:.2f} ms/step (min {1e3 * min(t_emu) / args.steps:.2f})")
     print(f"native:   {1e3 * nat:.2f} ms/step (min {1e3 * min(t_nat) / args.steps:.2f})")
+    print(
+        f"emulated core-cycles per wall second: {core_cycles:.3g} ({spec.rows * spec.cols:,} cores x "
+        f"{cycles_per_step:,.0f} cycles per step in {1e3 * emu:.2f} ms)"
+    )
     print(f"max |emulated - native| after {(args.warmup + args.repeats) * args.steps} steps: {err:.3g}")
     print(f"emulated/native = {emu / nat:.2f}")
     return 0

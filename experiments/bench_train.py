@@ -2,8 +2,8 @@
 
 For each model, the same loss, batch and optimizer (Adam) on both sides, in the same process:
   emulated  `state, metrics = tx.step(state, batch)` of `compiler.compile_train(..., mode="pipelined")` on a mini
-            wafer (jitted, TrainState donated): weights and Adam slots read from their SRAM tiles, gradient with
-            respect to the tiles, optimizer on the tiles, written back, counters charged;
+            wafer (jitted, TrainState donated): weights and Adam slots read from their SRAM allocations (blocked:
+            no copy), gradient with respect to them, optimizer on them, written back, counters charged;
   native    `jax.jit(value_and_grad + optimizer.update + optax.apply_updates)`, params and optimizer state
             donated too, for fairness.
 Both are compiled before timing (compile times reported apart), warmed up, then timed interleaved (alternating
@@ -12,17 +12,13 @@ which goes first), each call ended by `block_until_ready`; the medians are compa
 
     python experiments/bench_train.py [--repeats 30] [--warmup 3] [--rows 64 --cols 64] [--models mlp,cnn,block]
 
-Where the time goes (CPU, jax.profiler over 30 steps of the MLP on mini-64x64, whose first weight [784, 512] sits
-on 38x59 cores as tiles [21, 9]): the matmuls cost the same on both sides; the extra is (1) reassembling each
-weight from its tiles for the forward matmul (a transpose fused with the slice that drops the padding, ~0.7 ms
-for the two big weights) and (2) Adam's elementwise fusions, which XLA writes over the tile-shaped SRAM arrays
-[gh, gw, ta, tb] and which read the gradient through the pad-and-transpose that tiles it (~3x native's
-fusions, +1 ms); padding adds ~5%. Measured apart: Adam over contiguous [38, 59, 21, 9] arrays takes 2x its time
-over [784, 512], over [38, 59, 189] (the same words with a flat per-core axis) the same; reading the gradient
-through its tiling transpose costs as much again, and XLA's CPU backend fuses that transpose into every
-consumer (optimization barriers, a cond or a while around it do not make it cheaper). So the ratio depends on
-the tile shape: larger tiles (a smaller wafer, e.g. --rows 32 --cols 32: tiles [42, 19]) bring the MLP to
-~1.3-1.45x; the CNN and the Transformer block, whose time is in convolutions and attention, run at ~1.0-1.15x.
+Where the time went before weights were stored blocked (CPU, jax.profiler over 30 steps of the MLP on
+mini-64x64, whose first weight [784, 512] sits on 31x59 cores as tiles [26, 9]): the matmuls cost the same on
+both sides; the extra (1.36-1.6x native) was (1) reassembling each weight from its [gh, gw, ta, tb] tiles for the
+forward matmul (a transpose fused with the slice that drops the padding) and (2) Adam's elementwise fusions over
+the tile-shaped arrays, reading the gradient through the pad-and-transpose that tiled it. Weights, gradients and
+Adam's slots are now blocked allocations (wafer/layout.py: the leaf itself, core (i, j) owning block (i, j)), so
+the step is native's program plus the counters: ~1.0x (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -108,14 +104,16 @@ def _timed(fn, *args):
     return out, time.perf_counter() - t0
 
 
-def bench(name, spec, repeats, warmup):
+def bench(name, spec, repeats, warmup, placement_params=None):
     _, make = MODELS[name]
     model, batch, loss_fn = make()
     params = model.init(jax.random.key(0), batch["x"])
     optimizer = optax.adam(1e-3)
 
     t0 = time.perf_counter()
-    tx = compiler.compile_train(loss_fn, params, batch, optimizer, spec=spec, mode="pipelined")
+    tx = compiler.compile_train(
+        loss_fn, params, batch, optimizer, spec=spec, mode="pipelined", placement_params=placement_params
+    )
     state = tx.init(params)
     emulated = tx.step.lower(state, batch).compile()
     t_compile_emu = time.perf_counter() - t0

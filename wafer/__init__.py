@@ -7,7 +7,7 @@ SRAM segmented by allocation, link and compute counters, the clock), an SRAM all
 package builds on it.
 """
 
-from wafer import cluster, cost, fabric, kernel, mesh
+from wafer import cluster, cost, fabric, kernel, layout, mesh
 from wafer.cluster import ClusterSpec
 from wafer.errors import SramCapacityError, UnsupportedPrimitiveError, WaferError
 from wafer.fabric import (
@@ -22,6 +22,7 @@ from wafer.fabric import (
     shift,
 )
 from wafer.kernel import KernelCost, map_cores
+from wafer.layout import Blocked
 from wafer.memory import Allocation, MemoryMap, Rect
 from wafer.mesh import make_mesh, shard
 from wafer.spec import WSE1, WSE2, WSE3, WaferSpec
@@ -38,6 +39,7 @@ __all__ = [
     "init",
     "DIRECTIONS",
     "Allocation",
+    "Blocked",
     "MemoryMap",
     "Rect",
     "SramCapacityError",
@@ -64,5 +66,6 @@ __all__ = [
     "cluster",
     "fabric",
     "kernel",
+    "layout",
     "mesh",
 ]

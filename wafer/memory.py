@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from wafer.errors import SramCapacityError
+from wafer.layout import Blocked
 
 WORD_BYTES = 4
 
@@ -71,8 +72,10 @@ class Allocation:
       name: unique name.
       rect: the cores it covers.
       offset: first 32-bit word on each core.
-      shape: per-core array shape; the state holds `[rect.height, rect.width, *shape]`.
+      shape: per-core array shape; the state holds `[rect.height, rect.width, *shape]`, or, when `layout` is
+        given, the whole tensor `layout.shape` whose blocks are the per-core arrays (wafer/layout.py).
       dtype: NumPy dtype name of the elements.
+      layout: None (stored per core) or a `Blocked` layout (stored as one tensor, viewed per core on demand).
     """
 
     name: str
@@ -80,6 +83,7 @@ class Allocation:
     offset: int
     shape: tuple[int, ...]
     dtype: str
+    layout: Blocked | None = None
 
     @property
     def nbytes(self) -> int:
@@ -97,7 +101,28 @@ class Allocation:
 
     @property
     def array_shape(self) -> tuple[int, ...]:
+        """The per-core view's shape, `[h, w, *shape]`."""
         return (self.rect.height, self.rect.width, *self.shape)
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape of the array the state keeps: the per-core view, or a blocked layout's tensor."""
+        return self.array_shape if self.layout is None else self.layout.shape
+
+    def per_core(self, x):
+        """The per-core view `[h, w, *shape]` of the stored array `x` (a reshape/transpose for blocked layouts)."""
+        if self.layout is None:
+            return x
+        return self.layout.to_cores(x, (self.rect.height, self.rect.width), self.shape)
+
+    def from_per_core(self, t):
+        """The stored array of a per-core view `t` `[h, w, *shape]` (inverse of `per_core`, padding dropped)."""
+        return t if self.layout is None else self.layout.from_cores(t)
+
+    @property
+    def grid_axes(self) -> tuple[int, ...]:
+        """Axes of the stored array along the core rows and columns."""
+        return (0, 1) if self.layout is None else self.layout.grid_axes
 
 
 def words_for(shape, dtype) -> int:
@@ -136,7 +161,13 @@ class MemoryMap:
         raise KeyError(f"no SRAM allocation named {name!r}; allocations are {list(self.names)}")
 
     def allocate(
-        self, name: str, rect: Rect | tuple, shape: tuple[int, ...], dtype="float32", offset: int | None = None
+        self,
+        name: str,
+        rect: Rect | tuple,
+        shape: tuple[int, ...],
+        dtype="float32",
+        offset: int | None = None,
+        layout: Blocked | None = None,
     ) -> MemoryMap:
         """A new map with one more allocation.
 
@@ -146,10 +177,11 @@ class MemoryMap:
           shape: per-core array shape.
           dtype: element dtype.
           offset: word offset on each core; by default the lowest offset free on every core of `rect`.
+          layout: a `Blocked` layout to store the allocation as one tensor (wafer/layout.py); per core by default.
 
         Raises:
-          ValueError: duplicate name, rectangle outside the grid, or an explicit offset overlapping another
-            allocation.
+          ValueError: duplicate name, rectangle outside the grid, an explicit offset overlapping another
+            allocation, or a blocked tensor that does not fit the tiles.
           SramCapacityError: the allocation does not fit.
         """
         rect = Rect(*(int(v) for v in rect))
@@ -164,6 +196,10 @@ class MemoryMap:
             )
         if any(s < 0 for s in shape):
             raise ValueError(f"allocation {name!r}: per-core shape must be non-negative, got {shape}")
+        if layout is not None:
+            why = layout.check((rect.height, rect.width), shape)
+            if why:
+                raise ValueError(f"allocation {name!r}: blocked layout: {why}")
         words = words_for(shape, dtype)
         busy = sorted((a.offset, a.end) for a in self.allocations if a.rect.overlaps(rect))
         if offset is None:
@@ -194,7 +230,7 @@ class MemoryMap:
                     f"{offset}, and {offset + words} words exceed {self.capacity_words}"
                 )
             raise SramCapacityError(name, core, words * WORD_BYTES, free, self.capacity_bytes, detail)
-        alloc = Allocation(name, rect, offset, shape, dtype)
+        alloc = Allocation(name, rect, offset, shape, dtype, layout)
         return dataclasses.replace(self, allocations=self.allocations + (alloc,))
 
     def free(self, name: str) -> MemoryMap:

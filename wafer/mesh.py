@@ -94,13 +94,15 @@ def grid_sharding(mesh: Mesh, shape, grid_axes=(0, 1)) -> NamedSharding:
 def shard(state: WaferState, mesh: Mesh) -> WaferState:
     """Place every core-grid array of `state` on `mesh` (SRAM allocations, link and busy counters).
 
+    A blocked allocation (wafer/layout.py) is sharded along the axes of its tensor that run along the core grid.
+
     Scalars (clock, steps) are replicated. Jitted steps keep the placement: their outputs come back sharded
     the same way, so `shard` is called once, before the first step.
     """
     _check_mesh(mesh)
     put = lambda x, axes: jax.device_put(x, grid_sharding(mesh, x.shape, axes))
     return state.replace(
-        sram={k: put(v, (0, 1)) for k, v in state.sram.items()},
+        sram={k: put(v, state.memory[k].grid_axes) for k, v in state.sram.items()},
         links=put(state.links, (1, 2)),
         busy=put(state.busy, (0, 1)),
         clock=jax.device_put(state.clock, NamedSharding(mesh, P())),

@@ -7,6 +7,11 @@ several small arrays in place (donated) rather than copying one dense `[rows, co
 measured at 6-17x the native cost of an MLP training step (../shared/DESIGN.md). `state.sram_image()` builds
 that dense view on demand, for pictures, inspection and tests, never in a hot path.
 
+An allocation with a blocked layout (wafer/layout.py; a compiled program's weights, gradients and optimizer
+slots) is kept as the whole tensor, unpadded, core (i, j) owning block (i, j): `state.sram[name]` is that tensor,
+which a program's fast path reads and writes with no copy, and `state.read(name)` its per-core view
+`[h, w, *shape]`, a reshape/transpose taken on demand (the per-core path, `sram_image()`, pictures, tests).
+
 Counters: `links[d, r, c]` is the number of 32-bit words core (r, c) has sent on its outgoing link in
 direction d (0=N, 1=E, 2=S, 3=W), forwarded traffic included; `busy[r, c]` the cycles core (r, c) spent
 computing; `clock` the wafer's elapsed cycles; `steps` the supersteps run. The traffic of a program is fixed by
@@ -30,7 +35,7 @@ class WaferState:
     """The wafer's SRAM contents and counters.
 
     Attributes:
-      sram: {allocation name: array [h, w, *shape]}.
+      sram: {allocation name: the stored array: [h, w, *shape], or a blocked layout's tensor}.
       links: [4, rows, cols] float32, words sent per core per direction (N, E, S, W).
       busy: [rows, cols] float32, compute cycles per core.
       clock: [] float32, elapsed wafer cycles.
@@ -55,26 +60,29 @@ class WaferState:
 
     # ---- allocations ---------------------------------------------------------------------------------------
 
-    def allocate(self, name: str, rect, shape, dtype="float32", *, value=None, offset=None) -> WaferState:
+    def allocate(self, name: str, rect, shape, dtype="float32", *, value=None, offset=None, layout=None) -> WaferState:
         """A new state with allocation `name` on `rect` holding a per-core array of `shape`.
 
         Args:
-          value: initial contents `[h, w, *shape]` (broadcastable); zeros by default.
+          value: initial contents `[h, w, *shape]` (broadcastable), or with a `layout` the tensor `layout.shape`;
+            zeros by default.
+          layout: a `wafer.layout.Blocked` layout: stored as one tensor, viewed per core by `read`.
         Raises:
-          SramCapacityError: it does not fit; ValueError: bad name, rectangle or offset.
+          SramCapacityError: it does not fit; ValueError: bad name, rectangle, offset or layout.
         """
-        memory = self.memory.allocate(name, rect, shape, dtype, offset)
+        memory = self.memory.allocate(name, rect, shape, dtype, offset, layout)
         alloc = memory[name]
         if value is None:
-            data = jnp.zeros(alloc.array_shape, alloc.dtype)
+            data = jnp.zeros(alloc.stored_shape, alloc.dtype)
         else:
             value = jnp.asarray(value)
             try:
-                data = jnp.broadcast_to(value, alloc.array_shape).astype(alloc.dtype)
+                data = jnp.broadcast_to(value, alloc.stored_shape).astype(alloc.dtype)
             except ValueError as e:
+                what = "[h, w, *shape]" if layout is None else "the blocked tensor"
                 raise ValueError(
                     f"allocation {name!r}: value of shape {value.shape} does not broadcast to "
-                    f"[h, w, *shape] = {alloc.array_shape}"
+                    f"{what} = {alloc.stored_shape}"
                 ) from e
         return self.replace(sram={**self.sram, name: data}, memory=memory)
 
@@ -92,22 +100,26 @@ class WaferState:
         return self.replace(sram={k: v for k, v in self.sram.items() if k != name}, memory=memory)
 
     def read(self, name: str) -> jax.Array:
-        """The array `[h, w, *shape]` of allocation `name`."""
-        self.memory[name]
+        """The per-core array `[h, w, *shape]` of allocation `name` (a blocked one's per-core view)."""
+        alloc = self.memory[name]
         if name not in self.sram:
             raise KeyError(f"SRAM allocation {name!r} is reserved (a buffer) and holds no data")
-        return self.sram[name]
+        return alloc.per_core(self.sram[name])
 
     def write(self, name: str, value) -> WaferState:
-        """A new state with allocation `name` replaced by `value` (same shape; cast to its dtype)."""
+        """A new state with allocation `name` replaced by `value` (cast to its dtype): the per-core array
+        `[h, w, *shape]`, or for a blocked allocation also its tensor `layout.shape` (stored as it is)."""
         alloc = self.memory[name]
         if name not in self.sram:
             raise KeyError(f"SRAM allocation {name!r} is reserved (a buffer) and holds no data")
         value = jnp.asarray(value)
-        if tuple(value.shape) != alloc.array_shape:
+        if tuple(value.shape) == alloc.array_shape:
+            value = alloc.from_per_core(value)
+        elif tuple(value.shape) != alloc.stored_shape:
+            also = "" if alloc.layout is None else f" or the blocked tensor {alloc.stored_shape}"
             raise ValueError(
                 f"write to allocation {name!r}: expected shape {alloc.array_shape} "
-                f"([h, w, *shape]), got {tuple(value.shape)}"
+                f"([h, w, *shape]){also}, got {tuple(value.shape)}"
             )
         return self.replace(sram={**self.sram, name: value.astype(alloc.dtype)})
 
@@ -126,7 +138,7 @@ class WaferState:
         for a in self.memory.allocations:
             if a.name not in self.sram:  # reserved buffers read as zeros
                 continue
-            raw = _as_words(self.sram[a.name], a.words)
+            raw = _as_words(a.per_core(self.sram[a.name]), a.words)
             image = image.at[a.rect.rows, a.rect.cols, a.offset : a.end].set(raw)
         return jax.lax.bitcast_convert_type(image, dtype)
 

@@ -29,10 +29,10 @@ relaxed continuous layout (JAX) the differentiable cost model's per-core work. `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
@@ -284,37 +284,18 @@ class ParamTiling:
     def tile_bytes(self) -> int:
         return wafer.memory.words_for(self.tile, self.dtype) * 4
 
+    @property
+    def blocked(self) -> wafer.layout.Blocked:
+        """How its SRAM allocations store it: the whole leaf, core (i, j) owning block (i, j) (wafer/layout.py)."""
+        return wafer.layout.Blocked(self.shape, self.layout)
+
     def tile_array(self, x):
-        """[*shape] -> [gh, gw, *tile] (zero padding)."""
-        gh, gw = self.grid
-        if self.layout == "scalar":
-            return jnp.reshape(x, (1, 1))
-        if self.layout == "vector":
-            (t,) = self.tile
-            flat = jnp.pad(jnp.ravel(x), (0, gh * gw * t - x.size))
-            return flat.reshape(gh, gw, t)
-        *lead, a, b = self.shape
-        ta, tb = self.tile[-2:]
-        x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, gh * ta - a), (0, gw * tb - b)])
-        x = x.reshape(*lead, gh, ta, gw, tb)
-        n = len(lead)
-        perm = (n, n + 2, *range(n), n + 1, n + 3)
-        return jnp.transpose(x, perm)
+        """[*shape] -> [gh, gw, *tile] (zero padding): the per-core view."""
+        return self.blocked.to_cores(x, self.grid, self.tile)
 
     def untile(self, t):
         """[gh, gw, *tile] -> [*shape] (padding dropped)."""
-        gh, gw = self.grid
-        if self.layout == "scalar":
-            return jnp.reshape(t, self.shape)
-        if self.layout == "vector":
-            return jnp.ravel(t)[: math.prod(self.shape)].reshape(self.shape)
-        *lead, a, b = self.shape
-        ta, tb = self.tile[-2:]
-        n = len(lead)
-        # [gh, gw, *lead, ta, tb] -> [*lead, gh, ta, gw, tb]
-        perm = (*range(2, 2 + n), 0, 2 + n, 1, 3 + n)
-        x = jnp.transpose(t, perm).reshape(*lead, gh * ta, gw * tb)
-        return x[..., :a, :b]
+        return self.blocked.from_cores(t)
 
 
 def tile_param(index, path, aval, rect: Rect) -> ParamTiling:
@@ -462,9 +443,7 @@ def anchor_traffic(eqn, tiling: ParamTiling, rows_in: int, rows_out: int, patter
     if per_core_kind(eqn, tiling) is None:
         return wafer.Traffic.none()
     x, p = _anchor_shapes(eqn, tiling, rows_in, rows_out)
-    _, t_in = jax.eval_shape(lambda a: wafer.multicast(a, "row", src=0), x)
-    _, t_out = jax.eval_shape(lambda a: wafer.reduce(a, "col", "sum", to="last", pattern=pattern), p)
-    return (t_in + t_out).replicate(group_offsets(tiling))
+    return _forward_group_traffic(_key(x), _key(p), pattern).replicate(group_offsets(tiling))
 
 
 def anchor_backward_traffic(
@@ -476,11 +455,34 @@ def anchor_backward_traffic(
     if per_core_kind(eqn, tiling) is None:
         return wafer.Traffic.none()
     x, p = _anchor_shapes(eqn, tiling, rows_in, rows_out)
-    _, t = jax.eval_shape(lambda a: wafer.multicast(a, "col", src="last"), p)
+    return _backward_group_traffic(_key(x), _key(p), pattern, bool(dx)).replicate(group_offsets(tiling))
+
+
+# The traffic of one tile grid depends only on the shapes it moves and the pattern, and a deep model repeats the
+# same few kernels layer after layer: tracing the fabric primitives once per distinct shape (jax.eval_shape, ~5 ms
+# each) instead of once per kernel took a 24-layer LM's partition from ~1 s to ~0.1 s. Traffic is immutable.
+def _key(s: jax.ShapeDtypeStruct) -> tuple:
+    return tuple(s.shape), np.dtype(s.dtype).name
+
+
+@functools.lru_cache(maxsize=1024)
+def _forward_group_traffic(x, p, pattern: str) -> wafer.Traffic:
+    _, t_in = jax.eval_shape(lambda a: wafer.multicast(a, "row", src=0), jax.ShapeDtypeStruct(*x))
+    _, t_out = jax.eval_shape(
+        lambda a: wafer.reduce(a, "col", "sum", to="last", pattern=pattern), jax.ShapeDtypeStruct(*p)
+    )
+    return t_in + t_out
+
+
+@functools.lru_cache(maxsize=1024)
+def _backward_group_traffic(x, p, pattern: str, dx: bool) -> wafer.Traffic:
+    _, t = jax.eval_shape(lambda a: wafer.multicast(a, "col", src="last"), jax.ShapeDtypeStruct(*p))
     if dx:
-        _, t_dx = jax.eval_shape(lambda a: wafer.reduce(a, "row", "sum", to="first", pattern=pattern), x)
+        _, t_dx = jax.eval_shape(
+            lambda a: wafer.reduce(a, "row", "sum", to="first", pattern=pattern), jax.ShapeDtypeStruct(*x)
+        )
         t = t + t_dx
-    return t.replicate(group_offsets(tiling))
+    return t
 
 
 def partition(graph, placement, feats: ft.Features, spec) -> dict[str, KernelPlan]:
@@ -498,6 +500,26 @@ def partition(graph, placement, feats: ft.Features, spec) -> dict[str, KernelPla
     shape = kernel_figures(feats, layout_of(placement, feats.names), spec)
     training = feats.task == "training"
     capacity = spec.data_bytes_per_core
+    # the SRAM check first, on the schedule's figures alone: an automatic placement that overflows is placed again
+    # (compiler/plan/plan.py partition_pass), so a failed attempt should not pay for tilings and traffic
+    for i, (kernel, rect) in enumerate(zip(graph.kernels, rects)):
+        weight_bytes, act_bytes = int(shape["weight_bytes"][i]), int(shape["act_bytes"][i])
+        if weight_bytes + act_bytes > capacity:
+            g = int(shape["grid_h"][i]), int(shape["grid_w"][i])
+            raise SramCapacityError(
+                kernel.name,
+                (rect.row, rect.col),
+                weight_bytes + act_bytes,
+                capacity,
+                capacity,
+                detail=(
+                    f"kernel {kernel.name!r} ({kernel.kind}, {kernel.source}) on {g[0]}x{g[1]} cores holds "
+                    f"{weight_bytes} B of weights (x{feats.weight_copies} copies) and {act_bytes} B of "
+                    f"activations per core, {capacity} B being free for data ({spec.code_bytes_per_core} B of "
+                    f"{spec.sram_bytes_per_core} kept for code); give it more cores (a larger rectangle or wafer), a "
+                    f"smaller batch, or use weight streaming"
+                ),
+            )
     plans = {}
     for i, (kernel, rect) in enumerate(zip(graph.kernels, rects)):
         tilings = [tile_param(j, traced.param_paths[j], traced.param_avals[j], rect) for j in kernel.params]
@@ -530,22 +552,6 @@ def partition(graph, placement, feats: ft.Features, spec) -> dict[str, KernelPla
             b_pattern,
             backward,
         )
-        if plan.sram_bytes > capacity:
-            g = plan.grid
-            raise SramCapacityError(
-                kernel.name,
-                (rect.row, rect.col),
-                plan.sram_bytes,
-                capacity,
-                capacity,
-                detail=(
-                    f"kernel {kernel.name!r} ({kernel.kind}, {kernel.source}) on {g[0]}x{g[1]} cores holds "
-                    f"{plan.weight_bytes} B of weights (x{feats.weight_copies} copies) and {plan.act_bytes} B of "
-                    f"activations per core, {capacity} B being free for data ({spec.code_bytes_per_core} B of "
-                    f"{spec.sram_bytes_per_core} kept for code); give it more cores (a larger rectangle or wafer), a "
-                    f"smaller batch, or use weight streaming"
-                ),
-            )
         plans[kernel.name] = plan
     return plans
 

@@ -337,8 +337,9 @@ def route_pass(plan: Plan) -> Plan:
 
 
 def layout_pass(plan: Plan) -> Plan:
-    """The SRAM layout: per weight tile one allocation per storage slot (the other copies of a tile grid reserved),
-    and an activation buffer per kernel; in weight streaming one buffer for the largest layer, streamed in turn."""
+    """The SRAM layout: per weight one blocked allocation per storage slot (wafer/layout.py: the whole leaf, whose
+    per-core view is the tiles; the other copies of a tile grid reserved), and an activation buffer per kernel; in
+    weight streaming one buffer for the largest layer, streamed in turn."""
     spec = plan.spec
     memory = MemoryMap(spec.rows, spec.cols, spec.data_bytes_per_core)
     if plan.mode == "weight_streaming":
@@ -348,7 +349,8 @@ def layout_pass(plan: Plan) -> Plan:
     for p in plan.kernels.values():
         for t in p.params:
             for slot in plan.storage.slots:
-                memory = _alloc(memory, f"{p.name}:{t.path}{slot}", t.rect, t.tile, t.dtype, p.name)
+                # blocked: the whole leaf, unpadded, so the fast path reads and updates it with no copy
+                memory = _alloc(memory, f"{p.name}:{t.path}{slot}", t.rect, t.tile, t.dtype, p.name, t.blocked)
                 for n, rect in enumerate(t.replica_reservations()):
                     # room for the other copies of the tile grid: reserved, no data kept
                     memory = _alloc(memory, f"{p.name}:{t.path}{slot}#copies{n}", rect, t.tile, t.dtype, p.name)
@@ -378,9 +380,9 @@ def build(plan: Plan, passes=PASSES) -> Plan:
     return plan
 
 
-def _alloc(memory, name, rect, shape, dtype, kernel):
+def _alloc(memory, name, rect, shape, dtype, kernel, layout=None):
     try:
-        return memory.allocate(name, rect, shape, dtype)
+        return memory.allocate(name, rect, shape, dtype, layout=layout)
     except wafer.SramCapacityError as e:
         raise wafer.SramCapacityError(
             e.allocation, e.core, e.bytes_needed, e.bytes_free, e.capacity, detail=f"in kernel {kernel!r}"

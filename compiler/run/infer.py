@@ -2,15 +2,17 @@
 
 `compile(fn, params, *example_inputs, spec=...)` traces the program and runs the plan passes (compiler/plan/plan.py:
 graph, demands, place, partition, route, lay out); `inference_program(plan)` builds the `Program` whose weights live
-in their kernels' SRAM tiles.
+in their kernels' SRAM allocations (blocked: the leaves themselves, viewed per core as tiles).
 
 Two execution paths, one answer (DESIGN.md):
-  fast      reads every weight from its SRAM tiles, reassembles the leaves and runs the user's own function,
-            the way XLA runs best; charges the schedule's cost of a call.
-  per_core  walks the kernel graph; weight kernels run literally: dense and convolution kernels multicast
-            their input chunks along rows, run a vmapped per-core matmul/conv on each core's tile and reduce
-            the partial sums along columns with the wafer's fabric primitives; epilogues and weightless kernels
-            run on the assembled activations (compiler/run/percore.py). It checks the partitioning (tiling,
+  fast      reads every weight from its SRAM allocation, stored blocked (wafer/layout.py: the leaf itself, core
+            (i, j) owning block (i, j)), so with no copy, and runs the user's own function the way XLA runs best;
+            charges the schedule's cost of a call.
+  per_core  walks the kernel graph; weight kernels run literally on the per-core view of their weights (tiles
+            [gh, gw, *tile], padding zero): dense and convolution kernels multicast their input chunks along
+            rows, run a vmapped per-core matmul/conv on each core's tile and reduce the partial sums along
+            columns with the wafer's fabric primitives; epilogues and weightless kernels run on the assembled
+            activations (compiler/run/percore.py). It checks the partitioning (tiling,
             padding, reduction direction); the traffic it generates is checked against the plan's when traced.
 Both are jitted and differentiable, and both charge the same record, so counters agree.
 """
@@ -31,13 +33,16 @@ from wafer.memory import MemoryMap
 
 
 def read_leaves(plan: Plan, state: wafer.WaferState) -> list:
-    """The parameter leaves, untiled from their SRAM allocations, as the traced program takes them (16-bit
-    formats as traced; cb16 as float32 values on its grid, float16 only standing in for it in the trace)."""
+    """The parameter leaves, read from their SRAM allocations, as the traced program takes them (16-bit formats as
+    traced; cb16 as float32 values on its grid, float16 only standing in for it in the trace).
+
+    Weights are blocked allocations (wafer/layout.py): the stored array is the leaf itself, so this reads it with
+    no copy; the per-core tiles are its view, taken by the per-core path only."""
     policy = plan.policy
     out = []
     for i in range(plan.traced.n_params):
         name, t = plan.weights[i]
-        x = t.untile(state.sram[name])
+        x = state.sram[name]
         if policy.mixed and jnp.issubdtype(t.dtype, jnp.floating):  # (cb16 tiles hold uint16 bits)
             x = policy.load(x, jnp.float32 if policy.storage == "cb16" else t.dtype)
         out.append(x)
@@ -50,7 +55,7 @@ def inference_program(plan: Plan) -> Program:
     record = Charge(plan)
 
     def init(params=None, state: wafer.WaferState | None = None) -> wafer.WaferState:
-        """Write the weights into their kernels' SRAM tiles (a fresh wafer by default); `params` defaults to the
+        """Write the weights into their kernels' SRAM allocations (a fresh wafer by default); `params` defaults to the
         ones compiled with (an nnx.Module's own state)."""
         leaves = traced.flatten_params(traced.params if params is None else params)
         state = wafer.init(spec) if state is None else state
@@ -58,16 +63,19 @@ def inference_program(plan: Plan) -> Program:
         sram = dict(state.sram)
         for i, leaf in enumerate(leaves):
             name, t = plan.weights[i]
+            # copies: the step donates the state, which must not delete the caller's arrays
             if policy.mixed and _is_float(leaf):
-                sram[name] = t.tile_array(policy.store(leaf))  # 16-bit storage (cb16: its bit patterns)
+                sram[name] = jnp.array(policy.store(leaf))  # 16-bit storage (cb16: its bit patterns)
             else:
-                sram[name] = t.tile_array(jnp.asarray(leaf, t.dtype))
+                sram[name] = jnp.array(leaf, t.dtype)
         return state.replace(sram=sram)
 
     def read_params(state):
         leaves = read_leaves(plan, state)
         if policy.mixed:  # in the caller's dtypes (the traced program holds 16-bit stand-ins)
             leaves = [x.astype(_dtype_of(p)) for x, p in zip(leaves, jax.tree_util.tree_leaves(traced.params))]
+        # copies: the leaves are the state's own buffers, which the next step (donating the state) deletes
+        leaves = [jnp.array(x) for x in leaves]
         return jax.tree_util.tree_unflatten(traced.param_treedef, leaves)
 
     def apply(state, *inputs):
@@ -142,5 +150,5 @@ def _merge_memory(a: MemoryMap, b: MemoryMap) -> MemoryMap:
         raise ValueError(f"the state already holds allocations {sorted(set(a.names) & set(b.names))}")
     out = a
     for alloc in b.allocations:
-        out = out.allocate(alloc.name, alloc.rect, alloc.shape, alloc.dtype, alloc.offset)
+        out = out.allocate(alloc.name, alloc.rect, alloc.shape, alloc.dtype, alloc.offset, alloc.layout)
     return out

@@ -165,7 +165,7 @@ def run_per_core(plan, leaves, state, inputs):
                 tiling = tilings.get(idx) if idx is not None else None
                 kind = per_core_kind(eqn, tiling)
                 if kind is not None:
-                    tiles = state.sram[f"{kplan.name}:{tiling.path}"]
+                    tiles = state.read(f"{kplan.name}:{tiling.path}")  # the per-core view [gh, gw, *tile]
                     run = _dense_per_core if kind == "dense" else _conv_per_core
                     y, t = run(invals[0], tiles, tiling, eqn, kplan.reduce_pattern)
                     traffic = traffic | t.at(kplan.rect.row, kplan.rect.col)

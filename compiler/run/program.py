@@ -116,7 +116,7 @@ class Program:
     # ---- the inference forms of the public API ----
 
     def load(self, params=None, state: wafer.WaferState | None = None) -> wafer.WaferState:
-        """`init`: write the weights into their SRAM tiles (into `state`, or a fresh wafer)."""
+        """`init`: write the weights into their SRAM allocations (into `state`, or a fresh wafer)."""
         return self.init(params) if state is None else self.init(params, state)
 
     def __call__(self, state, *inputs, path: str = "fast"):

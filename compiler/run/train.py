@@ -6,14 +6,17 @@
     tx.read_params(state); tx.report
 
 Layer-pipelined mode (Cerebras's mode for models that fit): every kernel keeps its weights, its optimizer state
-and the activations stashed for the backward pass in its own rectangle's SRAM. A step reads the weight tiles,
-takes the gradient of the loss *with respect to those tiles* (the gradient of an untile is a tile: each core
-gets the gradient of exactly the weights it holds, never a gradient of the whole SRAM), applies the optax
-transformation to the tiles, which is what the hardware does when each core updates its own weights, and
-writes weights and optimizer slots back in place. Padding in uneven tiles has zero gradient and so stays zero.
-Elementwise transformations (sgd, momentum, Adam/AdamW, RMSProp, Lion, schedules, weight decay) and global-norm
-clipping give the same numbers on tiles as on the original arrays; a transformation that looks at parameter
-shapes (e.g. Adafactor's factored moments) must use `update_on="params"`, which untiles, updates and re-tiles.
+and the activations stashed for the backward pass in its own rectangle's SRAM. Weights, optimizer slots and
+gradients are blocked allocations (wafer/layout.py): each is stored as the whole leaf, core (i, j) of its
+rectangle owning block (i, j), so its per-core view is exactly the tile that core holds. A step reads the weights
+from SRAM, takes the gradient of the loss *with respect to those stored arrays* (each core gets the gradient of
+exactly the block it holds, never a gradient of the whole SRAM), applies the optax transformation to them, which
+is what the hardware does when each core updates its own weights, and writes weights and optimizer slots back in
+place; no step reassembles a weight from tiles (measured at 1.4-1.6x native for an MLP, docs/performance.md).
+The padding of uneven tiles is implicit (zeros in the per-core view). Elementwise transformations (sgd, momentum,
+Adam/AdamW, RMSProp, Lion, schedules, weight decay) and global-norm clipping are exactly a per-core update; a
+transformation that looks at parameter shapes (e.g. Adafactor's factored moments) is not, and must be compiled
+with `update_on="params"` (which says the update runs on whole parameters, off the per-core model).
 
 Weight-streaming mode (models whose weights do not fit): the weights and optimizer state live in a host-side
 store (the MemoryX role); each layer in turn streams its weights in over the edge I/O, uses the whole wafer for
@@ -121,7 +124,8 @@ def pipelined_trainer(plan: Plan, loss_fn, optimizer, *, has_aux: bool, mirror, 
       plan: a built training plan in mode "pipelined" whose storage slots are ("", "#grad", "#opt0", ...).
       mirror: per optimizer-state leaf, (slot, parameter index) for weight-shaped leaves, None for the others
         (`_mirrors`).
-      update_on: "tiles" (each core updates its own tiles) or "params" (untile, update, re-tile).
+      update_on: "tiles" (each core updates its own tiles: checked that the optimizer allows it) or "params"
+        (whole parameters; both run on the stored blocked arrays, which are the parameters).
     """
     traced, spec = plan.traced, plan.spec
     n = traced.n_params
@@ -131,8 +135,9 @@ def pipelined_trainer(plan: Plan, loss_fn, optimizer, *, has_aux: bool, mirror, 
     name = lambda i, slot="": plan.weights[i][0] + slot  # noqa: E731
     tree = lambda leaves: jax.tree_util.tree_unflatten(traced.param_treedef, list(leaves))  # noqa: E731
     opt_treedef = jax.tree_util.tree_structure(jax.eval_shape(optimizer.init, traced.params))
-    opt_struct = opt_treedef
     if update_on == "tiles":
+        # the update runs on the blocked arrays, which equals each core updating its own tile only for
+        # transformations that do not look at shapes: check that the optimizer's state has the same form for tiles
         tiles = [jax.ShapeDtypeStruct((*tiling(i).grid, *tiling(i).tile), tiling(i).dtype) for i in range(n)]
         tiled = jax.eval_shape(optimizer.init, tree(tiles))
         opt_struct = jax.tree_util.tree_structure(tiled)
@@ -151,19 +156,22 @@ def pipelined_trainer(plan: Plan, loss_fn, optimizer, *, has_aux: bool, mirror, 
         params = traced.params if params is None else params
         leaves = traced.flatten_params(params)
         state = wafer.init(spec).replace(memory=plan.memory)
-        tiles = [tiling(i).tile_array(jnp.asarray(x, tiling(i).dtype)) for i, x in enumerate(leaves)]
-        opt = optimizer.init(tree(tiles) if update_on == "tiles" else params)
-        sram = {name(i): t for i, t in enumerate(tiles)}
+        # copies: the step donates the state, which must not delete the caller's arrays
+        weights = [jnp.array(x, tiling(i).dtype) for i, x in enumerate(leaves)]
+        opt = optimizer.init(tree(weights))
+        sram = {name(i): x for i, x in enumerate(weights)}
         host = []
         for leaf, m in zip(jax.tree_util.tree_leaves(opt), mirror):
             if m is None:
                 host.append(leaf)
             else:
-                sram[name(m[1], f"#opt{m[0]}")] = leaf if update_on == "tiles" else tiling(m[1]).tile_array(leaf)
+                sram[name(m[1], f"#opt{m[0]}")] = leaf
         return TrainState(wafer=state.replace(sram=sram), host=host, step=jnp.zeros((), jnp.int32))
 
+    # read_params and read_opt_state copy: the stored arrays are the state's own buffers, which the next step
+    # (donating the state) deletes
     def read_params(state: TrainState):
-        return tree(tiling(i).untile(state.wafer.sram[name(i)]) for i in range(n))
+        return tree(jnp.array(state.wafer.sram[name(i)]) for i in range(n))
 
     def read_opt_state(state: TrainState):
         leaves, it = [], iter(state.host)
@@ -172,40 +180,28 @@ def pipelined_trainer(plan: Plan, loss_fn, optimizer, *, has_aux: bool, mirror, 
                 leaves.append(next(it))
             else:
                 slot, i = m
-                leaves.append(tiling(i).untile(state.wafer.sram[name(i, f"#opt{slot}")]))
+                leaves.append(jnp.array(state.wafer.sram[name(i, f"#opt{slot}")]))
         return jax.tree_util.tree_unflatten(opt_treedef, leaves)
 
     def apply(state: TrainState, batch):
         w = state.wafer
-        tiles = [w.sram[name(i)] for i in range(n)]
-
-        def loss_of_tiles(tiles):
-            return loss(tree(tiling(i).untile(t) for i, t in enumerate(tiles)), batch)
-
-        (value, aux), g_tiles = jax.value_and_grad(loss_of_tiles, has_aux=True)(tiles)
+        # each weight, gradient and optimizer slot is a blocked allocation (wafer/layout.py): the stored array is
+        # the leaf itself, core (i, j) owning block (i, j). The gradient is taken with respect to those arrays and
+        # the optimizer runs on them in place, with no reassembly from per-core tiles: an elementwise update of the
+        # blocked array is each core updating its own block, and the padding of uneven tiles is implicit.
+        weights = [w.sram[name(i)] for i in range(n)]
+        (value, aux), grads = jax.value_and_grad(lambda p: loss(tree(p), batch), has_aux=True)(weights)
         opt_leaves, it = [], iter(state.host)
         for m in mirror:
             opt_leaves.append(next(it) if m is None else w.sram[name(m[1], f"#opt{m[0]}")])
-        if update_on == "tiles":
-            opt_state = jax.tree_util.tree_unflatten(opt_struct, opt_leaves)
-            updates, opt_state = optimizer.update(tree(g_tiles), opt_state, tree(tiles))
-            new_tiles = jax.tree_util.tree_leaves(optax.apply_updates(tree(tiles), updates))
-            new_opt = jax.tree_util.tree_leaves(opt_state)
-        else:
-            untile = lambda xs: [tiling(i).untile(x) for i, x in enumerate(xs)]  # noqa: E731
-            params, grads = tree(untile(tiles)), tree(untile(g_tiles))
-            opt_in = [x if m is None else tiling(m[1]).untile(x) for x, m in zip(opt_leaves, mirror)]
-            updates, opt_state = optimizer.update(grads, jax.tree_util.tree_unflatten(opt_treedef, opt_in), params)
-            params = optax.apply_updates(params, updates)
-            new_tiles = [tiling(i).tile_array(x) for i, x in enumerate(jax.tree_util.tree_leaves(params))]
-            new_opt = [
-                x if m is None else tiling(m[1]).tile_array(x)
-                for x, m in zip(jax.tree_util.tree_leaves(opt_state), mirror)
-            ]
+        opt_state = jax.tree_util.tree_unflatten(opt_treedef, opt_leaves)
+        updates, opt_state = optimizer.update(tree(grads), opt_state, tree(weights))
+        new_weights = jax.tree_util.tree_leaves(optax.apply_updates(tree(weights), updates))
+        new_opt = jax.tree_util.tree_leaves(opt_state)
         sram = dict(w.sram)
         host = []
-        for i, t in enumerate(new_tiles):
-            sram[name(i)] = t.astype(tiles[i].dtype)
+        for i, x in enumerate(new_weights):
+            sram[name(i)] = x.astype(weights[i].dtype)
         for x, m in zip(new_opt, mirror):
             if m is None:
                 host.append(x)
@@ -286,7 +282,7 @@ def compile_train(
         pipelined when it fits, streaming when it does not.
       placement, placement_params: as for `compile` (pipelined mode).
       update_on: "tiles" (each core updates its own tiles; exact for elementwise transformations and global-norm
-        clipping) or "params" (untile, update, re-tile: for transformations that look at parameter shapes).
+        clipping) or "params" (whole parameters: for transformations that look at parameter shapes).
       policy: a precision policy (compiler/frontend/precision.py): None or "fp32" (float32, the default), or 16-bit
         storage with float32 accumulation ("fp16", "bf16", "cb16" or a `compiler.Policy`). The loss runs as
         `apply_policy(loss_fn, policy)` on float32 master weights, which stay in SRAM with float32 optimizer

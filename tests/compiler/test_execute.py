@@ -192,6 +192,18 @@ def test_read_params_bit_exact(ran, name):
             assert g.dtype == w.dtype and np.array_equal(g, w)
 
 
+def test_fast_path_reads_weights_with_no_copy(compiled):
+    """Weights are stored blocked (the leaf itself): reading them for the fast path is no computation at all, the
+    per-core tiles being a view the per-core path takes."""
+    from compiler.run.infer import read_leaves
+
+    case, exe = compiled("mlp")
+    state = load(exe, case)
+    jaxpr = jax.make_jaxpr(lambda s: read_leaves(exe.plan, s))(state).jaxpr
+    assert not jaxpr.eqns
+    assert any(t.tile != t.shape for p in exe.plans.values() for t in p.params)  # they are tiled over cores
+
+
 def test_zoo_has_uneven_tiles(compiled):
     """The zoo's widths 10 and 13 do not divide the tile grids: padding is exercised."""
     _, exe = compiled("mlp")
@@ -215,7 +227,7 @@ def test_sram_image_holds_the_tiles(ran, name):
         block = image[a.rect.rows, a.rect.cols, a.offset : a.end]
         covered[a.rect.rows, a.rect.cols, a.offset : a.end] = True
         if a.name in state.sram:
-            data = np.asarray(state.sram[a.name]).reshape(a.rect.height, a.rect.width, -1)
+            data = np.asarray(state.read(a.name)).reshape(a.rect.height, a.rect.width, -1)  # per-core view
             np.testing.assert_array_equal(block[..., : data.shape[-1]].view(np.uint32), data.view(np.uint32))
         else:  # reserved buffers (activations) read as zeros
             assert not block.any()

@@ -109,10 +109,13 @@ def test_sram_holds_weights_and_optimizer_slots(adamw_tx):
     assert int(adam.count) == 3
     assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree_util.tree_leaves(adam.nu))
 
-    # the weights were written back in place: same allocations, same shapes, new values
+    # the weights were written back in place: same allocations, same shapes, new values; stored blocked (the leaf
+    # itself), their per-core view the tiles
     for name, before in weights.items():
+        alloc = state.wafer.memory[name]
         after = np.asarray(state.wafer.sram[name])
-        assert after.shape == before.shape == state.wafer.memory[name].array_shape
+        assert after.shape == before.shape == alloc.stored_shape
+        assert state.wafer.read(name).shape == alloc.array_shape
         assert not np.array_equal(after, before), name
     # Adam's two slots are SRAM allocations with data beside their weights
     for name in weights:
@@ -157,7 +160,7 @@ def test_padding_stays_zero(adamw_tx):
             padded += int(pad.sum())
             base = f"{plan.name}:{t.path}"
             for name in (base, base + "#opt0", base + "#opt1"):
-                values = np.asarray(state.wafer.sram[name])
+                values = np.asarray(state.wafer.read(name))  # the per-core view
                 assert np.all(values[pad] == 0), name
                 assert np.any(values[~pad] != 0), name
     assert padded > 0, "the test needs uneven tiles: change the widths or the wafer"
