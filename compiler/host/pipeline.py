@@ -30,6 +30,7 @@ Transfers between processes are not in that figure; the wall time the training l
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import time
@@ -42,6 +43,8 @@ import numpy as np
 
 from compiler.host.data import Batches
 
+# Batches whose making time the throughput is the median of (the recent ones: a pipeline may warm up or slow down).
+_WINDOW = 256
 # The stream has no end of its own (fit stops it): grain needs a length, and this many batches is never reached.
 _ENDLESS = 1 << 62
 
@@ -92,8 +95,9 @@ class InputStats:
     Attributes:
       workers: worker processes (0: one thread in the training process).
       batch_size: samples per batch.
-      batches: batches measured.
-      seconds_per_batch: median seconds a worker took to make a batch (measured in the worker).
+      batches: batches made so far.
+      seconds_per_batch: median seconds a worker took to make a batch (measured in the worker), over the last
+        256 batches.
       samples_per_s: what the pipeline keeps up: max(workers, 1) x batch_size / seconds_per_batch.
       predicted_samples_per_s: what the wafer consumes (`tx.report.samples_per_s`), or None.
       wait_s: wall seconds the training loop waited for a batch (after the first).
@@ -159,7 +163,8 @@ class Pipeline:
         if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 1:
             raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
         self.batches, self.workers, self.prefetch, self.transform = batches, workers, prefetch, transform
-        self._seconds: list[float] = []
+        self._seconds: collections.deque[float] = collections.deque(maxlen=_WINDOW)
+        self._made = 0
         self.wait_s = 0.0
 
     def dataset(self, start: int = 0) -> grain.IterDataset:
@@ -191,7 +196,7 @@ class Pipeline:
         return InputStats(
             workers=self.workers,
             batch_size=bs,
-            batches=len(self._seconds),
+            batches=self._made,
             seconds_per_batch=seconds,
             samples_per_s=rate,
             predicted_samples_per_s=None if predicted_samples_per_s is None else float(predicted_samples_per_s),
@@ -212,6 +217,7 @@ class PipelineIterator(Iterator):
         if i != self.position:  # grain hands batches back in order; a wrong state would show here
             raise RuntimeError(f"input pipeline out of order: expected batch {self.position}, got {i}")
         self.pipeline._seconds.append(seconds)
+        self.pipeline._made += 1
         self.position += 1
         return batch
 
