@@ -8,7 +8,7 @@ package builds on it.
 """
 
 from wafer import cost, fabric, kernel, mesh
-from wafer.errors import SramCapacityError, UnsupportedPrimitiveError, WaferError
+from wafer.errors import SpecError, SramCapacityError, UnsupportedPrimitiveError, WaferError
 from wafer.fabric import (
     DIRECTIONS,
     Traffic,
@@ -39,6 +39,7 @@ __all__ = [
     "MemoryMap",
     "Rect",
     "SramCapacityError",
+    "SpecError",
     "WaferError",
     "Traffic",
     "shift",

@@ -28,6 +28,7 @@ user's optax transformation, on the same numbers. They are two builders, `pipeli
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -41,6 +42,7 @@ from compiler.errors import PlacementError
 from compiler.frontend import precision
 from compiler.plan import Plan, Storage, build, trace_program
 from compiler.plan.place import PlacementParams
+from compiler.run import checks
 from compiler.run.program import Program, charge
 from compiler.schedule import Charge
 
@@ -148,17 +150,23 @@ def pipelined_trainer(plan: Plan, loss_fn, optimizer, *, has_aux: bool, mirror, 
 
     def init(params=None) -> TrainState:
         params = traced.params if params is None else params
-        leaves = traced.flatten_params(params)
+        leaves = checks.check_params(traced, params)
         state = wafer.init(spec).replace(memory=plan.memory)
-        tiles = [tiling(i).tile_array(jnp.asarray(x, tiling(i).dtype)) for i, x in enumerate(leaves)]
+        # copies: tiling a leaf that is already one tile can return the caller's own array, which the jitted step
+        # (donating the state) would delete
+        tiles = [
+            jnp.array(tiling(i).tile_array(jnp.asarray(x, tiling(i).dtype)), copy=True) for i, x in enumerate(leaves)
+        ]
         opt = optimizer.init(tree(tiles) if update_on == "tiles" else params)
         sram = {name(i): t for i, t in enumerate(tiles)}
         host = []
         for leaf, m in zip(jax.tree_util.tree_leaves(opt), mirror):
             if m is None:
-                host.append(leaf)
+                host.append(jnp.array(leaf, copy=True))
             else:
-                sram[name(m[1], f"#opt{m[0]}")] = leaf if update_on == "tiles" else tiling(m[1]).tile_array(leaf)
+                slot = leaf if update_on == "tiles" else tiling(m[1]).tile_array(leaf)
+                sram[name(m[1], f"#opt{m[0]}")] = jnp.array(slot, copy=True)
+        sram = _with_copies(plan, sram, copy=True)
         return TrainState(wafer=state.replace(sram=sram), host=host, step=jnp.zeros((), jnp.int32))
 
     def read_params(state: TrainState):
@@ -174,7 +182,13 @@ def pipelined_trainer(plan: Plan, loss_fn, optimizer, *, has_aux: bool, mirror, 
                 leaves.append(tiling(i).untile(state.wafer.sram[name(i, f"#opt{slot}")]))
         return jax.tree_util.tree_unflatten(opt_treedef, leaves)
 
+    @functools.cache
+    def expected_state():
+        return jax.eval_shape(lambda: init())
+
     def apply(state: TrainState, batch):
+        checks.check_state(state, expected_state(), what="training")
+        checks.check_inputs(traced, (batch,), "the batch")
         w = state.wafer
         tiles = [w.sram[name(i)] for i in range(n)]
 
@@ -182,6 +196,11 @@ def pipelined_trainer(plan: Plan, loss_fn, optimizer, *, has_aux: bool, mirror, 
             return loss(tree(tiling(i).untile(t) for i, t in enumerate(tiles)), batch)
 
         (value, aux), g_tiles = jax.value_and_grad(loss_of_tiles, has_aux=True)(tiles)
+        # The gradient is complete before the update reads it: without the barrier XLA fuses the backward of the
+        # untile (and the batch sums feeding it, e.g. a bias's gradient) into the optimizer's update, which changes
+        # the order of those sums, and training drifts from native by an ulp at step 2 and chaotically after.
+        # With it, a step computes what native JAX computes, bit for bit (tests/compiler/test_train_numerics.py).
+        g_tiles = jax.lax.optimization_barrier(g_tiles)
         opt_leaves, it = [], iter(state.host)
         for m in mirror:
             opt_leaves.append(next(it) if m is None else w.sram[name(m[1], f"#opt{m[0]}")])
@@ -210,6 +229,7 @@ def pipelined_trainer(plan: Plan, loss_fn, optimizer, *, has_aux: bool, mirror, 
                 host.append(x)
             else:
                 sram[name(m[1], f"#opt{m[0]}")] = x
+        sram = _with_copies(plan, sram)
         w = charge(w.replace(sram=sram), spec, record)
         return TrainState(wafer=w, host=host, step=state.step + 1), _metrics(value, aux, has_aux)
 
@@ -224,6 +244,26 @@ def pipelined_trainer(plan: Plan, loss_fn, optimizer, *, has_aux: bool, mirror, 
     )
 
 
+def _with_copies(plan: Plan, sram: dict, *, copy: bool = False) -> dict:
+    """`sram` with the other copies of every shared parameter (tied weights: one copy in each kernel reading it,
+    `Plan.weight_copies`) and of its optimizer slots set equal to the copy the step updated (`Plan.weights`): each
+    copy is updated with the gradient summed over every use, so all hold the same values."""
+    slots = [s for s in plan.storage.slots if s != "#grad"]
+    for i, copies in plan.weight_copies.items():
+        main, t0 = plan.weights[i]
+        for other, t in copies:
+            if other == main:
+                continue
+            for slot in slots:
+                if main + slot not in sram:
+                    continue
+                x = sram[main + slot]
+                same = t.grid == t0.grid and t.tile == t0.tile
+                x = x if same else t.tile_array(t0.untile(x))
+                sram[other + slot] = jnp.array(x, copy=True) if copy else x  # (init: no buffer donated twice)
+    return sram
+
+
 def streaming_trainer(plan: Plan, loss_fn, optimizer, *, has_aux: bool) -> Program:
     """A weight-streaming training step (module docstring): weights and optimizer state in the host store."""
     traced, spec = plan.traced, plan.spec
@@ -231,14 +271,20 @@ def streaming_trainer(plan: Plan, loss_fn, optimizer, *, has_aux: bool) -> Progr
     record = Charge(plan)
 
     def init(params=None) -> TrainState:
-        leaves = traced.flatten_params(traced.params if params is None else params)
+        leaves = checks.check_params(traced, traced.params if params is None else params)
         # copies: the step donates its state, which must not delete the caller's arrays
         params = jax.tree_util.tree_unflatten(traced.param_treedef, [jnp.array(x) for x in leaves])
         state = wafer.init(spec).replace(memory=plan.memory)
         host = {"params": params, "opt_state": optimizer.init(params)}
         return TrainState(wafer=state, host=host, step=jnp.zeros((), jnp.int32))
 
+    @functools.cache
+    def expected_state():
+        return jax.eval_shape(lambda: init())
+
     def apply(state: TrainState, batch):
+        checks.check_state(state, expected_state(), what="training")
+        checks.check_inputs(traced, (batch,), "the batch")
         params, opt_state = state.host["params"], state.host["opt_state"]
         (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -270,6 +316,7 @@ def compile_train(
     placement_params: PlacementParams | None = None,
     update_on: str = "tiles",
     policy: precision.Policy | str | None = None,
+    batch_axis="auto",
 ) -> Program:
     """Compile a training step of `loss_fn(params, batch)` with an optax `optimizer` onto `spec`.
 
@@ -287,6 +334,8 @@ def compile_train(
         storage with float32 accumulation ("fp16", "bf16", "cb16" or a `compiler.Policy`). The loss runs as
         `apply_policy(loss_fn, policy)` on float32 master weights, which stay in SRAM with float32 optimizer
         state; activations are counted at 2 bytes and matmul FMACs at the mixed SIMD width.
+      batch_axis: which axis of each leaf of the batch holds the samples (as for `compile`; a prefix of the
+        example batch's tree, e.g. {"x": 0, "mask": None}).
     Returns:
       A `Program`: `state = tx.init(params)`, `state, metrics = tx.step(state, batch)`, `tx.report`.
     Raises:
@@ -303,7 +352,7 @@ def compile_train(
     loss_fn = precision.apply_policy(loss_fn, policy)
     act_itemsize = policy.storage_bytes if policy.mixed else None
     mirror, n_slots = _mirrors(jax.eval_shape(optimizer.init, params), jax.tree_util.tree_leaves(params))
-    common = dict(spec=spec, task="training", policy=policy, optimizer=optimizer)
+    common = dict(spec=spec, task="training", policy=policy, optimizer=optimizer, batch_axis=batch_axis)
     if mode in ("auto", "pipelined"):
         slots = ("", "#grad", *(f"#opt{k}" for k in range(n_slots)))
         storage = Storage(slots=slots, act_copies=2, act_itemsize=act_itemsize)
