@@ -184,3 +184,22 @@ def test_inputs_disagreeing_on_batch_size_raise_batch_error():
         compiler.compile(fn, p, x, mask, spec=SPEC, batch_axis={"x": 0})
     with pytest.raises(compiler.BatchError, match="has no axis 2"):
         compiler.compile(fn, p, x, mask, spec=SPEC, batch_axis=(2, None))
+
+
+class _OneRowEmbedTied(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        shared = nn.Dense(6)
+        x = nn.Embed(1, 6)(ids)  # one row: Flax broadcasts it, no equation reads the ids
+        return nn.Dense(1)(shared(nn.relu(shared(x))))
+
+
+def test_weight_only_kernel_runs_no_unplanned_per_core_matmul():
+    """Found by fuzzing: a kernel whose equations all read weights only (an embedding of one row, broadcast,
+    feeding tied dense layers) is not a weight-anchored kernel, so its partition charges no multicast or reduction;
+    the per-core path ran its matmuls per core anyway and its traffic differed from the static record. Only a
+    kernel's planned anchor runs per core."""
+    model = _OneRowEmbedTied()
+    ids = jnp.zeros((2, 1), jnp.int32)
+    params = model.init(jax.random.key(0), ids)
+    _forward_both_paths(model.apply, params, ids)
