@@ -31,7 +31,18 @@ from compiler.analysis.search import (
     simulated_annealing,
 )
 from compiler.analysis.sweep import pareto_front, sweep, what_if
-from compiler.errors import ColorError, CompilerError, PlacementError, RouteError, UnsupportedOpError
+from compiler.errors import (
+    BatchError,
+    CheckpointError,
+    ColorError,
+    CompilerError,
+    InputMismatchError,
+    ParamsMismatchError,
+    PlacementError,
+    RouteError,
+    StateMismatchError,
+    UnsupportedOpError,
+)
 from compiler.frontend.frameworks import MissingExtraError, stateful
 from compiler.frontend.graph import KINDS, SUPPORTED_PRIMITIVES, Graph, Kernel, build_graph
 from compiler.frontend.keras_import import from_keras, to_keras
@@ -39,6 +50,7 @@ from compiler.frontend.precision import Policy, apply_policy, round_cb16
 from compiler.frontend.tf_import import from_tf
 from compiler.frontend.torch_import import UnsupportedTorchOpError, from_torch, to_torch
 from compiler.frontend.trace import Traced, split_module, trace
+from compiler.host.agreement import Agreement, compare_runs
 from compiler.host.data import Batches, Prefetcher, prefetch
 from compiler.host.estimator import Estimator, EstimatorSpec, ModeKeys
 from compiler.host.fit import NonFiniteLossError, fit, latest_checkpoint, restore_checkpoint, save_checkpoint
@@ -88,6 +100,11 @@ __all__ = [
     "PlacementError",
     "RouteError",
     "ColorError",
+    "BatchError",
+    "InputMismatchError",
+    "ParamsMismatchError",
+    "StateMismatchError",
+    "CheckpointError",
     "trace",
     "Traced",
     "split_module",
@@ -117,6 +134,8 @@ __all__ = [
     "InputStats",
     "ArraySource",
     "fit",
+    "compare_runs",
+    "Agreement",
     "NonFiniteLossError",
     "latest_checkpoint",
     "save_checkpoint",

@@ -6,6 +6,11 @@ message saying what was wrong and what would be right.
       PlacementError       kernels that do not fit the wafer, or a bad hand placement
       RouteError           a flow that cannot be routed
         ColorError         a router that would need more colours than the wafer has
+      BatchError           inputs that disagree on the batch size, or a bad batch_axis
+      InputMismatchError   call-time inputs (or a training batch) unlike the compiled example
+      ParamsMismatchError  params whose tree, shapes or dtypes differ from the compiled ones
+      StateMismatchError   a state made by another program or for another spec
+      CheckpointError      no checkpoint in a directory can be restored
 
 A kernel whose tiles do not fit its cores raises the machine's `wafer.SramCapacityError`, naming the kernel.
 """
@@ -81,3 +86,66 @@ class ColorError(RouteError):
             f"({names}). Place the kernels those streams join closer together (a hand placement or other "
             f"PlacementParams), or merge kernels so that fewer streams cross"
         )
+
+
+class BatchError(CompilerError, ValueError):
+    """The inputs' batch cannot be told: they disagree on its size, or `batch_axis` is malformed
+    (compiler/frontend/batch.py).
+
+    Attributes:
+      sizes: {input path: its batch axis' size} when the inputs disagree, else {}.
+    """
+
+    def __init__(self, message: str, sizes=None):
+        self.sizes = dict(sizes or {})
+        super().__init__(message)
+
+
+class InputMismatchError(CompilerError, ValueError):
+    """Inputs given at call time (or a training step's batch) differ from the example the program was compiled
+    with: their tree, a leaf's shape or its dtype. A compiled program's SRAM layout and cost are for the example's
+    shapes; compile again for others.
+
+    Attributes: path (the leaf, e.g. "inputs[0]"), expected, got (shape/dtype strings or tree structures).
+    """
+
+    def __init__(self, message: str, path: str | None = None, expected=None, got=None):
+        self.path, self.expected, self.got = path, expected, got
+        super().__init__(message)
+
+
+class ParamsMismatchError(CompilerError, ValueError):
+    """Params given to `load`/`init` differ from the ones compiled: their tree, a leaf's shape or its dtype's kind
+    (a float leaf where an integer one was compiled, ...). Same-kind dtypes are cast to the compiled one (float64
+    NumPy arrays to float32), as `jnp.asarray` does.
+
+    Attributes: path (the leaf, e.g. "params/Dense_0/kernel"), expected, got.
+    """
+
+    def __init__(self, message: str, path: str | None = None, expected=None, got=None):
+        self.path, self.expected, self.got = path, expected, got
+        super().__init__(message)
+
+
+class StateMismatchError(CompilerError, ValueError):
+    """A state that this program did not make: from another program (an allocation it reads is missing or of
+    another shape), for another spec (another grid), or of the other task (a training state given to an inference
+    program, or the reverse).
+
+    Attributes: allocation (the SRAM allocation concerned, or None).
+    """
+
+    def __init__(self, message: str, allocation: str | None = None):
+        self.allocation = allocation
+        super().__init__(message)
+
+
+class CheckpointError(CompilerError, OSError):
+    """No checkpoint in a directory can be restored (each one is corrupted, half-written or of another program).
+
+    Attributes: directory, failures ({step: the error restoring it}).
+    """
+
+    def __init__(self, message: str, directory=None, failures=None):
+        self.directory, self.failures = directory, dict(failures or {})
+        super().__init__(message)

@@ -9,7 +9,7 @@ package builds on it.
 
 from wafer import cluster, cost, fabric, kernel, layout, mesh
 from wafer.cluster import ClusterSpec
-from wafer.errors import SramCapacityError, UnsupportedPrimitiveError, WaferError
+from wafer.errors import SpecError, SramCapacityError, UnsupportedPrimitiveError, WaferError
 from wafer.fabric import (
     DIRECTIONS,
     Traffic,
@@ -43,6 +43,7 @@ __all__ = [
     "MemoryMap",
     "Rect",
     "SramCapacityError",
+    "SpecError",
     "WaferError",
     "Traffic",
     "shift",

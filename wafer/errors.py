@@ -9,6 +9,11 @@ class WaferError(Exception):
     """Base class of the machine's own errors: a program that does not fit the wafer or has no cost rule."""
 
 
+class SpecError(WaferError, ValueError):
+    """A `WaferSpec` field out of range or of the wrong type; the message names the field
+    (`WaferSpec.<field>`), the range it must lie in and the value given."""
+
+
 class SramCapacityError(WaferError, ValueError):
     """An allocation does not fit in the SRAM of the cores it covers.
 

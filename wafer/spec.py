@@ -38,6 +38,8 @@ from typing import Any
 
 from flax import struct
 
+from wafer.errors import SpecError
+
 # Instruction classes the cost model distinguishes (see wafer/cost.py):
 #   fmac    fused multiply-accumulate (dot products, convolutions, a*b+c); counted once per element.
 #   alu     one-input or two-input vector arithmetic, comparisons, selects and moves.
@@ -133,7 +135,7 @@ class WaferSpec:
         _check_int(self, "cols", 1, 100_000)
         _check_int(self, "sram_bytes_per_core", 4, 1 << 30)
         if isinstance(self.sram_bytes_per_core, int) and self.sram_bytes_per_core % 4:
-            raise ValueError(
+            raise SpecError(
                 f"WaferSpec.sram_bytes_per_core must be a multiple of 4 (whole 32-bit words), "
                 f"got {self.sram_bytes_per_core}"
             )
@@ -142,21 +144,21 @@ class WaferSpec:
         _check_int(self, "reserved_colors", 0, 1023)
         if isinstance(self.reserved_colors, int) and isinstance(self.router_colors, int):
             if self.reserved_colors >= self.router_colors:
-                raise ValueError(
+                raise SpecError(
                     f"WaferSpec.reserved_colors must be less than router_colors ({self.router_colors}), got "
                     f"{self.reserved_colors}"
                 )
         _check_int(self, "code_bytes_per_core", 0, 1 << 30)
         if isinstance(self.code_bytes_per_core, int) and isinstance(self.sram_bytes_per_core, int):
             if self.code_bytes_per_core % 4 or self.code_bytes_per_core >= self.sram_bytes_per_core:
-                raise ValueError(
+                raise SpecError(
                     f"WaferSpec.code_bytes_per_core must be a multiple of 4 below sram_bytes_per_core "
                     f"({self.sram_bytes_per_core}), got {self.code_bytes_per_core}"
                 )
         _check_int(self, "memcpy_cols_west", 0, 1000)
         _check_int(self, "memcpy_cols_east", 0, 1000)
         if not isinstance(self.overlap, bool):
-            raise ValueError(f"WaferSpec.overlap must be True or False, got {self.overlap!r}")
+            raise SpecError(f"WaferSpec.overlap must be True or False, got {self.overlap!r}")
         _check_float(self, "clock_hz", 1e6, 1e11)
         for f in (
             "simd_fmac_fp16",
@@ -222,7 +224,21 @@ class WaferSpec:
         return self.cores * self.simd_width("fmac", dtype_class) * 2 * self.clock_hz
 
     def with_(self, **overrides) -> WaferSpec:
-        """A copy with some fields changed (validated like the constructor)."""
+        """A copy with some fields changed (validated like the constructor).
+
+        Raises:
+          SpecError: a field out of range, or a name that is not a field (with the closest field names).
+        """
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            import difflib
+
+            hints = {u: difflib.get_close_matches(u, fields, n=2) for u in unknown}
+            said = "; ".join(
+                f"{u!r}" + (f" (perhaps you meant {' or '.join(h)})" if h else "") for u, h in hints.items()
+            )
+            raise SpecError(f"WaferSpec has no field {said}; its fields are {sorted(fields)}")
         return dataclasses.replace(self, **overrides)
 
     @classmethod
@@ -246,17 +262,17 @@ class WaferSpec:
 def _check_int(spec, field, lo, hi):
     v = getattr(spec, field)
     if not isinstance(v, numbers.Integral) or isinstance(v, bool) or not lo <= v <= hi:
-        raise ValueError(f"WaferSpec.{field} must be an int in [{lo}, {hi}], got {v!r}")
+        raise SpecError(f"WaferSpec.{field} must be an int in [{lo}, {hi}], got {v!r}")
 
 
 def _check_float(spec, field, lo, hi):
     v = getattr(spec, field)
     if isinstance(v, bool):
-        raise ValueError(f"WaferSpec.{field} must be a number in [{lo:g}, {hi:g}], got {v!r}")
+        raise SpecError(f"WaferSpec.{field} must be a number in [{lo:g}, {hi:g}], got {v!r}")
     if _is_concrete_number(v) and not lo <= float(v) <= hi:
-        raise ValueError(f"WaferSpec.{field} must be a number in [{lo:g}, {hi:g}], got {v!r}")
+        raise SpecError(f"WaferSpec.{field} must be a number in [{lo:g}, {hi:g}], got {v!r}")
     if isinstance(v, str):
-        raise ValueError(f"WaferSpec.{field} must be a number in [{lo:g}, {hi:g}], got {v!r}")
+        raise SpecError(f"WaferSpec.{field} must be a number in [{lo:g}, {hi:g}], got {v!r}")
 
 
 # WSE-1 (CS-1): 633 x 633 fabric, 48 KB per core, fp16 FMAC 4-wide [SDK]; other widths ASSUMED as WSE-2.

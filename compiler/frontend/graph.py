@@ -245,7 +245,8 @@ class Graph:
         values are one multicast stream (compiler/plan/route.py).
       param_owner: flat parameter index -> the first kernel reading it (where it is stored).
       shared_params: flat parameter index -> the later kernels also reading it (only for shared parameters).
-      unused_params: flat parameter indices no kernel reads.
+      unused_params: flat parameter indices no kernel reads (kept in the first kernel's SRAM: its `params` and
+        `param_owner` list them).
     """
 
     kernels: tuple[Kernel, ...]
@@ -458,6 +459,16 @@ def build_graph(traced: Traced) -> Graph:
             )
         )
 
+    unused = tuple(i for i in range(traced.n_params) if not any(i in k.params for k in kernels))
+    if unused and kernels:
+        # a parameter the program never reads is still the user's: kept in the first kernel's SRAM (loaded, read
+        # back, and updated by training as natively: a zero gradient, and whatever the optimizer does with it)
+        k0 = kernels[0]
+        kernels[0] = dataclasses.replace(
+            k0,
+            params=k0.params + unused,
+            param_bytes=k0.param_bytes + sum(nbytes(traced.param_avals[i]) for i in unused),
+        )
     param_owner: dict[int, str] = {}
     shared: dict[int, list[str]] = {}
     for k in kernels:
@@ -475,7 +486,7 @@ def build_graph(traced: Traced) -> Graph:
         edge_values={key: tuple(vs) for key, vs in edge_values.items()},
         param_owner=param_owner,
         shared_params={p: tuple(v) for p, v in shared.items()},
-        unused_params=tuple(i for i in range(traced.n_params) if i not in param_owner),
+        unused_params=unused,
     )
 
 

@@ -30,6 +30,7 @@ from flax import nnx
 from jax.extend import core as jcore
 
 import wafer.kernel
+from compiler.frontend import batch as batching
 from compiler.frontend import frameworks, precision
 
 # Call-like primitives whose body is inlined, and the parameter that holds it: the machine's one table.
@@ -60,6 +61,7 @@ class Traced:
       input_treedef, input_avals: the same for the tuple of inputs.
       out_treedef, out_avals: the same for the outputs.
       module: whether `fn` came from an `nnx.Module`.
+      batch: samples per call, from the inputs' batch axes (compiler/frontend/batch.py).
     """
 
     fn: Callable = dataclasses.field(repr=False)
@@ -76,6 +78,7 @@ class Traced:
     out_treedef: Any = dataclasses.field(repr=False)
     out_avals: tuple
     module: bool = False
+    batch: int = 1
 
     @property
     def param_vars(self) -> tuple:
@@ -156,7 +159,7 @@ def path_str(path) -> str:
     return "/".join(parts)
 
 
-def trace(fn, *args, policy=None, stored_params: bool = True) -> Traced:
+def trace(fn, *args, policy=None, stored_params: bool = True, batch_axis=batching.AUTO) -> Traced:
     """Trace `fn(params, *inputs)` (or an nnx module: `trace(module, *inputs)`) into a flat jaxpr.
 
     Args:
@@ -173,12 +176,16 @@ def trace(fn, *args, policy=None, stored_params: bool = True) -> Traced:
       stored_params: under a 16-bit policy, trace the floating parameter leaves in the 16-bit stand-in dtype, so
         weight tiles are laid out as 2-byte SRAM arrays (inference); False keeps them float32 (training's master
         weights).
+      batch_axis: which axis of each input holds the samples: "auto", None (one sample), an int, or a prefix of
+        the inputs' tree (compiler/frontend/batch.py).
     Returns:
       A `Traced` whose jaxpr has no call-like equations left.
+    Raises:
+      compiler.BatchError: the inputs disagree on the batch size, or a bad `batch_axis`.
     """
     policy = precision.Policy.of(policy)
     if policy.mixed:
-        return _trace_policy(fn, *args, policy=policy, stored_params=stored_params)
+        return _trace_policy(fn, *args, policy=policy, stored_params=stored_params, batch_axis=batch_axis)
     if isinstance(fn, nnx.Module):
         fn, params = split_module(fn)
         inputs, module = tuple(args), True
@@ -208,6 +215,7 @@ def trace(fn, *args, policy=None, stored_params: bool = True) -> Traced:
     closed = jax.make_jaxpr(flat_fn)(*param_leaves, *input_leaves)
     jaxpr, consts = flatten_jaxpr(closed.jaxpr, closed.consts)
     avals = [v.aval for v in jaxpr.invars]
+    batch = batching.input_batch(jaxpr, jaxpr.invars[n_params:], inputs, batch_axis)
     return Traced(
         fn=fn,
         params=params,
@@ -223,6 +231,7 @@ def trace(fn, *args, policy=None, stored_params: bool = True) -> Traced:
         out_treedef=out_tree[-1],
         out_avals=tuple(v.aval for v in jaxpr.outvars),
         module=module,
+        batch=batch,
     )
 
 
@@ -351,7 +360,7 @@ def user_source(eqn) -> str:
     return wafer.kernel.source_of(eqn)
 
 
-def _trace_policy(fn, *args, policy, stored_params: bool):
+def _trace_policy(fn, *args, policy, stored_params: bool, batch_axis=batching.AUTO):
     """`trace` under a 16-bit policy (see `trace`)."""
     module = isinstance(fn, nnx.Module)
     if module:
@@ -370,5 +379,5 @@ def _trace_policy(fn, *args, policy, stored_params: bool):
             return x
 
         example = jax.tree_util.tree_map(as_stored, params)
-    traced = trace(precision.apply_policy(fn, policy, stand_in=True), example, *inputs)
+    traced = trace(precision.apply_policy(fn, policy, stand_in=True), example, *inputs, batch_axis=batch_axis)
     return dataclasses.replace(traced, fn=precision.apply_policy(fn, policy), params=params, module=module)

@@ -43,11 +43,12 @@ import jax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from compiler.errors import CheckpointError, CompilerError
 from compiler.host.data import Batches, prefetch
 from compiler.host.pipeline import Pipeline, stream
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(CompilerError, FloatingPointError):
     """The training loss became NaN or inf.
 
     Attributes:
@@ -103,6 +104,46 @@ def _restore(manager: ocp.CheckpointManager, step: int, like):
     return out.state, dict(out.meta)
 
 
+def _restore_latest_good(manager: ocp.CheckpointManager, directory, like, warn=None):
+    """(step, state, meta) of the latest checkpoint that restores, newest first: a checkpoint whose files were
+    corrupted or cut short (a disk filled, a copy interrupted) is skipped with a warning. (Orbax writes each
+    checkpoint to a temporary directory and renames it when complete, so one killed mid-write is never listed.)
+
+    Raises:
+      CheckpointError: checkpoints exist but none restores.
+    """
+    failures = {}
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            state, meta = _restore(manager, step, like)
+        except Exception as e:  # orbax raises many kinds (ValueError, OSError, KeyError, ...)
+            failures[step] = e
+            continue
+        if failures:
+            # moved aside (never deleted), so that the resumed run can save those steps again
+            root = manager.directory
+            for k in failures:
+                src = os.path.join(os.fspath(root), str(k))
+                if os.path.isdir(src):
+                    os.replace(src, _aside(src))
+            manager.reload()
+            if warn is not None:
+                skipped = ", ".join(f"step {k} ({type(e).__name__}: {str(e)[:120]})" for k, e in failures.items())
+                warn(
+                    f"skipped unreadable checkpoints in {directory}: {skipped}; moved aside as <step>.unreadable; "
+                    f"resuming from step {step}"
+                )
+        return step, state, meta
+    listed = ", ".join(f"step {k}: {type(e).__name__}: {str(e)[:200]}" for k, e in failures.items())
+    raise CheckpointError(
+        f"no checkpoint in {directory} can be restored ({listed}). They are corrupted or of another program (restore "
+        "needs a state of the program that saved them, tx.init(params), as the template); move the directory "
+        "away to start afresh",
+        directory,
+        failures,
+    )
+
+
 def latest_checkpoint(directory) -> int | None:
     """The step of the latest complete checkpoint in `directory`, or None if it holds none."""
     if not os.path.isdir(directory):
@@ -132,15 +173,34 @@ def restore_checkpoint(directory, like, *, step: int | None = None) -> tuple[Any
       input pipeline's description).
     Raises:
       FileNotFoundError: no checkpoint (or not that step) in `directory`.
+      CheckpointError: (the latest by default) no checkpoint restores; a corrupted latest one is skipped for the
+        latest good one, with a warning.
     """
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoint directory {directory}")
     with _manager(directory, create=False) as manager:
         steps = manager.all_steps()
-        step = manager.latest_step() if step is None else step
+        if step is None and steps:
+            _, state, meta = _restore_latest_good(manager, directory, like, warn=_warn)
+            return state, meta
         if step is None or step not in steps:
             raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; it holds steps {sorted(steps)}")
         return _restore(manager, step, like)
+
+
+def _aside(path: str) -> str:
+    """A free name beside `path` for an unreadable checkpoint: path.unreadable, path.unreadable.1, ..."""
+    out, n = f"{path}.unreadable", 0
+    while os.path.exists(out):
+        n += 1
+        out = f"{path}.unreadable.{n}"
+    return out
+
+
+def _warn(message: str):
+    import warnings
+
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 # ---- the loop --------------------------------------------------------------------------------------------------
@@ -226,6 +286,8 @@ def fit(
       (state, history): the final state and one dict per step since step 1 (resumed runs included).
     Raises:
       NonFiniteLossError: the loss became NaN or inf; nothing from that step on was saved.
+      CheckpointError: resuming, no checkpoint in `checkpoint_dir` restores (a corrupted latest one is skipped for
+        the latest good one).
       ValueError: bad arguments, `train_batches` ran out before `steps`, or a resumed run's input pipeline
         differs from the checkpoint's.
     """
@@ -250,7 +312,9 @@ def fit(
                     f"{checkpoint_dir} already holds checkpoints (up to step {last}); pass resume=True to continue "
                     "from them, or give an empty checkpoint_dir"
                 )
-            state, meta = _restore(manager, last, state)
+            last, state, meta = _restore_latest_good(
+                manager, checkpoint_dir, state, warn=tqdm.write if progress else _warn
+            )
             if data is not None and meta.get("data") not in (None, data):
                 raise ValueError(
                     f"the input pipeline differs from the checkpoint's: {data} now, {meta['data']} when saved; "

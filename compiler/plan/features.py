@@ -257,11 +257,8 @@ def act_bytes(values, act_itemsize: int | None) -> int:
 
 
 def graph_batch(graph) -> int:
-    """Samples per call: the leading dimension of the first kernel input that has one (1 without)."""
-    for k in graph.kernels:
-        if k.batch:
-            return int(k.batch)
-    return 1
+    """Samples per call: the traced program's batch, from its inputs' batch axes (compiler/frontend/batch.py)."""
+    return int(graph.traced.batch)
 
 
 def flows(graph) -> list[tuple[str, str, float]]:

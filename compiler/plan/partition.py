@@ -547,7 +547,7 @@ def partition(graph, placement, feats: ft.Features, spec) -> dict[str, KernelPla
             int(shape["act_bytes"][i]),
             traffic,
             float(kernel.flops),
-            int(kernel.batch or 1),
+            ft.graph_batch(graph),
             pattern,
             b_pattern,
             backward,

@@ -136,6 +136,18 @@ class Plan:
         """{flat parameter index: (its SRAM allocation's name, its tiling)} (a shared parameter: its last kernel's)."""
         return {t.index: (f"{p.name}:{t.path}", t) for p in self.kernels.values() for t in p.params}
 
+    @functools.cached_property
+    def weight_copies(self) -> dict[int, tuple[tuple[str, part.ParamTiling], ...]]:
+        """{flat parameter index: every (allocation name, tiling) holding it, in kernel order}. A parameter read by
+        several kernels (tied weights: a module called twice) has a copy in each kernel's SRAM, as each kernel reads
+        its weights from its own cores; the programs write every copy and keep them equal (training updates each
+        with the gradient summed over all uses). `weights[i]` is the last of them, the one read back."""
+        out: dict[int, list] = {}
+        for p in self.kernels.values():
+            for t in p.params:
+                out.setdefault(t.index, []).append((f"{p.name}:{t.path}", t))
+        return {i: tuple(v) for i, v in out.items()}
+
 
 # ---- the passes ---------------------------------------------------------------------------------------------------
 
@@ -151,14 +163,16 @@ def trace_program(
     optimizer=None,
     placement=None,
     placement_params: PlacementParams | None = None,
+    batch_axis="auto",
 ) -> Plan:
     """The first pass: trace `fn(params, *inputs)` (or an nnx.Module on `*inputs`) into a Plan with the passes' inputs.
+    `batch_axis` says which axis of each input holds the samples (compiler/frontend/batch.py).
 
     Under a 16-bit policy, inference traces the weights in the 16-bit format (they are stored so) and training keeps
     float32 master weights; activations are counted at the policy's 2 bytes unless `storage` says otherwise.
     """
     policy = precision.Policy.of(policy)
-    traced = trace(fn, *args, policy=policy, stored_params=task == "inference")
+    traced = trace(fn, *args, policy=policy, stored_params=task == "inference", batch_axis=batch_axis)
     if storage is None:
         storage = Storage(act_itemsize=policy.storage_bytes if policy.mixed else None)
     return Plan(

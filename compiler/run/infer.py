@@ -19,6 +19,8 @@ Both are jitted and differentiable, and both charge the same record, so counters
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +29,7 @@ import wafer
 from compiler.frontend import precision
 from compiler.plan import Plan, build, trace_program
 from compiler.plan.place import PlacementParams
+from compiler.run import checks
 from compiler.run.program import Program, charge
 from compiler.schedule import Charge
 from wafer.memory import MemoryMap
@@ -57,17 +60,17 @@ def inference_program(plan: Plan) -> Program:
     def init(params=None, state: wafer.WaferState | None = None) -> wafer.WaferState:
         """Write the weights into their kernels' SRAM allocations (a fresh wafer by default); `params` defaults to the
         ones compiled with (an nnx.Module's own state)."""
-        leaves = traced.flatten_params(traced.params if params is None else params)
+        leaves = checks.check_params(traced, traced.params if params is None else params)
         state = wafer.init(spec) if state is None else state
         state = state.replace(memory=_merge_memory(state.memory, plan.memory))
         sram = dict(state.sram)
         for i, leaf in enumerate(leaves):
-            name, t = plan.weights[i]
-            # copies: the step donates the state, which must not delete the caller's arrays
-            if policy.mixed and _is_float(leaf):
-                sram[name] = jnp.array(policy.store(leaf))  # 16-bit storage (cb16: its bit patterns)
-            else:
-                sram[name] = jnp.array(leaf, t.dtype)
+            for name, t in plan.weight_copies[i]:  # every kernel reading it holds a copy (tied weights)
+                # copies: the step donates the state, which must not delete the caller's arrays
+                if policy.mixed and _is_float(leaf):
+                    sram[name] = jnp.array(policy.store(leaf))  # 16-bit storage (cb16: its bit patterns)
+                else:
+                    sram[name] = jnp.array(leaf, t.dtype)
         return state.replace(sram=sram)
 
     def read_params(state):
@@ -78,7 +81,16 @@ def inference_program(plan: Plan) -> Program:
         leaves = [jnp.array(x) for x in leaves]
         return jax.tree_util.tree_unflatten(traced.param_treedef, leaves)
 
+    @functools.cache
+    def expected_state():
+        return jax.eval_shape(lambda: init())
+
+    def check(state, inputs):
+        checks.check_state(state, expected_state(), what="inference")
+        checks.check_inputs(traced, inputs)
+
     def apply(state, *inputs):
+        check(state, inputs)
         params = jax.tree_util.tree_unflatten(traced.param_treedef, read_leaves(plan, state))
         out = traced.apply(params, *inputs)
         return charge(state, spec, record), out
@@ -86,6 +98,7 @@ def inference_program(plan: Plan) -> Program:
     def per_core(state, *inputs):
         from compiler.run.percore import run_per_core
 
+        check(state, inputs)
         if policy.storage == "cb16":
             raise ValueError(
                 "the per-core path runs the compiler's traced program, in which float16 stands in for cb16 (no JAX "
@@ -114,6 +127,7 @@ def compile(
     placement=None,
     placement_params: PlacementParams | None = None,
     policy: precision.Policy | str | None = None,
+    batch_axis="auto",
 ) -> Program:
     """Compile `fn(params, *inputs)` (or an `nnx.Module` called on `*inputs`) onto `spec` in layer-pipelined mode.
 
@@ -127,13 +141,26 @@ def compile(
         storage with float32 accumulation ("fp16", "bf16", "cb16" or a `compiler.Policy`). The program runs as
         `apply_policy(fn, policy)`; weights are stored in SRAM in the 16-bit format, activations are counted
         at 2 bytes and matmul FMACs at the mixed SIMD width.
+      batch_axis: which axis of each input holds the samples, as jax.vmap's in_axes: "auto" (axis 0 of every
+        input, except an input that is one sample: a vector a matmul contracts, e.g. x of shape (37,) into a Dense
+        layer), None (one sample), an int, or a prefix of the inputs' tree (compiler/frontend/batch.py). It sets
+        the batch every per-sample figure of the report counts.
     Returns:
       A `Program`: `state = exe.load(params)`, `out, state = exe(state, *inputs)`, `exe.report`.
     Raises:
       compiler.UnsupportedOpError: a primitive without a kernel; wafer.SramCapacityError: a kernel does not fit;
-      compiler.PlacementError: the kernels do not fit on the wafer, or a bad hand placement.
+      compiler.PlacementError: the kernels do not fit on the wafer, or a bad hand placement;
+      compiler.BatchError: the inputs disagree on the batch size.
     """
-    plan = trace_program(fn, *args, spec=spec, policy=policy, placement=placement, placement_params=placement_params)
+    plan = trace_program(
+        fn,
+        *args,
+        spec=spec,
+        policy=policy,
+        placement=placement,
+        placement_params=placement_params,
+        batch_axis=batch_axis,
+    )
     return inference_program(build(plan))
 
 

@@ -19,7 +19,8 @@ import numpy as np
 from jax.extend import core as jcore
 
 import wafer
-from compiler.plan.partition import conv_rows_span, group_offsets, per_core_kind
+from compiler.plan import features as ft
+from compiler.plan.partition import anchor_weight, conv_rows_span, group_offsets, per_core_kind
 
 
 def _eval_eqn(eqn, invals):
@@ -156,10 +157,13 @@ def run_per_core(plan, leaves, state, inputs):
     for kernel in plan.graph.kernels:
         kplan = plan.kernels[kernel.name]
         tilings = {t.index: t for t in kplan.params}
+        # only the kernel's anchor runs per core: it is what the partition tiles and charges (a kernel whose every
+        # equation reads weights only, e.g. an embedding of one row broadcast, has none)
+        anchor = anchor_weight(kernel, traced)[0] if plan.features.anchor[kernel.index] == ft.WEIGHT else None
         for eqn in kernel.eqns:
             invals = [read(a) for a in eqn.invars]
             done = False
-            if eqn.primitive.name in ("dot_general", "conv_general_dilated") and len(eqn.invars) == 2:
+            if eqn is anchor:
                 w = eqn.invars[1]
                 idx = var_param.get(w) if isinstance(w, jcore.Var) else None
                 tiling = tilings.get(idx) if idx is not None else None

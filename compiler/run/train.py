@@ -31,6 +31,7 @@ user's optax transformation, on the same numbers. They are two builders, `pipeli
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -44,6 +45,7 @@ from compiler.errors import PlacementError
 from compiler.frontend import precision
 from compiler.plan import Plan, Storage, build, trace_program
 from compiler.plan.place import PlacementParams
+from compiler.run import checks
 from compiler.run import cluster as cluster_lib
 from compiler.run.program import Program, charge
 from compiler.schedule import Charge
@@ -154,7 +156,7 @@ def pipelined_trainer(plan: Plan, loss_fn, optimizer, *, has_aux: bool, mirror, 
 
     def init(params=None) -> TrainState:
         params = traced.params if params is None else params
-        leaves = traced.flatten_params(params)
+        leaves = checks.check_params(traced, params)
         state = wafer.init(spec).replace(memory=plan.memory)
         # copies: the step donates the state, which must not delete the caller's arrays
         weights = [jnp.array(x, tiling(i).dtype) for i, x in enumerate(leaves)]
@@ -163,9 +165,10 @@ def pipelined_trainer(plan: Plan, loss_fn, optimizer, *, has_aux: bool, mirror, 
         host = []
         for leaf, m in zip(jax.tree_util.tree_leaves(opt), mirror):
             if m is None:
-                host.append(leaf)
+                host.append(jnp.array(leaf, copy=True))
             else:
-                sram[name(m[1], f"#opt{m[0]}")] = leaf
+                sram[name(m[1], f"#opt{m[0]}")] = jnp.array(leaf, copy=True)
+        sram = _with_copies(plan, sram, copy=True)
         return TrainState(wafer=state.replace(sram=sram), host=host, step=jnp.zeros((), jnp.int32))
 
     # read_params and read_opt_state copy: the stored arrays are the state's own buffers, which the next step
@@ -183,7 +186,13 @@ def pipelined_trainer(plan: Plan, loss_fn, optimizer, *, has_aux: bool, mirror, 
                 leaves.append(jnp.array(state.wafer.sram[name(i, f"#opt{slot}")]))
         return jax.tree_util.tree_unflatten(opt_treedef, leaves)
 
+    @functools.cache
+    def expected_state():
+        return jax.eval_shape(lambda: init())
+
     def apply(state: TrainState, batch):
+        checks.check_state(state, expected_state(), what="training")
+        checks.check_inputs(traced, (batch,), "the batch")
         w = state.wafer
         # each weight, gradient and optimizer slot is a blocked allocation (wafer/layout.py): the stored array is
         # the leaf itself, core (i, j) owning block (i, j). The gradient is taken with respect to those arrays and
@@ -191,6 +200,11 @@ def pipelined_trainer(plan: Plan, loss_fn, optimizer, *, has_aux: bool, mirror, 
         # blocked array is each core updating its own block, and the padding of uneven tiles is implicit.
         weights = [w.sram[name(i)] for i in range(n)]
         (value, aux), grads = jax.value_and_grad(lambda p: loss(tree(p), batch), has_aux=True)(weights)
+        # The gradient is complete before the update reads it: without the barrier XLA may fuse the backward's batch
+        # sums (e.g. a bias's gradient) into the optimizer's update, which changes the order of those sums, and
+        # training drifts from native by an ulp and chaotically after. With it, a step computes what native JAX
+        # computes, bit for bit (tests/compiler/test_train_numerics.py).
+        grads = jax.lax.optimization_barrier(grads)
         opt_leaves, it = [], iter(state.host)
         for m in mirror:
             opt_leaves.append(next(it) if m is None else w.sram[name(m[1], f"#opt{m[0]}")])
@@ -207,6 +221,7 @@ def pipelined_trainer(plan: Plan, loss_fn, optimizer, *, has_aux: bool, mirror, 
                 host.append(x)
             else:
                 sram[name(m[1], f"#opt{m[0]}")] = x
+        sram = _with_copies(plan, sram)
         w = charge(w.replace(sram=sram), spec, record)
         return TrainState(wafer=w, host=host, step=state.step + 1), _metrics(value, aux, has_aux)
 
@@ -221,6 +236,24 @@ def pipelined_trainer(plan: Plan, loss_fn, optimizer, *, has_aux: bool, mirror, 
     )
 
 
+def _with_copies(plan: Plan, sram: dict, *, copy: bool = False) -> dict:
+    """`sram` with the other copies of every shared parameter (tied weights: one copy in each kernel reading it,
+    `Plan.weight_copies`) and of its optimizer slots set equal to the copy the step updated (`Plan.weights`): each
+    copy is updated with the gradient summed over every use, so all hold the same values."""
+    slots = [s for s in plan.storage.slots if s != "#grad"]
+    for i, copies in plan.weight_copies.items():
+        main, _ = plan.weights[i]
+        for other, _ in copies:
+            if other == main:
+                continue
+            for slot in slots:
+                if main + slot not in sram:
+                    continue
+                x = sram[main + slot]  # blocked storage: every copy is the leaf itself, whatever its tiling
+                sram[other + slot] = jnp.array(x, copy=True) if copy else x  # (init: no buffer donated twice)
+    return sram
+
+
 def streaming_trainer(plan: Plan, loss_fn, optimizer, *, has_aux: bool) -> Program:
     """A weight-streaming training step (module docstring): weights and optimizer state in the host store."""
     traced, spec = plan.traced, plan.spec
@@ -228,14 +261,20 @@ def streaming_trainer(plan: Plan, loss_fn, optimizer, *, has_aux: bool) -> Progr
     record = Charge(plan)
 
     def init(params=None) -> TrainState:
-        leaves = traced.flatten_params(traced.params if params is None else params)
+        leaves = checks.check_params(traced, traced.params if params is None else params)
         # copies: the step donates its state, which must not delete the caller's arrays
         params = jax.tree_util.tree_unflatten(traced.param_treedef, [jnp.array(x) for x in leaves])
         state = wafer.init(spec).replace(memory=plan.memory)
         host = {"params": params, "opt_state": optimizer.init(params)}
         return TrainState(wafer=state, host=host, step=jnp.zeros((), jnp.int32))
 
+    @functools.cache
+    def expected_state():
+        return jax.eval_shape(lambda: init())
+
     def apply(state: TrainState, batch):
+        checks.check_state(state, expected_state(), what="training")
+        checks.check_inputs(traced, (batch,), "the batch")
         params, opt_state = state.host["params"], state.host["opt_state"]
         (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -270,6 +309,7 @@ def compile_train(
     wafers: int = 1,
     cluster: wafer.ClusterSpec | None = None,
     mesh=None,
+    batch_axis="auto",
 ) -> Program:
     """Compile a training step of `loss_fn(params, batch)` with an optax `optimizer` onto `spec`.
 
@@ -292,6 +332,8 @@ def compile_train(
       cluster: the interconnect between the wafers (`wafer.ClusterSpec`; default: CS-2 figures for `wafers`).
       mesh: where the wafers' states live: a JAX mesh with a "wafer" axis (`compiler.cluster_mesh(N)`: a wafer per
         device, across processes too); default: all on the first device.
+      batch_axis: which axis of each leaf of the batch holds the samples (as for `compile`; a prefix of the
+        example batch's tree, e.g. {"x": 0, "mask": None}).
     Returns:
       A `Program`: `state = tx.init(params)`, `state, metrics = tx.step(state, batch)`, `tx.report`.
     Raises:
@@ -320,7 +362,7 @@ def compile_train(
         mesh = cluster_lib.mesh(wafers, jax.devices()[:1])
     act_itemsize = policy.storage_bytes if policy.mixed else None
     mirror, n_slots = _mirrors(jax.eval_shape(optimizer.init, params), jax.tree_util.tree_leaves(params))
-    common = dict(spec=spec, task="training", policy=policy, optimizer=optimizer)
+    common = dict(spec=spec, task="training", policy=policy, optimizer=optimizer, batch_axis=batch_axis)
     if mode in ("auto", "pipelined"):
         slots = ("", "#grad", *(f"#opt{k}" for k in range(n_slots)))
         storage = Storage(slots=slots, act_copies=2, act_itemsize=act_itemsize)

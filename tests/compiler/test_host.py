@@ -249,6 +249,46 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(setup, tmp_pa
         compiler.fit(tx, tx.init(params), stream, steps=10, progress=False)
 
 
+def _corrupt(step_dir):
+    """Overwrite every file of a checkpoint with garbage, as a disk error or a cut-short copy leaves it."""
+    for root, _, files in os.walk(step_dir):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"\x00garbage")
+
+
+def test_corrupted_latest_checkpoint_resumes_from_the_last_good_one(setup, tmp_path):
+    """A corrupted latest checkpoint is skipped with a warning (and moved aside, not deleted); the run resumes from
+    the one before and ends bit-identical to an uninterrupted run. With every checkpoint corrupted, resuming raises
+    compiler.CheckpointError naming the directory."""
+    tx, params, batches = setup["pipelined"]
+    want, want_history = compiler.fit(tx, tx.init(params), batches, steps=6, progress=False)
+    compiler.fit(tx, tx.init(params), batches, steps=4, checkpoint_dir=tmp_path, checkpoint_every=2, progress=False)
+    _corrupt(tmp_path / "4")
+    with pytest.warns(RuntimeWarning, match="skipped unreadable checkpoints.*resuming from step 2"):
+        restored, _ = compiler.restore_checkpoint(tmp_path, tx.init(params))
+    assert int(restored.step) == 2 and (tmp_path / "4.unreadable").is_dir()
+    got, history = compiler.fit(
+        tx, tx.init(params), batches, steps=6, checkpoint_dir=tmp_path, checkpoint_every=2, progress=False
+    )
+    assert _same(got, want) and history == want_history
+    for step in (2, 4, 6):
+        _corrupt(tmp_path / str(step))
+    with pytest.raises(compiler.CheckpointError, match="no checkpoint in .* can be restored") as info:
+        compiler.fit(tx, tx.init(params), batches, steps=8, checkpoint_dir=tmp_path, progress=False)
+    assert sorted(info.value.failures) == [2, 4, 6]
+
+
+def test_nan_in_params_stops_at_step_one(setup, tmp_path):
+    """NaN params (the batch is clean) stop the run at its first step, with nothing saved."""
+    tx, params, batches = setup["pipelined"]
+    bad = jax.tree_util.tree_map(lambda a: a.at[(0,) * a.ndim].set(jnp.nan), params)
+    with pytest.raises(compiler.NonFiniteLossError, match="at step 1 ") as info:
+        compiler.fit(tx, tx.init(bad), batches, steps=4, checkpoint_dir=tmp_path, progress=False)
+    assert info.value.checkpoint_step is None and compiler.latest_checkpoint(tmp_path) is None
+    assert isinstance(info.value, compiler.CompilerError)
+
+
 def test_killed_run_resumed_in_a_new_process_ends_bit_identical(setup, tmp_path):
     tx, params, batches = setup["pipelined"]
     want, want_history = compiler.fit(tx, tx.init(params), batches, steps=14, progress=False)

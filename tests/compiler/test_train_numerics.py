@@ -208,6 +208,9 @@ def _lm():
 
 
 CASES = {"mlp_digits_sgd_momentum": _mlp, "cnn_digits_adamw_cosine": _cnn, "char_lm_clip_adam": _lm}
+# Cases whose 200 emulated steps equal native bit for bit on CPU (elementwise optimizers). Global-norm clipping
+# sums squares over each core's tiles, padding included, in another order than over the whole leaf: ~1e-7.
+BIT_IDENTICAL = ("mlp_digits_sgd_momentum", "cnn_digits_adamw_cosine")
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +236,12 @@ def test_pipelined_matches_native(case, name):
     worst = assert_same_training(emu_losses, nat_losses, emu_params, nat_params)
     params_diff = max(rel_leaf_diff(e, n) for e, n in zip(*map(jax.tree_util.tree_leaves, (emu_params, nat_params))))
     print(f"\n{name}: worst relative difference per step: loss {worst:.3g}; final params {params_diff:.3g}")
+    identical = np.array_equal(emu_losses, nat_losses) and all(
+        np.array_equal(e, n) for e, n in zip(*map(jax.tree_util.tree_leaves, (emu_params, nat_params)))
+    )
+    print(f"{name}: bit-identical to native over {STEPS} steps: {identical}")
+    if name in BIT_IDENTICAL and jax.default_backend() == "cpu":
+        assert identical, f"{name}: no longer bit-identical to native (compiler/run/train.py, the gradient barrier)"
     # the optimizer state held in SRAM is the native one too (momentum / mu, nu / counts)
     for e, n in zip(jax.tree_util.tree_leaves(tx.read_opt_state(state)), jax.tree_util.tree_leaves(nat_opt)):
         assert e.shape == n.shape
