@@ -41,6 +41,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from compiler.run import checks
 from compiler.run.program import Program, charge
 
 AXIS = "wafer"
@@ -151,6 +152,8 @@ def _program(plan, mesh: Mesh, wafers: int, state_specs, local, read_params, rea
     )
 
     def apply(state, batch):
+        # the global batch: it splits over the wafers, and each wafer's shard is what the plan was traced with
+        checks.check_inputs(plan.traced, (jax.eval_shape(lambda b: per_wafer(b, wafers), batch),), "the batch")
         return run(state, split(batch, wafers))
 
     return Program(

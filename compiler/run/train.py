@@ -119,7 +119,9 @@ def _metrics(loss, aux, has_aux):
     return {"loss": loss, "aux": aux} if has_aux else {"loss": loss}
 
 
-def pipelined_trainer(plan: Plan, loss_fn, optimizer, *, has_aux: bool, mirror, update_on: str = "tiles") -> Program:
+def pipelined_trainer(
+    plan: Plan, loss_fn, optimizer, *, has_aux: bool, mirror, update_on: str = "tiles", check_batch: bool = True
+) -> Program:
     """A layer-pipelined training step (module docstring): weights, optimizer slots and stashes in SRAM.
 
     Args:
@@ -128,6 +130,8 @@ def pipelined_trainer(plan: Plan, loss_fn, optimizer, *, has_aux: bool, mirror, 
         (`_mirrors`).
       update_on: "tiles" (each core updates its own tiles: checked that the optimizer allows it) or "params"
         (whole parameters; both run on the stored blocked arrays, which are the parameters).
+      check_batch: check each batch against the traced example (off for the multi-wafer update, whose "batch" is
+        the all-reduced gradient, compiler/run/cluster.py; the cluster program checks the global batch).
     """
     traced, spec = plan.traced, plan.spec
     n = traced.n_params
@@ -192,7 +196,8 @@ def pipelined_trainer(plan: Plan, loss_fn, optimizer, *, has_aux: bool, mirror, 
 
     def apply(state: TrainState, batch):
         checks.check_state(state, expected_state(), what="training")
-        checks.check_inputs(traced, (batch,), "the batch")
+        if check_batch:
+            checks.check_inputs(traced, (batch,), "the batch")
         w = state.wafer
         # each weight, gradient and optimizer slot is a blocked allocation (wafer/layout.py): the stored array is
         # the leaf itself, core (i, j) owning block (i, j). The gradient is taken with respect to those arrays and
@@ -381,7 +386,7 @@ def compile_train(
             if on is None:
                 return pipelined_trainer(plan, loss_fn, optimizer, has_aux=has_aux, mirror=mirror, update_on=update_on)
             build_one = lambda lf: pipelined_trainer(  # noqa: E731
-                plan, lf, optimizer, has_aux=True, mirror=mirror, update_on=update_on
+                plan, lf, optimizer, has_aux=True, mirror=mirror, update_on=update_on, check_batch=False
             )
             loss = _loss_of(loss_fn, has_aux)
             return cluster_lib.pipelined(plan, loss, optimizer, wafers, mesh, has_aux=has_aux, build=build_one)
