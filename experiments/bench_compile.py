@@ -1,6 +1,6 @@
 """Benchmark: how long compiling a 24-layer, d_model 1024 language model onto the full WSE-2 takes.
 
-The model is a GPT-style decoder (pre-norm blocks of causal multi-head self-attention and a 4x gelu MLP, a
+The model is a GPT-style decoder (bench_train's pre-norm blocks of causal self-attention and a 4x gelu MLP, a
 learned position table, a Dense head), 24 layers of d_model 1024 with 16 heads, vocabulary 32,768, sequence 1024,
 batch 8: about 336M parameters (1.3 GB in float32), which fit the WSE-2's 40 GB of SRAM layer-pipelined. Compiling
 needs only shapes, so the parameters are `jax.eval_shape` structures: nothing is materialised and the figure is
@@ -17,6 +17,7 @@ The last line is `compile s = X.XX` (the median inference compile).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -26,34 +27,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import compiler
-import wafer
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_train  # noqa: E402  (the benchmark next to this script: its pre-norm causal Transformer block)
 
-class CausalSelfAttention(nn.Module):
-    heads: int
-    d_model: int
-
-    @nn.compact
-    def __call__(self, x):
-        b, t, _ = x.shape
-        dh = self.d_model // self.heads
-        q, k, v = (nn.Dense(self.d_model, name=n)(x).reshape(b, t, self.heads, dh) for n in "qkv")
-        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(dh).astype(x.dtype)
-        s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, jnp.finfo(x.dtype).min)
-        out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
-        return nn.Dense(self.d_model, name="out")(out.reshape(b, t, self.d_model))
-
-
-class Block(nn.Module):
-    heads: int
-    d_model: int
-
-    @nn.compact
-    def __call__(self, x):
-        x = x + CausalSelfAttention(self.heads, self.d_model)(nn.LayerNorm()(x))
-        h = nn.gelu(nn.Dense(4 * self.d_model)(nn.LayerNorm()(x)))
-        return x + nn.Dense(self.d_model)(h)
+import compiler  # noqa: E402
+import wafer  # noqa: E402
 
 
 class LM(nn.Module):
@@ -68,7 +47,7 @@ class LM(nn.Module):
         pos = self.param("pos", nn.initializers.normal(0.02), (self.max_len, self.d_model))
         x = nn.Embed(self.vocab, self.d_model)(tokens) + pos[: tokens.shape[1]]
         for _ in range(self.layers):
-            x = Block(self.heads, self.d_model)(x)
+            x = bench_train.Block(heads=self.heads, d_ff=4 * self.d_model)(x)
         return nn.Dense(self.vocab, name="head")(nn.LayerNorm()(x))
 
 
