@@ -244,8 +244,17 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
     return k
 
 
+def _per_flow(x, like):
+    """A per-flow feature [F] shaped [F, 1, ...] to broadcast against per-flow figures [F, ...] of a layout whose
+    arrays carry trailing batch axes (`Layout`: [n, ...]); unchanged for a plain [n] layout."""
+    return x.reshape(x.shape + (1,) * (like.ndim - 1))
+
+
 def route_hops(f: ft.Features, lay: Layout, spec):
-    """Hops of the longest lane of any stream between kernels or to and from the host (compiler/plan/route.py)."""
+    """Hops of the longest lane of any stream between kernels or to and from the host (compiler/plan/route.py).
+
+    The layout's arrays are [n] or [n, ...] (kernels first, trailing batch axes: compiler/analysis/tabulated.py
+    evaluates many placements at once this way); the result is a scalar or [...]."""
     if f.flow_src.shape[0] == 0:
         return 0.0
     ns = relax.xp(lay.height, lay.row)
@@ -256,14 +265,15 @@ def route_hops(f: ft.Features, lay: Layout, spec):
     between = flow_hops(r[s], c[s], h[s], w[s], r[d], c[d], h[d], w[d])
     inbound = host_hops(c[d], w[d], inbound=True, cols=spec.cols)
     outbound = host_hops(c[s], w[s], inbound=False, cols=spec.cols)
-    hops = relax.where(src < 0, inbound, relax.where(dst < 0, outbound, between))
-    return ns.max(hops)
+    hops = relax.where(_per_flow(src < 0, r), inbound, relax.where(_per_flow(dst < 0, r), outbound, between))
+    return ns.max(hops, axis=0)
 
 
 def stream_cycles(f: ft.Features, lay: Layout, spec):
     """Cycles per sample the busiest link of the streams between kernels (and from and to the host) is busy, [F]
     per stream: its words over its lanes (`flow_lane_count`: the host's streams run along every row of the first
-    and last kernels), times the streams sharing the link (`Features.flow_share`), at a word per cycle per link."""
+    and last kernels), times the streams sharing the link (`Features.flow_share`), at a word per cycle per link.
+    [F, ...] for a layout with trailing batch axes (`route_hops`)."""
     ns = relax.xp(lay.height, lay.row)
     if f.flow_src.shape[0] == 0:
         return ns.zeros((0,))
@@ -272,8 +282,8 @@ def stream_cycles(f: ft.Features, lay: Layout, spec):
     s, d = ns.maximum(src, 0), ns.maximum(dst, 0)
     r, c, h, w = lay.row, lay.col, lay.height, lay.width
     between = flow_lane_count(r[s], c[s], h[s], w[s], r[d], c[d], h[d], w[d])
-    lanes = relax.where(src < 0, h[d], relax.where(dst < 0, h[s], between))
-    words = f.flow_words / relax.maximum(lanes, 1.0) * f.flow_share
+    lanes = relax.where(_per_flow(src < 0, r), h[d], relax.where(_per_flow(dst < 0, r), h[s], between))
+    words = _per_flow(f.flow_words, r) / relax.maximum(lanes, 1.0) * _per_flow(f.flow_share, r)
     return words * (cost.WORD_BITS / spec.link_bits_per_cycle)
 
 
@@ -293,20 +303,38 @@ def program_figures(f: ft.Features, lay: Layout, spec, tau=0.0, cluster=None) ->
     critical path; weight streaming: SwarmX's weight broadcasts and gradient reduces, overlapping the compute).
     """
     k = kernel_figures(f, lay, spec, tau)
+    return pipeline_figures(f, k, route_hops(f, lay, spec), stream_cycles(f, lay, spec), spec, tau, cluster)
+
+
+# The kernel figures `pipeline_figures` reads: what a placement's kernels contribute to the program's figures beyond
+# their routes (compiler/analysis/tabulated.py tabulates these over integer sides).
+PIPELINE_KEYS = ("cycles", "cores", "sram_bytes", "forward", "backward", "update", "io")
+
+
+def pipeline_figures(f: ft.Features, k: dict, hops, streams, spec, tau=0.0, cluster=None) -> dict:
+    """The program's figures (`program_figures`) from its kernels' figures `k` (`kernel_figures`' dict, or at least
+    its `PIPELINE_KEYS` of the task), the longest route's `hops` (`route_hops`) and the streams' cycles per sample
+    [F] (`stream_cycles`): the pipeline rules of the module docstring, and nothing that depends on a rectangle.
+
+    Per-kernel figures may carry trailing batch axes ([n, ...], with hops [...] and streams [F, ...]): reductions
+    over kernels and streams run along axis 0, so many placements are composed at once."""
     ns = relax.xp(k["cycles"], spec.clock_hz)
     batch = f.batch
-    hops = route_hops(f, lay, spec)
     latency = hops * spec.hop_latency_cycles
-    streams = stream_cycles(f, lay, spec)
-    stream = relax.smax(streams, tau) if streams.shape[0] else 0.0 * batch
-    out = dict(kernel=k, hops=hops, peak_sram_bytes=relax.smax(k["sram_bytes"], 0.0), stream_cycles=streams)
+    stream = relax.smax(streams, tau, axis=0) if streams.shape[0] else 0.0 * batch
+    peak = relax.smax(k["sram_bytes"], 0.0, axis=0)
+    out = dict(kernel=k, hops=hops, peak_sram_bytes=peak, stream_cycles=streams)
+    total = lambda x: ns.sum(x, axis=0)  # noqa: E731 - over kernels
+    worst_of = lambda x: relax.smax(x, tau, axis=0)  # noqa: E731
+    # pace's entries after the kernels', one per placement
+    tail = lambda *xs: ns.stack([ns.broadcast_to(x, ns.shape(k["cycles"])[1:]) for x in xs])  # noqa: E731
     if f.task == "inference":
         s = k["cycles"] / batch
         # inputs in and outputs out over the edge I/O at once (full duplex)
         io = cost.io_cycles(spec, relax.maximum(f.io_bytes, f.io_out_bytes)) / batch
-        pace = ns.concatenate([s, ns.stack([stream + 0.0 * batch, io + 0.0 * batch])])
-        worst = relax.smax(pace, tau)
-        call = io + ns.sum(s) + latency
+        pace = ns.concatenate([s, tail(stream + 0.0 * batch, io + 0.0 * batch)])
+        worst = worst_of(pace)
+        call = io + total(s) + latency
         out.update(
             cycles_per_sample=s,
             io_sample_cycles=io,
@@ -317,7 +345,7 @@ def program_figures(f: ft.Features, lay: Layout, spec, tau=0.0, cluster=None) ->
             step_cycles=call + (batch - 1) * worst,
             compute_cycles=call + (batch - 1) * worst,
             samples_per_s=spec.clock_hz / worst,
-            cores=ns.sum(k["cores"]),
+            cores=total(k["cores"]),
         )
         return out
     mx = _smooth_max(tau)
@@ -329,20 +357,20 @@ def program_figures(f: ft.Features, lay: Layout, spec, tau=0.0, cluster=None) ->
         # MemoryX -> SwarmX -> every wafer's edge: weights broadcast in, gradients reduced out, at the slower of the
         # interconnect and the edge I/O, plus the tree's levels
         k["io"] = wcluster.stream_seconds(cluster, f.stream_bytes, spec.edge_io_bits_per_s) * spec.clock_hz
-        interconnect = ns.sum(3.0 * k["io"])
+        interconnect = total(3.0 * k["io"])
     elif wafers > 1:
         interconnect = wcluster.allreduce_seconds(cluster, ns.sum(f.stream_bytes)) * spec.clock_hz
     if f.mode == "pipelined":
-        pace = ns.concatenate([s, ns.stack([stream + 0.0 * batch, 0.0 * batch])])
-        worst = relax.smax(pace, tau)
+        pace = ns.concatenate([s, tail(stream + 0.0 * batch, 0.0 * batch)])
+        worst = worst_of(pace)
         # the gradients are all-reduced between the wafers after the last backward, before every kernel updates
-        compute = ns.sum(s) + 2.0 * latency + (batch - 1) * worst + interconnect + relax.smax(k["update"], tau)
-        cores = ns.sum(k["cores"])
+        compute = total(s) + 2.0 * latency + (batch - 1) * worst + interconnect + worst_of(k["update"])
+        cores = total(k["cores"])
     else:
-        pace = ns.concatenate([s, ns.stack([0.0 * batch, 0.0 * batch])])
-        worst = relax.smax(s, tau)
-        compute = ns.sum(mx(k["forward"], k["io"]) + mx(k["backward"], 2.0 * k["io"]))
-        cores = relax.smax(k["cores"], 0.0)
+        pace = ns.concatenate([s, tail(0.0 * batch, 0.0 * batch)])
+        worst = worst_of(s)
+        compute = total(mx(k["forward"], k["io"]) + mx(k["backward"], 2.0 * k["io"]))
+        cores = relax.smax(k["cores"], 0.0, axis=0)
     step = mx(compute, io)
     out.update(
         cycles_per_sample=s,
