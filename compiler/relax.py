@@ -107,9 +107,35 @@ def where(c, a, b):
     return xp(c, a, b).where(c, a, b)
 
 
+def _fold(op, x):
+    """op (elementwise, binary) over axis 0 of a JAX array: a balanced tree of elementwise ops on its rows, pairs in
+    a fixed order. XLA's CPU reduce over a leading axis measured several times slower than the same elementwise ops,
+    which fuse with their producers (compiler/analysis/tabulated.py reduces [kernels, points] arrays this way; a
+    tree that concatenates odd rows back measured slower still); and the order is the same whether the array has
+    trailing batch axes or is vmapped."""
+
+    def tree(lo, hi):
+        if hi - lo == 1:
+            return x[lo]
+        mid = (lo + hi) // 2
+        return op(tree(lo, mid), tree(mid, hi))
+
+    return tree(0, x.shape[0])
+
+
+def fold_sum(x):
+    """The sum over axis 0 (a tree of adds on JAX arrays, `_fold`)."""
+    if is_jax(x) and x.shape[0] > 0:
+        return _fold(jnp.add, x)
+    return xp(x).sum(x, axis=0)
+
+
 def smax(x, tau=0.0, axis=-1):
-    """max over `axis`, or its log-sum-exp relaxation at temperature `tau` > 0."""
+    """max over `axis`, or its log-sum-exp relaxation at temperature `tau` > 0 (along axis 0 of a JAX array at
+    tau = 0, a tree of maxima: `_fold`)."""
     if not is_jax(tau) and float(tau) == 0.0:
+        if axis == 0 and is_jax(x) and x.shape[0] > 0:
+            return _fold(jnp.maximum, x)
         return xp(x).max(x, axis=axis)
     if is_jax(x, tau):
         return tau * jax.nn.logsumexp(x / tau, axis=axis)

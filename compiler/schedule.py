@@ -266,7 +266,7 @@ def route_hops(f: ft.Features, lay: Layout, spec):
     inbound = host_hops(c[d], w[d], inbound=True, cols=spec.cols)
     outbound = host_hops(c[s], w[s], inbound=False, cols=spec.cols)
     hops = relax.where(_per_flow(src < 0, r), inbound, relax.where(_per_flow(dst < 0, r), outbound, between))
-    return ns.max(hops, axis=0)
+    return relax.smax(hops, 0.0, axis=0)
 
 
 def stream_cycles(f: ft.Features, lay: Layout, spec):
@@ -324,7 +324,7 @@ def pipeline_figures(f: ft.Features, k: dict, hops, streams, spec, tau=0.0, clus
     stream = relax.smax(streams, tau, axis=0) if streams.shape[0] else 0.0 * batch
     peak = relax.smax(k["sram_bytes"], 0.0, axis=0)
     out = dict(kernel=k, hops=hops, peak_sram_bytes=peak, stream_cycles=streams)
-    total = lambda x: ns.sum(x, axis=0)  # noqa: E731 - over kernels
+    total = relax.fold_sum  # over kernels
     worst_of = lambda x: relax.smax(x, tau, axis=0)  # noqa: E731
     # pace's entries after the kernels', one per placement
     tail = lambda *xs: ns.stack([ns.broadcast_to(x, ns.shape(k["cycles"])[1:]) for x in xs])  # noqa: E731

@@ -1,9 +1,15 @@
 """Sweeps and what-ifs with the closed-form cost model (compiler/costmodel.py).
 
 `evaluate_placements(feats, layouts, spec)` scores a batch of placements (a `Layout` whose arrays are
-[points, kernels]) with `jax.vmap(costmodel.predict)`, jitted, in chunks that stay in cache (8,192 placements of 24
-kernels: ~10 MB of intermediates), optionally with a different hardware point per placement (a `WaferSpec` whose
-leaves are [points] arrays). `placements_per_second` measures how fast that is.
+[points, kernels], or [kernels, points] with `kernels_first=True`: the fast layout). At temperature 0 on one spec,
+placements whose sides are whole numbers go through the side table (compiler/analysis/tabulated.py: each kernel's
+figures tabulated over the batch's integer sides by the schedule's own `kernel_figures`, then per placement the
+gathers, the schedule's route terms and its pipeline, batched along the points): the same figures as
+`costmodel.predict`, many times faster. The rest (tau > 0, non-integer sides, traced features, a spec whose leaves
+are [points] arrays: a hardware point per placement) is `jax.vmap(costmodel.predict)`, jitted, in chunks that stay
+in cache (8,192 placements of 24 kernels: ~10 MB of intermediates). A batched spec is not tabulated per hardware
+point: sweeps vary a handful of leaves over a handful of placements, where a table per point costs what it saves.
+`placements_per_second` measures how fast the batch path is.
 
 `sweep(model, spec, sizes=..., placement=..., hardware=...)` is the grid search researchers run: every combination
 of model size x `PlacementParams` knobs x `WaferSpec` figures, one DataFrame row each. How each axis is handled:
@@ -42,6 +48,7 @@ import numpy as np
 
 import wafer
 from compiler.analysis import costmodel as cm
+from compiler.analysis import tabulated
 from compiler.errors import PlacementError
 from compiler.plan import Plan, build, demands_pass, graph_pass, partition_pass, place_pass, trace_program
 from compiler.plan.place import PlacementParams, place
@@ -51,7 +58,7 @@ SPEC_STATIC = tuple(
     f.name for f in dataclasses.fields(wafer.WaferSpec) if not f.metadata.get("pytree_node", True) and f.name != "name"
 )
 PLACEMENT_FIELDS = tuple(f.name for f in dataclasses.fields(PlacementParams))
-OUTPUTS = ("samples_per_s", "bottleneck_cycles", "latency_cycles", "cores", "peak_sram_bytes")
+OUTPUTS = tabulated.OUTPUTS
 
 
 # ---- batched evaluation ---------------------------------------------------------------------------------------
@@ -89,25 +96,56 @@ def stack_layouts(layouts: Sequence[cm.Layout]) -> cm.Layout:
     )
 
 
-def evaluate_placements(feats: cm.Features, layouts: cm.Layout, spec, *, tau: float = 0.0, chunk: int = 8192) -> dict:
-    """Cost-model figures of a batch of placements.
+def evaluate_placements(
+    feats: cm.Features,
+    layouts: cm.Layout,
+    spec,
+    *,
+    tau: float = 0.0,
+    chunk: int = 8192,
+    kernels_first: bool = False,
+) -> dict:
+    """Cost-model figures of a batch of placements (module docstring: the side table where it applies, else
+    `jax.vmap(costmodel.predict)`; the same figures either way).
 
     Args:
       feats: `costmodel.features(exe)` (compacted here when concrete).
-      layouts: a Layout with arrays [points, kernels].
+      layouts: a Layout with arrays [points, kernels] ([kernels, points] with `kernels_first`).
       spec: a WaferSpec for every point, or one whose leaves are [points] arrays (`stack_specs`).
       tau: relaxation temperature (0: exact).
-      chunk: placements per vmapped chunk (a multiple of 8; ~8,192 keeps a chunk's intermediates in cache).
+      chunk: placements per jitted call (a multiple of 8; ~8,192 keeps a chunk's intermediates in cache).
+      kernels_first: the layout's arrays are [kernels, points] (what the side table reads; no transpose).
     Returns:
       {name: np.ndarray [points]} for samples_per_s, bottleneck_cycles, latency_cycles, cores, peak_sram_bytes.
     """
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
-    if not isinstance(feats.counts, jax.core.Tracer):
+    concrete = not isinstance(feats.counts, jax.core.Tracer)
+    if concrete:
         feats = cm.compact(feats)
+    if np.ndim(layouts.height) != 2:
+        raise ValueError(f"layouts must have arrays [points, kernels], got shape {np.shape(layouts.height)}")
+    batched = _is_batched_spec(spec)
+    exact = isinstance(tau, (int, float)) and float(tau) == 0.0
+    leaves_concrete = not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(spec))
+    if exact and concrete and not batched and leaves_concrete:
+        lays = layouts if kernels_first else jax.tree.map(lambda x: np.ascontiguousarray(np.asarray(x).T), layouts)
+        out = tabulated.evaluate(feats, lays, spec, chunk=chunk)
+        rest = np.nonzero(~out.pop("valid"))[0]
+        if rest.size:  # sides the table does not hold (not whole numbers): the cost model itself
+            sub = jax.tree.map(lambda x: np.asarray(x)[:, rest].T, lays)
+            other = _predict_placements(feats, sub, spec, tau=0.0, chunk=chunk)
+            for k in OUTPUTS:
+                out[k][rest] = other[k]
+        return out
+    if kernels_first:
+        layouts = jax.tree.map(lambda x: np.asarray(x).T, layouts)
+    return _predict_placements(feats, layouts, spec, tau=tau, chunk=chunk)
+
+
+def _predict_placements(feats, layouts, spec, *, tau, chunk) -> dict:
+    """`jax.vmap(costmodel.predict)` over layouts [points, kernels], in chunks."""
     lays = jax.tree.map(lambda x: np.asarray(x, np.float32), layouts)
-    if lays.height.ndim != 2:
-        raise ValueError(f"layouts must have arrays [points, kernels], got shape {lays.height.shape}")
     points = lays.height.shape[0]
     batched = _is_batched_spec(spec)
     if batched:
@@ -134,35 +172,59 @@ def _padded(x: np.ndarray, start: int, size: int) -> np.ndarray:
     return np.concatenate([x, np.repeat(x[-1:], size - x.shape[0], axis=0)])
 
 
-def random_layouts(n_kernels: int, spec, points: int, *, seed: int = 0, max_side: int = 64) -> cm.Layout:
-    """`points` random placements [points, n_kernels]: sides uniform in [1, max_side], corners inside the grid (not
-    checked for overlaps: a benchmark and smoke-test input)."""
+def random_layouts(
+    n_kernels: int, spec, points: int, *, seed: int = 0, max_side: int = 64, kernels_first: bool = False
+) -> cm.Layout:
+    """`points` random placements [points, n_kernels] ([n_kernels, points] with `kernels_first`: the same
+    placements): sides uniform in [1, max_side], corners inside the grid (not checked for overlaps: a benchmark and
+    smoke-test input)."""
     rng = np.random.default_rng(seed)
     h = rng.integers(1, max_side + 1, (points, n_kernels)).astype(np.float32)
     w = rng.integers(1, max_side + 1, (points, n_kernels)).astype(np.float32)
     r = rng.integers(0, max(1, spec.rows - max_side), (points, n_kernels)).astype(np.float32)
     c = rng.integers(0, max(1, spec.cols - max_side), (points, n_kernels)).astype(np.float32)
-    return cm.Layout(jnp.asarray(h), jnp.asarray(w), jnp.asarray(r), jnp.asarray(c))
+    arrays = (h, w, r, c)
+    if kernels_first:
+        arrays = tuple(np.ascontiguousarray(x.T) for x in arrays)
+    return cm.Layout(*(jnp.asarray(x) for x in arrays))
 
 
 def placements_per_second(
     feats: cm.Features, spec, *, points: int = 65536, chunk: int = 8192, repeats: int = 5, seed: int = 0
 ) -> dict:
-    """Throughput of `evaluate_placements` on random placements, after compilation: the median of `repeats` timed calls.
+    """Throughput of `evaluate_placements` on random placements (integer sides 1-64, [kernels, points]), after
+    compilation: the median of `repeats` timed calls, each ended when every placement's figures are on the host.
 
-    Returns {"placements_per_s", "median_s", "compile_s", "points", "kernels"}.
+    The side table (compiler/analysis/tabulated.py) is built in the first call, with the XLA compiles, and cached
+    for the program, spec and side range; it is timed again apart (`tabulate_s`), and `placements_per_s_cold`
+    charges it to every batch (a batch that needed a table of its own).
+
+    Returns {"placements_per_s", "median_s", "compile_s", "tabulate_s", "placements_per_s_cold", "points",
+    "kernels"}.
     """
-    lays = random_layouts(feats.n, spec, points, seed=seed)
+    lays = random_layouts(feats.n, spec, points, seed=seed, kernels_first=True)
     t0 = time.perf_counter()
-    evaluate_placements(feats, lays, spec, chunk=chunk)
+    evaluate_placements(feats, lays, spec, chunk=chunk, kernels_first=True)
     compile_s = time.perf_counter() - t0
     times = []
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
-        evaluate_placements(feats, lays, spec, chunk=chunk)
+        evaluate_placements(feats, lays, spec, chunk=chunk, kernels_first=True)
         times.append(time.perf_counter() - t0)
     med = float(np.median(times))
-    return dict(placements_per_s=points / med, median_s=med, compile_s=compile_s, points=points, kernels=feats.n)
+    sides = tabulated.table_sides(*(int(np.max(np.asarray(x))) for x in (lays.height, lays.width)))
+    t0 = time.perf_counter()
+    jax.block_until_ready(tabulated.dense_table(cm.compact(feats), spec, *sides).figures)
+    tabulate_s = time.perf_counter() - t0
+    return dict(
+        placements_per_s=points / med,
+        median_s=med,
+        compile_s=compile_s,
+        tabulate_s=tabulate_s,
+        placements_per_s_cold=points / (med + tabulate_s),
+        points=points,
+        kernels=feats.n,
+    )
 
 
 # ---- sweeps ---------------------------------------------------------------------------------------------------

@@ -185,10 +185,13 @@ def flow_hops(sr, sc, sh, sw, dr, dc, dh, dw, *, cols=None):
     vert = abs(rd - rs)
     n = R.minimum(sh, dw)
     one = n == 1  # a single corner lane runs through the middle row and column
-    first = lambda start, size: R.where(one, start + R.floor((size - 1) / 2), spread(0, n, start, size))
-    last = lambda start, size: R.where(one, start + R.floor((size - 1) / 2), spread(n - 1, n, start, size))
-    x_far = R.where(east, last(dc, dw) - cs, cs - first(dc, dw))
-    y_far = R.where(south, rd - first(sr, sh), last(sr, sh) - rd)
+    # the farthest lanes: going east the destination's last column (west: its first), going south the source's
+    # first row (north: its last); the lane index is chosen before `spread` so that it is evaluated once per axis
+    lane = lambda i, start, size: R.where(one, start + R.floor((size - 1) / 2), spread(i, n, start, size))  # noqa: E731
+    x_lane = lane(R.where(east, n - 1, 0.0), dc, dw)
+    y_lane = lane(R.where(south, 0.0, n - 1), sr, sh)
+    x_far = R.where(east, x_lane - cs, cs - x_lane)
+    y_far = R.where(south, rd - y_lane, y_lane - rd)
     diagonal = (east | west) & (north | south)
     return R.where(diagonal, x_far + y_far, R.where(east | west, side, vert))
 

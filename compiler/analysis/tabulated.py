@@ -1,0 +1,285 @@
+"""The cost model on integer placements, fast: the schedule's per-kernel figures tabulated over integer sides.
+
+`compiler.schedule.program_figures` = `kernel_figures` (each kernel partitioned on its rectangle and charged) then
+`pipeline_figures` (the kernels composed into a pipeline, with the longest route and the busiest stream). A
+kernel's figures depend on its own height and width only: not on where its rectangle is, nor on the other kernels
+(every rule of `kernel_figures` is elementwise over kernels). So for a batch of placements whose sides are
+integers, the kernel figures take a few distinct values per kernel, and
+
+    table = tabulate(feats, spec, pairs)        # kernel_figures at every (height, width) of `pairs`, every kernel
+    out = evaluate(table, layouts)              # layouts [kernels, points]: gathers + route terms + pipeline
+
+evaluates a placement as: a gather of each kernel's `PIPELINE_KEYS` figures from the table, then the schedule's own
+`route_hops`, `stream_cycles` and `pipeline_figures` on the placement's layout, batched along a trailing axis
+([kernels, points]: the vectorised axis is the contiguous one). Nothing here restates a rule: the table is
+`kernel_figures` itself (jitted and vmapped over side pairs exactly as `jax.vmap(costmodel.predict)` evaluates it,
+features passed as arguments), the rest is the schedule's functions called on the gathered figures. The figures
+equal `costmodel.predict` at tau = 0 on the same integer layouts (tests/compiler/test_tabulated.py: samples/s,
+bottleneck, cores and peak SRAM bit for bit; latency to float32 reassociation of the sum over kernels, a few ulps).
+
+Where it does not apply, `compiler.analysis.sweep.evaluate_placements` uses `jax.vmap(costmodel.predict)`: a
+positive temperature (relaxed maxima), non-integer sides (a relaxed layout), traced features, or a batched spec
+(hardware leaves per point: a table per hardware point would cost as much as it saves; see that function).
+
+Tables come in two forms:
+  dense   every (h, w) in [1, H] x [1, W] (H, W: the batch's largest sides, rounded up to a multiple of 8), the
+          index computed on the device from the sides; used when H x W is no more than the batch's placements, and
+          cached per (program, spec, H, W), so repeated batches (a benchmark, a sweep in several calls) pay it once;
+  sparse  the distinct (h, w) pairs of the batch (`np.unique` on the host, padded to a power of two), the index its
+          inverse: small batches with large sides (a sweep's few placements, a search scoring one).
+Rows and columns need not be integers (the route terms are evaluated as they come); a placement whose sides are not
+whole numbers in the table's range is flagged `valid = False` and left to the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compiler import relax, schedule
+from compiler.plan import features as ft
+from compiler.schedule import Layout
+
+# What a batch evaluation returns per placement (besides `valid`), as sweeps report it.
+OUTPUTS = ("samples_per_s", "bottleneck_cycles", "latency_cycles", "cores", "peak_sram_bytes")
+
+_DENSE_STEP = 8  # a dense table's sides are rounded up to a multiple of this (fewer distinct tables, compiles)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SideTable:
+    """A program's per-kernel figures at integer sides (module docstring).
+
+    Attributes:
+      feats: the program's features (NumPy: the evaluator closes over them as constants).
+      spec: the wafer (its leaves float32 scalars).
+      figures: {key: [(pairs + 1) * n] float32} for the task's `PIPELINE_KEYS`: entry q * n + i is kernel i's
+        figure at side pair q; pair `pairs` is NaN (where a side is not in the table).
+      heights, widths: [pairs] the side pairs (NumPy float32).
+      dense: (H, W) when the pairs are every (h, w) in [1, H] x [1, W], row-major; None for a sparse table.
+    """
+
+    feats: ft.Features
+    spec: object
+    figures: dict
+    heights: np.ndarray
+    widths: np.ndarray
+    dense: tuple | None = None
+
+    @property
+    def pairs(self) -> int:
+        return int(self.heights.shape[0])
+
+
+def _keys(feats: ft.Features) -> tuple:
+    """The PIPELINE_KEYS `kernel_figures` returns for this task."""
+    if feats.task != "training":
+        return ("cycles", "cores", "sram_bytes")
+    return tuple(schedule.PIPELINE_KEYS)
+
+
+@functools.partial(jax.jit, static_argnames=("keys",))
+def _tabulate(feats, heights, widths, spec, *, keys):
+    """kernel_figures at every side pair, every kernel: {key: [pairs, n]}; vmapped over the pairs with the features
+    as arguments, as `jax.vmap(costmodel.predict)` evaluates a kernel's figures (so the values are its values)."""
+    n = feats.anchor.shape[0]
+
+    def one(h, w):
+        zero = jnp.zeros((n,), jnp.float32)
+        k = schedule.kernel_figures(feats, Layout(zero + h, zero + w, zero, zero), spec, 0.0)
+        return {key: k[key] for key in keys}
+
+    return jax.vmap(one)(heights, widths)
+
+
+def tabulate(feats: ft.Features, spec, heights, widths, *, dense: tuple | None = None) -> SideTable:
+    """The table of `feats`' kernel figures on `spec` at the side pairs (heights[q], widths[q]).
+
+    Args:
+      feats: the program's features (concrete arrays).
+      spec: a WaferSpec with scalar leaves.
+      heights, widths: [pairs] integer sides.
+      dense: (H, W) when the pairs are the whole grid [1, H] x [1, W], row-major (`dense_table`).
+    """
+    feats = jax.tree.map(lambda x: np.asarray(x, np.float32), feats)
+    spec = jax.tree.map(lambda x: np.float32(x), spec)
+    heights, widths = np.asarray(heights, np.float32), np.asarray(widths, np.float32)
+    figs = _tabulate(feats, heights, widths, spec, keys=_keys(feats))
+    # a last pair of NaNs: where a placement's side is not in the table, its figures come out NaN
+    sentinel = jnp.full((1, feats.n), jnp.nan, jnp.float32)
+    figures = {key: jnp.reshape(jnp.concatenate([v, sentinel]), (-1,)) for key, v in figs.items()}
+    return SideTable(feats, spec, figures, heights, widths, dense)
+
+
+def dense_table(feats: ft.Features, spec, max_height: int, max_width: int) -> SideTable:
+    """The table at every (h, w) in [1, max_height] x [1, max_width]."""
+    h, w = np.meshgrid(np.arange(1, max_height + 1), np.arange(1, max_width + 1), indexing="ij")
+    return tabulate(feats, spec, h.reshape(-1), w.reshape(-1), dense=(int(max_height), int(max_width)))
+
+
+def sparse_table(feats: ft.Features, spec, heights, widths) -> tuple[SideTable, np.ndarray, np.ndarray]:
+    """The table at the distinct integer (h, w) pairs of `heights`, `widths` (any shape, e.g. [kernels, points]).
+
+    Returns (table, index, valid): index [same shape] int32, the pair of each entry (0 where not valid); valid
+    [same shape], the entry is a whole number >= 1 (others get no pair)."""
+    h, w = np.asarray(heights, np.float64), np.asarray(widths, np.float64)
+    ok = (h == np.floor(h)) & (w == np.floor(w)) & (h >= 1) & (w >= 1)
+    wmax = float(np.max(np.where(ok, w, 1.0), initial=1.0)) + 1.0
+    key = np.where(ok, h * wmax + w, wmax + 1.0)  # (1, 1) where not valid
+    uniq, inverse = np.unique(key, return_inverse=True)
+    size = 1 << max(3, int(np.ceil(np.log2(len(uniq)))))  # pad to a power of two: few distinct shapes to compile
+    uniq = np.concatenate([uniq, np.full(size - len(uniq), wmax + 1.0)])
+    th, tw = np.floor(uniq / wmax), uniq - np.floor(uniq / wmax) * wmax
+    index = np.where(ok, inverse.reshape(h.shape), 0).astype(np.int32)
+    return tabulate(feats, spec, th, tw), index, ok
+
+
+# ---- evaluating placements ----------------------------------------------------------------------------------------
+
+
+def _compose(feats, spec, k: dict, lay: Layout) -> dict:
+    """The schedule's pipeline on gathered kernel figures [n, points] and the layout [n, points]: OUTPUTS [points]."""
+    hops = schedule.route_hops(feats, lay, spec)
+    streams = schedule.stream_cycles(feats, lay, spec)
+    out = schedule.pipeline_figures(feats, k, hops, streams, spec, 0.0)
+    return {key: out[key] for key in OUTPUTS}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Holder:
+    """Carries an unhashable value through lru_cache, which hashes and compares the key beside it instead."""
+
+    value: object
+
+    def __hash__(self):
+        return 0
+
+    def __eq__(self, other):
+        return isinstance(other, _Holder)
+
+
+@functools.lru_cache(maxsize=32)
+def _evaluator(key: str, feats: _Holder, spec: _Holder, dense: tuple | None, chunk: int):
+    """The jitted evaluation of `chunk` placements of the program `key`: (figures, layouts [n, points], index
+    [n, points] or None for a dense table, start) -> OUTPUTS [chunk] and valid [chunk] of placements
+    [start, start + chunk) (a start past points - chunk is clamped to it: XLA's dynamic_slice). The features and the
+    spec are constants of the compiled program; the table and the batch are arguments."""
+    feats, spec = feats.value, spec.value
+    n = feats.n
+
+    @jax.jit
+    def run(figures, layouts: Layout, index, start):
+        lay = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1), layouts)
+        h, w = lay.height, lay.width
+        pairs = figures[next(iter(figures))].shape[0] // n - 1  # the last pair is the NaN sentinel
+        if index is None:  # dense: the pair is (h - 1) * W + (w - 1)
+            H, W = dense
+            hi, wi = h.astype(jnp.int32), w.astype(jnp.int32)
+            ok = (h == hi) & (w == wi) & (hi >= 1) & (wi >= 1) & (hi <= H) & (wi <= W)
+            index = jnp.where(ok, (hi - 1) * W + (wi - 1), pairs)
+        else:
+            index = jax.lax.dynamic_slice_in_dim(index, start, chunk, axis=1)
+            index = jnp.where(index >= 0, index, pairs)
+        flat = index * n + jnp.arange(n, dtype=jnp.int32)[:, None]
+        # gathered once and kept (else XLA repeats the gathers in every fusion that reads them: ~20% slower)
+        k = jax.lax.optimization_barrier({key: v.at[flat].get(mode="promise_in_bounds") for key, v in figures.items()})
+        return _compose(feats, spec, k, lay)
+
+    return run
+
+
+@functools.lru_cache(maxsize=16)
+def _dense(key: str, feats: _Holder, spec: _Holder, max_height: int, max_width: int) -> SideTable:
+    return dense_table(feats.value, spec.value, max_height, max_width)
+
+
+def program_key(feats: ft.Features, spec) -> str:
+    """A digest of the features' arrays and static fields and the spec's values: tables are cached under it."""
+    digest = hashlib.blake2b(digest_size=16)
+    leaves, treedef = jax.tree_util.tree_flatten(feats)
+    digest.update(repr(treedef).encode())
+    for leaf in leaves:
+        a = np.ascontiguousarray(np.asarray(leaf, np.float32))
+        digest.update(str(a.shape).encode())
+        digest.update(a.tobytes())
+    sleaves, sdef = jax.tree_util.tree_flatten(spec)
+    digest.update(repr(sdef).encode())
+    digest.update(np.asarray([np.float32(x) for x in sleaves], np.float32).tobytes())
+    return digest.hexdigest()
+
+
+@jax.jit
+def _extent(h, w):
+    finite = lambda x: jnp.max(jnp.where(jnp.isfinite(x), x, 1.0))  # noqa: E731
+    return jnp.stack([finite(h), finite(w)])
+
+
+def _largest_sides(h, w) -> tuple[int, int]:
+    """The largest finite height and width of a batch (whole numbers, at least 1): on the device for JAX arrays
+    (a host copy of [kernels, points] arrays measured slower than the reduction)."""
+    if isinstance(h, jax.Array) and isinstance(w, jax.Array):
+        mh, mw = np.asarray(jax.device_get(_extent(h, w)), np.float64)
+    else:
+        h, w = np.asarray(h, np.float64), np.asarray(w, np.float64)
+        mh, mw = (float(np.max(x[np.isfinite(x)], initial=1.0)) for x in (h, w))
+    return max(1, int(np.ceil(mh))), max(1, int(np.ceil(mw)))
+
+
+def table_sides(max_height: int, max_width: int) -> tuple[int, int]:
+    """The (H, W) of the dense table for a batch whose largest sides are these: rounded up to a multiple of 8."""
+    up = lambda x: max(_DENSE_STEP, -(-int(x) // _DENSE_STEP) * _DENSE_STEP)  # noqa: E731
+    return up(max_height), up(max_width)
+
+
+def evaluate(feats: ft.Features, layouts: Layout, spec, *, chunk: int = 8192, key: str | None = None) -> dict:
+    """The figures of a batch of placements at tau = 0 through a side table (module docstring).
+
+    Args:
+      feats: the program's features (concrete).
+      layouts: a Layout with arrays [kernels, points] (kernels first: the fast layout).
+      spec: a WaferSpec with scalar leaves.
+      chunk: placements per jitted call (a chunk's intermediates stay in cache).
+      key: `program_key(feats, spec)` when the caller has it (dense tables are cached under it).
+    Returns:
+      {name: np.ndarray [points]} for OUTPUTS, and "valid" [points]: the placement's sides were whole numbers the
+      table covers (other entries are meaningless; evaluate them with `costmodel.predict`).
+    """
+    n, points = np.shape(layouts.height)
+    max_h, max_w = _largest_sides(layouts.height, layouts.width)
+    H, W = table_sides(max_h, max_w)
+    key = program_key(feats, spec) if key is None else key
+    feats_np = jax.tree.map(lambda x: np.asarray(x, np.float32), feats)
+    spec_np = jax.tree.map(lambda x: np.float32(x), spec)
+    index = None
+    if H * W <= max(points, 64):
+        table = _dense(key, _Holder(feats_np), _Holder(spec_np), H, W)
+    else:
+        table, index, ok = sparse_table(feats_np, spec_np, layouts.height, layouts.width)
+        index = np.where(ok, index, -1).astype(np.int32)
+    lays = Layout(layouts.height, layouts.width, layouts.row, layouts.col)
+    if points < chunk:  # one call, padded to a power of two (few shapes to compile)
+        chunk = 1 << max(3, (points - 1).bit_length())
+        pad = lambda x: np.pad(np.asarray(x), ((0, 0), (0, chunk - points)), mode="edge")  # noqa: E731
+        lays = jax.tree.map(pad, lays)
+        index = None if index is None else pad(index)
+        size = chunk
+    else:
+        size = points
+    run = _evaluator(key, _Holder(feats_np), _Holder(spec_np), table.dense, chunk)
+    starts = list(range(0, size, chunk))
+    outs = jax.device_get([run(table.figures, lays, index, np.int32(start)) for start in starts])
+    # the last call's start was clamped to size - chunk: keep its placements past the previous call's
+    parts = {k: [] for k in OUTPUTS}
+    for start, out in zip(starts, outs):
+        skip = start - min(start, size - chunk)
+        for k in parts:
+            parts[k].append(out[k][skip:])
+    out = {k: np.concatenate(v)[:points] for k, v in parts.items()}
+    # a side outside the table reads the NaN pair, and the NaN reaches the outputs (sums and XLA's maxima propagate it)
+    out["valid"] = ~np.any([np.isnan(out[k]) for k in OUTPUTS], axis=0)
+    return out
