@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compiler import relax, schedule
+from compiler import schedule
 from compiler.plan import features as ft
 from compiler.schedule import Layout
 
