@@ -163,34 +163,29 @@ class _Holder:
         return isinstance(other, _Holder)
 
 
-@functools.lru_cache(maxsize=32)
-def _evaluator(key: str, feats: _Holder, spec: _Holder, dense: tuple | None, chunk: int):
-    """The jitted evaluation of `chunk` placements of the program `key`: (figures, layouts [n, points], index
-    [n, points] or None for a dense table, start) -> OUTPUTS [chunk] and valid [chunk] of placements
-    [start, start + chunk) (a start past points - chunk is clamped to it: XLA's dynamic_slice). The features and the
-    spec are constants of the compiled program; the table and the batch are arguments."""
-    feats, spec = feats.value, spec.value
-    n = feats.n
-
-    @jax.jit
-    def run(figures, layouts: Layout, index, start):
-        lay = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1), layouts)
-        h, w = lay.height, lay.width
-        pairs = figures[next(iter(figures))].shape[0] // n - 1  # the last pair is the NaN sentinel
-        if index is None:  # dense: the pair is (h - 1) * W + (w - 1)
-            H, W = dense
-            hi, wi = h.astype(jnp.int32), w.astype(jnp.int32)
-            ok = (h == hi) & (w == wi) & (hi >= 1) & (wi >= 1) & (hi <= H) & (wi <= W)
-            index = jnp.where(ok, (hi - 1) * W + (wi - 1), pairs)
-        else:
-            index = jax.lax.dynamic_slice_in_dim(index, start, chunk, axis=1)
-            index = jnp.where(index >= 0, index, pairs)
-        flat = index * n + jnp.arange(n, dtype=jnp.int32)[:, None]
-        # gathered once and kept (else XLA repeats the gathers in every fusion that reads them: ~20% slower)
-        k = jax.lax.optimization_barrier({key: v.at[flat].get(mode="promise_in_bounds") for key, v in figures.items()})
-        return _compose(feats, spec, k, lay)
-
-    return run
+@functools.partial(jax.jit, static_argnames=("dense", "chunk"))
+def _run(feats, spec, figures, layouts: Layout, index, start, *, dense: tuple | None, chunk: int):
+    """OUTPUTS [chunk] of placements [start, start + chunk) of layouts [n, points] (a start past points - chunk is
+    clamped to it: XLA's dynamic_slice), their kernel figures read from the table `figures` at the pairs `index`
+    [n, points] (sparse) or at (h - 1) * W + (w - 1) (dense: (H, W)). The features and the spec are arguments, as
+    in `jax.vmap(costmodel.predict)`'s program: constants would let XLA fold and reassociate the pipeline's
+    arithmetic differently (an ulp of samples/s)."""
+    n = feats.anchor.shape[0]
+    lay = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1), layouts)
+    h, w = lay.height, lay.width
+    pairs = figures[next(iter(figures))].shape[0] // n - 1  # the last pair is the NaN sentinel
+    if index is None:
+        H, W = dense
+        hi, wi = h.astype(jnp.int32), w.astype(jnp.int32)
+        ok = (h == hi) & (w == wi) & (hi >= 1) & (wi >= 1) & (hi <= H) & (wi <= W)
+        index = jnp.where(ok, (hi - 1) * W + (wi - 1), pairs)
+    else:
+        index = jax.lax.dynamic_slice_in_dim(index, start, chunk, axis=1)
+        index = jnp.where(index >= 0, index, pairs)
+    flat = index * n + jnp.arange(n, dtype=jnp.int32)[:, None]
+    # gathered once and kept (else XLA repeats the gathers in every fusion that reads them: ~20% slower)
+    k = jax.lax.optimization_barrier({key: v.at[flat].get(mode="promise_in_bounds") for key, v in figures.items()})
+    return _compose(feats, spec, k, lay)
 
 
 @functools.lru_cache(maxsize=16)
@@ -270,9 +265,11 @@ def evaluate(feats: ft.Features, layouts: Layout, spec, *, chunk: int = 8192, ke
         size = chunk
     else:
         size = points
-    run = _evaluator(key, _Holder(feats_np), _Holder(spec_np), table.dense, chunk)
+    feats_j = jax.tree.map(jnp.asarray, feats_np)
+    spec_j = jax.tree.map(jnp.asarray, spec_np)
     starts = list(range(0, size, chunk))
-    outs = jax.device_get([run(table.figures, lays, index, np.int32(start)) for start in starts])
+    run = functools.partial(_run, feats_j, spec_j, table.figures, lays, index, dense=table.dense, chunk=chunk)
+    outs = jax.device_get([run(np.int32(start)) for start in starts])
     # the last call's start was clamped to size - chunk: keep its placements past the previous call's
     parts = {k: [] for k in OUTPUTS}
     for start, out in zip(starts, outs):

@@ -1,0 +1,161 @@
+"""The side table (compiler/analysis/tabulated.py) gives the cost model's figures: on random integer placements of
+zoo models, inference and training (pipelined and weight streaming), on specs with different leaves, the batch path
+equals `jax.vmap(costmodel.predict)` bit for bit; it is the path `evaluate_placements` takes at tau = 0, and
+placements it cannot read from a table (non-integer sides) are left to the cost model itself."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from model_zoo import MODELS
+
+import compiler
+import wafer
+from compiler import costmodel as cm
+from compiler.analysis import sweep, tabulated
+from compiler.analysis.sweep import OUTPUTS, evaluate_placements, random_layouts
+
+BASE = wafer.WaferSpec.mini(24, 24)
+SPECS = {
+    "mini": BASE,
+    "other_leaves": BASE.with_(
+        clock_hz=1.1e9,
+        link_bits_per_cycle=16.0,
+        hop_latency_cycles=3.0,
+        simd_fmac_fp32=2.0,
+        simd_alu_fp32=4.0,
+        sram_read_bytes_per_cycle=8.0,
+        instr_startup_cycles=7.0,
+        edge_io_bits_per_s=2.4e11,
+    ),
+}
+
+
+def _reference(feats, lays, spec):
+    """The cost model itself: jit(vmap(predict)) on [points, kernels] (the path the table replaces)."""
+    return sweep._predict_placements(
+        cm.compact(feats), jax.tree.map(lambda x: np.asarray(x).T, lays), spec, tau=0.0, chunk=64
+    )
+
+
+def _no_fallback(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the side table was not used")
+
+    monkeypatch.setattr(sweep, "_predict_placements", refuse)
+
+
+def _check(feats, spec, monkeypatch, *, points=300, max_side=9, seed=0):
+    lays = random_layouts(feats.n, spec, points, seed=seed, max_side=max_side, kernels_first=True)
+    ref = _reference(feats, lays, spec)
+    with monkeypatch.context() as m:
+        _no_fallback(m)
+        out = evaluate_placements(feats, lays, spec, chunk=128, kernels_first=True)
+    for k in OUTPUTS:
+        np.testing.assert_array_equal(out[k], ref[k], err_msg=k)
+    assert np.all(np.isfinite(out["samples_per_s"])) and np.all(out["samples_per_s"] > 0)
+
+
+@pytest.mark.parametrize("sname", list(SPECS))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_inference_equals_the_cost_model(name, sname, monkeypatch):
+    exe = compiler.compile(*MODELS[name]().trace_args(), spec=BASE)
+    _check(cm.features(exe), SPECS[sname], monkeypatch)
+
+
+def _loss(case):
+    def loss(params, batch):
+        out = case.fn(params, *batch)
+        return sum(jnp.mean(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(out))
+
+    return loss
+
+
+@pytest.mark.parametrize("mode", ["pipelined", "weight_streaming"])
+@pytest.mark.parametrize("name", ["mlp", "lenet", "encoder_block"])
+def test_training_equals_the_cost_model(name, mode, monkeypatch):
+    case = MODELS[name]()
+    tx = compiler.compile_train(_loss(case), case.params, case.inputs, optax.adam(1e-3), spec=BASE, mode=mode)
+    feats = cm.features(tx)
+    assert feats.task == "training" and feats.mode == mode
+    for spec in SPECS.values():
+        _check(feats, spec, monkeypatch, seed=1)
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    return cm.features(compiler.compile(*MODELS["lenet"]().trace_args(), spec=BASE))
+
+
+def test_dense_and_sparse_tables_agree(lenet, monkeypatch):
+    """A large batch with small sides reads a dense table, a small batch with large sides a sparse one (the
+    distinct pairs): both are the cost model's figures."""
+    dense = random_layouts(lenet.n, BASE, 4096, seed=2, max_side=16, kernels_first=True)
+    few = random_layouts(lenet.n, BASE, 5, seed=3, max_side=20, kernels_first=True)
+    for lays in (dense, few):
+        ref = _reference(lenet, lays, BASE)
+        with monkeypatch.context() as m:
+            _no_fallback(m)
+            out = evaluate_placements(lenet, lays, BASE, chunk=1024, kernels_first=True)
+        for k in OUTPUTS:
+            np.testing.assert_array_equal(out[k], ref[k], err_msg=k)
+
+
+def test_points_first_layouts_and_one_placement(lenet, monkeypatch):
+    lays = random_layouts(lenet.n, BASE, 50, seed=4, max_side=12)
+    ref = _reference(lenet, jax.tree.map(lambda x: np.asarray(x).T, lays), BASE)
+    with monkeypatch.context() as m:
+        _no_fallback(m)
+        out = evaluate_placements(lenet, lays, BASE)
+        one = evaluate_placements(lenet, jax.tree.map(lambda x: x[7:8], lays), BASE)
+    for k in OUTPUTS:
+        np.testing.assert_array_equal(out[k], ref[k], err_msg=k)
+        np.testing.assert_array_equal(one[k], ref[k][7:8], err_msg=k)
+
+
+def test_non_integer_sides_go_to_the_cost_model(lenet):
+    lays = random_layouts(lenet.n, BASE, 64, seed=5, max_side=12, kernels_first=True)
+    h = np.asarray(lays.height).copy()
+    h[3, ::5] += 0.5  # every fifth placement has one kernel of non-integer height
+    h[0, 1] = 200.0  # beyond any table a batch of this size gets (sparse pairs still hold it)
+    lays = cm.Layout(jnp.asarray(h), lays.width, lays.row, lays.col)
+    raw = tabulated.evaluate(cm.compact(lenet), lays, BASE)
+    assert not raw["valid"][::5].any() and raw["valid"][1:5].all()
+    out = evaluate_placements(lenet, lays, BASE, kernels_first=True)
+    ref = _reference(lenet, lays, BASE)
+    for k in OUTPUTS:
+        np.testing.assert_array_equal(out[k], ref[k], err_msg=k)
+
+
+def test_agrees_with_unbatched_predict(lenet):
+    """Point by point against `costmodel.predict` called on one layout (a separately compiled program)."""
+    lays = random_layouts(lenet.n, BASE, 16, seed=6, max_side=10, kernels_first=True)
+    out = evaluate_placements(lenet, lays, BASE, kernels_first=True)
+    for i in range(16):
+        lay = jax.tree.map(lambda x, i=i: x[:, i], lays)
+        ref = cm.predict(lenet, lay, BASE)
+        for k in OUTPUTS:
+            np.testing.assert_allclose(out[k][i], float(ref[k]), rtol=1e-6, err_msg=k)
+
+
+def test_batched_spec_and_relaxed_temperature_use_the_cost_model(lenet):
+    lays = random_layouts(lenet.n, BASE, 16, seed=7, max_side=10)
+    clocks = np.linspace(0.5e9, 1.5e9, 16)
+    specs = sweep.stack_specs([BASE.with_(clock_hz=float(c)) for c in clocks])
+    out = evaluate_placements(lenet, lays, specs)
+    fast = evaluate_placements(lenet, lays, BASE)
+    np.testing.assert_allclose(out["samples_per_s"] / fast["samples_per_s"], clocks / float(BASE.clock_hz), rtol=1e-5)
+    warm = evaluate_placements(lenet, lays, BASE, tau=10.0)
+    assert np.all(warm["bottleneck_cycles"] >= fast["bottleneck_cycles"] * (1 - 1e-6))
+
+
+def test_program_key_separates_programs_and_specs(lenet):
+    mlp = cm.features(compiler.compile(*MODELS["mlp"]().trace_args(), spec=BASE))
+    keys = {
+        tabulated.program_key(cm.compact(lenet), BASE),
+        tabulated.program_key(cm.compact(mlp), BASE),
+        tabulated.program_key(cm.compact(lenet), BASE.with_(clock_hz=1e9)),
+    }
+    assert len(keys) == 3
+    assert tabulated.program_key(cm.compact(lenet), BASE) in keys
