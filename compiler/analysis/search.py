@@ -76,7 +76,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from compiler import schedule
 from compiler.analysis import costmodel as cm
+from compiler.analysis.sweep import evaluate_placements
 from compiler.errors import PlacementError
 from compiler.plan import Plan, demands_pass
 from compiler.plan import features as ft
@@ -157,9 +159,11 @@ def _predict(feats, lay, spec):
 
 def score_placement(prob: PlacementProblem, placement) -> dict:
     """Exact figures of a legal placement: samples_per_s, bottleneck_cycles, cores, peak_sram_bytes, feasible
-    (its per-core SRAM fits); `score` is samples_per_s when feasible, else 0."""
-    lay = cm.layout_of_placement(placement, prob.names)
-    out = _predict(prob.feats, lay, prob.spec)
+    (its per-core SRAM fits); `score` is samples_per_s when feasible, else 0. Scored as sweeps score placements
+    (`evaluate_placements`: its integer sides through the side table of compiler/analysis/tabulated.py)."""
+    lay = jax.tree.map(lambda x: np.asarray(x)[:, None], schedule.layout_of(placement, prob.names))
+    out = evaluate_placements(prob.feats, lay, prob.spec, kernels_first=True)
+    out = {k: v[0] for k, v in out.items()}
     peak = float(out["peak_sram_bytes"])
     feasible = peak <= prob.spec.data_bytes_per_core
     thr = float(out["samples_per_s"])

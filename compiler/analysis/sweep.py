@@ -131,6 +131,8 @@ def evaluate_placements(
     if exact and concrete and not batched and leaves_concrete:
         lays = layouts if kernels_first else jax.tree.map(lambda x: np.ascontiguousarray(np.asarray(x).T), layouts)
         out = tabulated.evaluate(feats, lays, spec, chunk=chunk)
+        if out is None:  # too few placements per distinct side pair for a table to pay
+            return _predict_placements(feats, jax.tree.map(lambda x: np.asarray(x).T, lays), spec, tau=0.0, chunk=chunk)
         rest = np.nonzero(~out.pop("valid"))[0]
         if rest.size:  # sides the table does not hold (not whole numbers): the cost model itself
             sub = jax.tree.map(lambda x: np.asarray(x)[:, rest].T, lays)

@@ -122,21 +122,20 @@ def dense_table(feats: ft.Features, spec, max_height: int, max_width: int) -> Si
     return tabulate(feats, spec, h.reshape(-1), w.reshape(-1), dense=(int(max_height), int(max_width)))
 
 
-def sparse_table(feats: ft.Features, spec, heights, widths) -> tuple[SideTable, np.ndarray, np.ndarray]:
-    """The table at the distinct integer (h, w) pairs of `heights`, `widths` (any shape, e.g. [kernels, points]).
+def distinct_pairs(heights, widths) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct integer (h, w) pairs of `heights`, `widths` (any shape, e.g. [kernels, points]).
 
-    Returns (table, index, valid): index [same shape] int32, the pair of each entry (0 where not valid); valid
-    [same shape], the entry is a whole number >= 1 (others get no pair)."""
+    Returns (heights [pairs], widths [pairs], index [same shape] int32): the pair of each entry, -1 where its sides
+    are not whole numbers >= 1."""
     h, w = np.asarray(heights, np.float64), np.asarray(widths, np.float64)
     ok = (h == np.floor(h)) & (w == np.floor(w)) & (h >= 1) & (w >= 1)
     wmax = float(np.max(np.where(ok, w, 1.0), initial=1.0)) + 1.0
-    key = np.where(ok, h * wmax + w, wmax + 1.0)  # (1, 1) where not valid
-    uniq, inverse = np.unique(key, return_inverse=True)
-    size = 1 << max(3, int(np.ceil(np.log2(len(uniq)))))  # pad to a power of two: few distinct shapes to compile
-    uniq = np.concatenate([uniq, np.full(size - len(uniq), wmax + 1.0)])
-    th, tw = np.floor(uniq / wmax), uniq - np.floor(uniq / wmax) * wmax
-    index = np.where(ok, inverse.reshape(h.shape), 0).astype(np.int32)
-    return tabulate(feats, spec, th, tw), index, ok
+    uniq, inverse = np.unique(np.where(ok, h * wmax + w, -1.0), return_inverse=True)
+    inverse = inverse.reshape(h.shape)
+    if uniq.size and uniq[0] < 0:  # the entries that are not pairs
+        uniq, inverse = uniq[1:], inverse - 1
+    th = np.floor(uniq / wmax)
+    return th, uniq - th * wmax, np.where(ok, inverse, -1).astype(np.int32)
 
 
 # ---- evaluating placements ----------------------------------------------------------------------------------------
@@ -242,7 +241,9 @@ def evaluate(feats: ft.Features, layouts: Layout, spec, *, chunk: int = 8192, ke
       key: `program_key(feats, spec)` when the caller has it (dense tables are cached under it).
     Returns:
       {name: np.ndarray [points]} for OUTPUTS, and "valid" [points]: the placement's sides were whole numbers the
-      table covers (other entries are meaningless; evaluate them with `costmodel.predict`).
+      table covers (other entries are meaningless; evaluate them with `costmodel.predict`). None when no table
+      pays: a batch with at least half as many distinct side pairs as placements (a table costs a placement's kernel
+      figures per pair; the cost model is as fast).
     """
     n, points = np.shape(layouts.height)
     max_h, max_w = _largest_sides(layouts.height, layouts.width)
@@ -254,8 +255,12 @@ def evaluate(feats: ft.Features, layouts: Layout, spec, *, chunk: int = 8192, ke
     if H * W <= max(points, 64):
         table = _dense(key, _Holder(feats_np), _Holder(spec_np), H, W)
     else:
-        table, index, ok = sparse_table(feats_np, spec_np, layouts.height, layouts.width)
-        index = np.where(ok, index, -1).astype(np.int32)
+        th, tw, index = distinct_pairs(layouts.height, layouts.width)
+        if 2 * len(th) > points:  # a table would cost about what it saves (one placement: more)
+            return None
+        size = 1 << max(3, (max(len(th), 1) - 1).bit_length())  # pairs padded to a power of two: few shapes
+        pad = lambda x: np.concatenate([x, np.ones(size - len(x))])  # noqa: E731
+        table = tabulate(feats_np, spec_np, pad(th), pad(tw))
     lays = Layout(layouts.height, layouts.width, layouts.row, layouts.col)
     if points < chunk:  # one call, padded to a power of two (few shapes to compile)
         chunk = 1 << max(3, (points - 1).bit_length())

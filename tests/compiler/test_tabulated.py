@@ -92,7 +92,16 @@ def test_dense_and_sparse_tables_agree(lenet, monkeypatch):
     """A large batch with small sides reads a dense table, a small batch with large sides a sparse one (the
     distinct pairs): both are the cost model's figures."""
     dense = random_layouts(lenet.n, BASE, 4096, seed=2, max_side=16, kernels_first=True)
-    few = random_layouts(lenet.n, BASE, 5, seed=3, max_side=20, kernels_first=True)
+    rng = np.random.default_rng(3)
+    sides = np.array([1.0, 2.0, 7.0, 23.0])  # few distinct pairs, a range too wide for a dense table
+    few = random_layouts(lenet.n, BASE, 40, seed=3, max_side=20, kernels_first=True)
+    few = cm.Layout(
+        jnp.asarray(rng.choice(sides, few.height.shape)),
+        jnp.asarray(rng.choice(sides, few.width.shape)),
+        few.row,
+        few.col,
+    )
+    assert tabulated.table_sides(23, 23)[0] ** 2 > 40 and len(tabulated.distinct_pairs(few.height, few.width)[0]) <= 16
     for lays in (dense, few):
         ref = _reference(lenet, lays, BASE)
         with monkeypatch.context() as m:
@@ -103,22 +112,25 @@ def test_dense_and_sparse_tables_agree(lenet, monkeypatch):
 
 
 def test_points_first_layouts_and_one_placement(lenet, monkeypatch):
-    lays = random_layouts(lenet.n, BASE, 50, seed=4, max_side=12)
+    """[points, kernels] layouts read the table too; one placement has as many side pairs as a table would
+    tabulate, so it goes to the cost model (the same figures)."""
+    lays = random_layouts(lenet.n, BASE, 300, seed=4, max_side=12)
     ref = _reference(lenet, jax.tree.map(lambda x: np.asarray(x).T, lays), BASE)
     with monkeypatch.context() as m:
         _no_fallback(m)
         out = evaluate_placements(lenet, lays, BASE)
-        one = evaluate_placements(lenet, jax.tree.map(lambda x: x[7:8], lays), BASE)
+    one_lay = jax.tree.map(lambda x: x[:, 7:8], jax.tree.map(lambda x: np.asarray(x).T, lays))
+    assert tabulated.evaluate(cm.compact(lenet), one_lay, BASE) is None
+    one = evaluate_placements(lenet, jax.tree.map(lambda x: x[7:8], lays), BASE)
     for k in OUTPUTS:
         np.testing.assert_array_equal(out[k], ref[k], err_msg=k)
         np.testing.assert_array_equal(one[k], ref[k][7:8], err_msg=k)
 
 
 def test_non_integer_sides_go_to_the_cost_model(lenet):
-    lays = random_layouts(lenet.n, BASE, 64, seed=5, max_side=12, kernels_first=True)
+    lays = random_layouts(lenet.n, BASE, 320, seed=5, max_side=12, kernels_first=True)
     h = np.asarray(lays.height).copy()
     h[3, ::5] += 0.5  # every fifth placement has one kernel of non-integer height
-    h[0, 1] = 200.0  # beyond any table a batch of this size gets (sparse pairs still hold it)
     lays = cm.Layout(jnp.asarray(h), lays.width, lays.row, lays.col)
     raw = tabulated.evaluate(cm.compact(lenet), lays, BASE)
     assert not raw["valid"][::5].any() and raw["valid"][1:5].all()
