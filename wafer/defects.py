@@ -16,12 +16,12 @@ The remap (our model of what the WSE does; docs/defects.md):
     cores in order, west to east (the row's cores east of a dead one move one position east, towards the spare
     columns, as [HC31] describes). A row with more dead cores than spare columns is retired whole, using up a spare
     row; the logical rows are the first `rows` physical rows that are not retired.
-  - A logical link runs between the physical places of its two cores, along the redundant links: its physical
-    hops are the Manhattan distance between them (ASSUMED: [HC31] shows diagonal redundant links that shift a
-    column by one; we charge every column or row of displacement as a hop, so a remapped link costs at least what
-    a detour through neighbouring routers would). A horizontal link next to k dead cores spans k + 1 hops; a
-    vertical link between two rows whose cores are displaced differently spans 1 + |difference| hops (+ the rows
-    retired between them).
+  - A logical link runs between the physical places of its two cores over the redundant links, which include
+    diagonal ones [HC31]: its physical hops are the larger of the rows and the columns between them (ASSUMED: one
+    hop per router passed, a diagonal step being one hop). A horizontal link past k dead cores spans k + 1 hops; a
+    vertical link between two rows whose cores are displaced by d1 and d2 columns spans max(1, |d1 - d2|) hops
+    (one more per retired row between them, when that is larger): a displacement of one is the diagonal link of
+    [HC31], free; larger ones cost their extra columns.
   - Link bandwidth is not changed: every physical link of a remapped link carries the logical link's words once,
     over redundant links no other logical link uses (ASSUMED, as [HC31]'s "extra links").
 
@@ -299,7 +299,8 @@ def remap(defects: DefectMap, rows: int, cols: int) -> Remap:
     extra_e = np.zeros((rows, cols))
     extra_e[:, :-1] = np.diff(col_of, axis=1) - 1
     extra_s = np.zeros((rows, cols))
-    extra_s[:-1] = (np.diff(row_of) - 1)[:, None] + np.abs(np.diff(col_of, axis=0))
+    # a link's hops: the larger of its rows and columns (diagonal redundant links, module docstring)
+    extra_s[:-1] = np.maximum(np.diff(row_of)[:, None], np.abs(np.diff(col_of, axis=0))) - 1
     col_prefix = np.zeros((rows, cols))
     col_prefix[1:] = np.cumsum(extra_s[:-1], axis=0)
     for a in (row_prefix, col_prefix, extra_e, extra_s, row_of, col_of, dead):

@@ -28,23 +28,34 @@ def test_one_dead_core_shifts_its_row_east_by_hand():
     np.testing.assert_array_equal(rm.col_of[1], [0, 1, 3, 4, 5, 6])  # the cores east of (1, 2) move one east
     np.testing.assert_array_equal(rm.col_of[[0, 2, 3]], np.tile(np.arange(6), (3, 1)))
     # row 1's link from logical col 1 to col 2 spans two physical hops; the vertical links into row 1's shifted
-    # cores (from rows 0 and 2, columns 2..5) are one column apart: one extra hop each
+    # cores are one column off: a diagonal redundant link, one hop
     assert rm.link_extra_e[1].tolist() == [0, 1, 0, 0, 0, 0]
-    assert rm.link_extra_s[0].tolist() == [0, 0, 1, 1, 1, 1] and rm.link_extra_s[1].tolist() == [0, 0, 1, 1, 1, 1]
-    assert rm.remapped_links == 1 + 4 + 4 and rm.extra_link_hops == 9
+    assert not rm.link_extra_s.any()
+    assert rm.remapped_links == 1 and rm.extra_link_hops == 1
     assert rm.spare_cols_used == 1 and rm.spare_rows_used == 0
+
+
+def test_two_dead_cores_bend_the_columns_by_one_hop_each_way():
+    rm = _spec((1, 0), (1, 1)).remap  # row 1 shifts two columns east
+    np.testing.assert_array_equal(rm.col_of[1], np.arange(2, 8))
+    assert rm.link_extra_e.sum() == 0  # row 1's own links stay adjacent
+    assert rm.link_extra_s[0].tolist() == [1] * 6 and rm.link_extra_s[1].tolist() == [1] * 6
+    assert defects.col_extra(rm, 3, 0, 3) == 2 and defects.col_extra(rm, 3, 1, 2) == 1
+    assert defects.lane_extra(rm, 0, 0, 3, 4) == 2  # row 0 straight, column 4 down through row 1
+    np.testing.assert_array_equal(defects.lane_hops(rm, [[0, 0, 3, 4], [1, 0, 1, 5]]), [4 + 3 + 2, 5])
+    assert defects.line_extra(rm, 0, 0, 0, 4, 6) == 2 and defects.line_extra(rm, 0, 2, 0, 2, 6) == 0
+    assert defects.line_extra(rm, 1, 0, 0, 4, 6) == 0
 
 
 def test_extra_hops_of_paths_by_hand():
     rm = _spec((1, 2)).remap
     assert defects.row_extra(rm, 1, 0, 5) == 1 and defects.row_extra(rm, 1, 5, 0) == 1  # either direction
     assert defects.row_extra(rm, 1, 2, 5) == 0 and defects.row_extra(rm, 0, 0, 5) == 0
-    assert defects.col_extra(rm, 3, 0, 3) == 2 and defects.col_extra(rm, 1, 0, 3) == 0
-    # a lane (0, 0) -> (0, 4) -> (3, 4): row 0 is whole, column 4 crosses row 1's shift twice
-    assert defects.lane_extra(rm, 0, 0, 3, 4) == 2
-    np.testing.assert_array_equal(defects.lane_hops(rm, [[0, 0, 3, 4], [1, 0, 1, 5]]), [4 + 3 + 2, 5 + 1])
+    assert defects.col_extra(rm, 3, 0, 3) == 0
+    assert defects.lane_extra(rm, 1, 0, 3, 4) == 1  # along row 1 past the dead core, then down column 4
+    np.testing.assert_array_equal(defects.lane_hops(rm, [[0, 0, 3, 4], [1, 0, 1, 5]]), [4 + 3, 5 + 1])
     assert defects.line_extra(rm, 1, 0, 0, 4, 6) == 1 and defects.line_extra(rm, 1, 2, 0, 2, 6) == 0
-    assert defects.line_extra(rm, 0, 0, 0, 4, 2) == 0 and defects.line_extra(rm, 0, 0, 0, 4, 3) == 2
+    assert defects.line_extra(rm, 1, 0, 2, 4, 4) == 0  # east of the dead core row 1 is straight
 
 
 def test_line_extra_is_array_generic_and_jits():
@@ -72,6 +83,7 @@ def test_too_many_defects_in_a_row_retires_it_with_a_spare_row():
     np.testing.assert_array_equal(rm.row_of, [0, 2, 3, 4])
     assert rm.retired_rows == (1,) and rm.spare_rows_used == 1
     assert rm.link_extra_s[0].tolist() == [1] * 6  # logical rows 0 and 1 are physical rows 0 and 2
+    assert rm.link_extra_s[1:].sum() == 0
 
 
 def test_a_map_the_spares_cannot_hide_raises_a_named_error():
