@@ -463,10 +463,10 @@ def cmd_train(args) -> int:
     from compiler.host import estimator  # a model_fn(features, labels, mode, params): the Estimator runs it
 
     if estimator.is_model_fn(factory := load_factory(args.target)):
-        if args.wafers != 1 or args.workers:
+        if args.wafers != 1 or args.workers or args.against_native:
             raise CLIError(
-                "--wafers and --workers train a training factory; an Estimator model_fn trains on one "
-                "wafer from its input_fn",
+                "--wafers, --workers and --against-native train a training factory; an Estimator model_fn trains "
+                "on one wafer from its input_fn",
                 code=2,
             )
         params = load_params(getattr(args, "params", None))
@@ -525,6 +525,8 @@ def cmd_train(args) -> int:
         last = history[-1] if history else {}
         figures = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step")
         print(f"step {step} of {args.max_steps}: {figures or 'nothing to train'}; checkpoints in {ckpt}")
+        if args.against_native:
+            return against_native(prog, tx.read_params(state), history, evaluate, args.max_steps)
         return 0
     # eval only: the latest checkpoint's params
     step = compiler.latest_checkpoint(ckpt)
@@ -536,6 +538,60 @@ def cmd_train(args) -> int:
         json.dump({"step": step, **figures}, f)
     print(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
     return 0
+
+
+def native_training(prog: Program, steps: int):
+    """Train `prog` natively (its loss_fn and optax optimizer, jitted) from its params on the batches `fit` gave the
+    emulated run, steps 1 .. `steps`; returns (per-step losses, params)."""
+    import jax
+    import optax
+
+    import compiler
+    from compiler.host import fit as fit_mod
+
+    opt = prog.optimizer
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        def loss(p):
+            out = prog.loss_fn(p, batch)
+            return out[0] if isinstance(out, tuple) else out
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    data = prog.data
+    if isinstance(data, compiler.Batches):
+        data = compiler.Pipeline(data)
+    params, opt_state, losses = prog.params, opt.init(prog.params), []
+    for batch, _ in fit_mod._batches(data, 0, steps, None):
+        params, opt_state, value = step(params, opt_state, batch)
+        losses.append(float(value))
+    if len(losses) != steps:
+        raise CLIError(f"the native run's data ran out after {len(losses)} steps; the emulated run took {steps}")
+    return losses, params
+
+
+def against_native(prog: Program, params, history: list, evaluate, steps: int) -> int:
+    """`wafer train --against-native`: train natively on the same batches and compare the runs with
+    `compiler.compare_runs` (bit-identity, the first steps within 1e-6, the learning curve, the final evaluation
+    figures when the run evaluates; docs/fidelity.md). Exit status 1 when they disagree beyond the stated bounds."""
+    import compiler
+
+    losses = [row["loss"] for row in history]
+    if len(losses) != steps:
+        raise CLIError(f"the run's history holds {len(losses)} steps, not {steps}; cannot compare it step by step")
+    native_losses, native_params = native_training(prog, steps)
+    final = native_final = None
+    if evaluate is not None:  # both param sets through the same evaluator: any difference is the params'
+        final, native_final = evaluate(params), evaluate(native_params)
+    agreement = compiler.compare_runs(losses, native_losses, final, native_final)
+    print(f"against native JAX + optax over {steps} steps (same initial params, batches and optimizer):")
+    for line in agreement.lines():
+        print(f"  {line}")
+    print("agreement: " + ("OK" if agreement.ok else "FAILED"))
+    return 0 if agreement.ok else 1
 
 
 def _evaluator(prog: Program, tx, spec, placement):
@@ -717,6 +773,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pictures", action="store_true", help="skip the PNG pictures")
     p.add_argument("--wafers", type=_positive, default=1, metavar="N", help="wafers training data-parallel (1)")
     p.add_argument("--workers", type=_non_negative, default=0, metavar="N", help="input worker processes (0: a thread)")
+    p.add_argument(
+        "--against-native",
+        action="store_true",
+        help="then train natively (jax + optax) on the same batches and compare the runs; exit 1 if they disagree",
+    )
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser(

@@ -61,9 +61,9 @@ import numpy as np
 from compiler import relax
 from compiler.plan import features as ft
 from compiler.plan.partition import kernel_shape, update_counts
-from compiler.plan.route import flow_hops, flow_lane_count, host_hops
+from compiler.plan.route import flow_hops, flow_lane_count, flow_physical_hops, host_hops, host_physical_hops
 from wafer import cluster as wcluster
-from wafer import cost, fabric
+from wafer import cost, defects, fabric
 from wafer import kernel as wkernel
 from wafer.step import paint
 
@@ -132,16 +132,17 @@ def matmul_cycles(spec, classes, p, c, d, lhs_isz, rhs_isz, acc_isz, maximum=cos
     return instr * spec.instr_startup_cycles + p * c * d * per
 
 
-def reduction(spec, f, n, words, elements, itemsize, *, to: str, compute=0.0, comm=0.0):
+def reduction(spec, f, n, words, elements, itemsize, *, to: str, compute=0.0, comm=0.0, extra_hops=0.0):
     """The cheapest of `PATTERNS` for a call's reductions along n cores of `words` words (`elements` elements of
     `itemsize` bytes) per core to core `to`, per kernel: (transfer cycles, the busiest core's adds, pattern index),
     wafer/fabric.py's closed forms of the primitive the per-core path runs. Cheapest for the kernel: the pattern whose
     superstep, with the rest of the kernel's `compute` and `comm`, is the shortest (its adds are compute, its transfer
-    communication; so a higher latency never makes a kernel faster)."""
+    communication; so a higher latency never makes a kernel faster). `extra_hops`: a defective wafer's extra hops
+    along the line (`defect_line_hops`)."""
     base_compute, base_comm = compute, comm
     comm, adds = [], []
     for p in PATTERNS:
-        comm.append(fabric.reduce_cycles(n, words, spec, pattern=p, to=to))
+        comm.append(fabric.reduce_cycles(n, words, spec, pattern=p, to=to, extra_hops=extra_hops))
         adds.append(
             _by_class(
                 f.acc_class,
@@ -176,12 +177,24 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
     per_core = lambda counts: {key: counts[:, j] for j, key in enumerate(f.keys)}  # noqa: E731
     # forward: the anchor's matmul on the core's tiles, the rest of the kernel spread over its cores
     runs = k["samples"]
+    # a defective wafer: the extra hops of the longest line along the rows (xr) and down the columns (xc) of the
+    # kernel's core grid, which its multicasts and reductions span (wafer/defects.py's rule)
+    xr, xc = defect_line_hops(lay, k, spec)
     mm = matmul_cycles(spec, f.fmac_class, k["mm_p"], k["mm_c"], k["mm_d"], f.isz_in, f.isz_w, f.isz_out, mx)
     anchor = runs * mm
-    multicast = fabric.multicast_cycles(k["gw"], k["in_words"], spec, src="first")
+    multicast = fabric.multicast_cycles(k["gw"], k["in_words"], spec, src="first", extra_hops=xr)
     rest = cost.compute_cycles(spec, per_core(k["counts"]), maximum=mx)
     red, adds, pattern = reduction(
-        spec, f, k["gh"], k["out_words"], k["out_elems"], f.isz_out, to="last", compute=rest + anchor, comm=multicast
+        spec,
+        f,
+        k["gh"],
+        k["out_words"],
+        k["out_elems"],
+        f.isz_out,
+        to="last",
+        compute=rest + anchor,
+        comm=multicast,
+        extra_hops=xc,
     )
     zero = 0.0 * k["cores"]
     anchor, adds = relax.where(weight, anchor, zero), relax.where(weight, adds, zero)
@@ -199,6 +212,7 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
         reduction=red,
         reduce_pattern=pattern,
         sram_bytes=k["weight_bytes"] + k["act_bytes"],
+        extra_hops=relax.where(weight, relax.maximum(xr + zero, xc + zero), zero),
     )
     if f.task != "training":
         return k
@@ -211,10 +225,21 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
         spec, f.fmac_class, k["mm_pin"], k["ta"], k["mm_c"] * f.lead, f.isz_out, f.isz_w, f.isz_in, mx
     )
     in_elems = f.n_in * k["rows_in"] * k["ta"]
-    b_multicast = relax.where(weight, fabric.multicast_cycles(k["gh"], k["out_words"], spec, src="last"), zero)
+    b_multicast = relax.where(
+        weight, fabric.multicast_cycles(k["gh"], k["out_words"], spec, src="last", extra_hops=xc), zero
+    )
     b_rest = cost.compute_cycles(spec, per_core(k["bwd_counts"]), maximum=mx) + relax.where(weight, dw, zero)
     b_red, b_adds, b_pattern = reduction(
-        spec, f, k["gw"], k["in_words"], in_elems, f.isz_in, to="first", compute=b_rest + dxm, comm=b_multicast
+        spec,
+        f,
+        k["gw"],
+        k["in_words"],
+        in_elems,
+        f.isz_in,
+        to="first",
+        compute=b_rest + dxm,
+        comm=b_multicast,
+        extra_hops=xr,
     )
     b_compute = b_rest + dx * (dxm + b_adds)
     b_comm = b_multicast + dx * b_red
@@ -223,8 +248,8 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
     # updates with the same sum
     tile_elems = k["ta"] * k["tb"] * f.lead
     sums = 0.0
-    for copies, stride in ((k["rr"], k["gh"]), (k["rc"], k["gw"])):
-        moves = fabric.strided_allreduce_cycles(copies, stride, k["tile_words"], spec)
+    for copies, stride, extra in ((k["rr"], k["gh"], xc), (k["rc"], k["gw"], xr)):
+        moves = fabric.strided_allreduce_cycles(copies, stride, k["tile_words"], spec, extra_hops=extra)
         adds_ = fabric.reduce_adds_cycles(copies, tile_elems, spec, itemsize=f.isz_w, pattern="chain", to="all")
         sums = sums + moves + adds_
     grad_sum = relax.where(weight, sums, zero)
@@ -250,11 +275,26 @@ def _per_flow(x, like):
     return x.reshape(x.shape + (1,) * (like.ndim - 1))
 
 
+def defect_line_hops(lay: Layout, k: dict, spec):
+    """A defective wafer's extra hops of every kernel's longest line of its core grid (`grid_h` x `grid_w` at the
+    rectangle's top-left), [n] each: (along its rows, down its columns) (`wafer.defects.line_extra`; 0.0, 0.0 on a
+    perfect wafer). A WEIGHT kernel's multicasts and reductions along its rows (columns) are charged the row's
+    (column's) extra hops across its whole core grid: exact for one copy of its tile grid, an upper bound for a
+    copy's shorter line when it holds several side by side (docs/defects.md)."""
+    rm = defects.remap_of(spec)
+    if rm is None:
+        return 0.0, 0.0
+    rows = defects.line_extra(rm, 1, lay.row, lay.col, k["grid_h"], k["grid_w"])
+    cols = defects.line_extra(rm, 0, lay.row, lay.col, k["grid_h"], k["grid_w"])
+    return rows, cols
+
+
 def route_hops(f: ft.Features, lay: Layout, spec):
-    """Hops of the longest lane of any stream between kernels or to and from the host (compiler/plan/route.py).
+    """Hops of the longest lane of any stream between kernels or to and from the host (compiler/plan/route.py): on a
+    defective wafer, physical hops (`flow_physical_hops`, `host_physical_hops`).
 
     The layout's arrays are [n] or [n, ...] (kernels first, trailing batch axes: compiler/analysis/tabulated.py
-    evaluates many placements at once this way); the result is a scalar or [...]."""
+    evaluates many placements of a perfect wafer at once this way); the result is a scalar or [...]."""
     if f.flow_src.shape[0] == 0:
         return 0.0
     ns = relax.xp(lay.height, lay.row)
@@ -262,9 +302,15 @@ def route_hops(f: ft.Features, lay: Layout, spec):
     dst = ns.asarray(f.flow_dst).astype(int)
     s, d = ns.maximum(src, 0), ns.maximum(dst, 0)
     r, c, h, w = lay.row, lay.col, lay.height, lay.width
-    between = flow_hops(r[s], c[s], h[s], w[s], r[d], c[d], h[d], w[d])
-    inbound = host_hops(c[d], w[d], inbound=True, cols=spec.cols)
-    outbound = host_hops(c[s], w[s], inbound=False, cols=spec.cols)
+    rm = defects.remap_of(spec)
+    if rm is None:
+        between = flow_hops(r[s], c[s], h[s], w[s], r[d], c[d], h[d], w[d])
+        inbound = host_hops(c[d], w[d], inbound=True, cols=spec.cols)
+        outbound = host_hops(c[s], w[s], inbound=False, cols=spec.cols)
+    else:
+        between = flow_physical_hops(rm, r[s], c[s], h[s], w[s], r[d], c[d], h[d], w[d])
+        inbound = host_physical_hops(rm, r[d], c[d], h[d], w[d], inbound=True)
+        outbound = host_physical_hops(rm, r[s], c[s], h[s], w[s], inbound=False)
     hops = relax.where(_per_flow(src < 0, r), inbound, relax.where(_per_flow(dst < 0, r), outbound, between))
     return relax.smax(hops, 0.0, axis=0)
 
@@ -303,7 +349,13 @@ def program_figures(f: ft.Features, lay: Layout, spec, tau=0.0, cluster=None) ->
     critical path; weight streaming: SwarmX's weight broadcasts and gradient reduces, overlapping the compute).
     """
     k = kernel_figures(f, lay, spec, tau)
-    return pipeline_figures(f, k, route_hops(f, lay, spec), stream_cycles(f, lay, spec), spec, tau, cluster)
+    hops = route_hops(f, lay, spec)
+    # the longest route's hops a defective wafer adds (for the report; 0 on a perfect wafer)
+    route_extra = 0.0 * hops
+    if getattr(spec, "defects", None) is not None:
+        route_extra = hops - route_hops(f, lay, spec.with_(defects=None))
+    streams = stream_cycles(f, lay, spec)
+    return pipeline_figures(f, k, hops, streams, spec, tau, cluster, route_extra=route_extra)
 
 
 # The kernel figures `pipeline_figures` reads: what a placement's kernels contribute to the program's figures beyond
@@ -311,10 +363,11 @@ def program_figures(f: ft.Features, lay: Layout, spec, tau=0.0, cluster=None) ->
 PIPELINE_KEYS = ("cycles", "cores", "sram_bytes", "forward", "backward", "update", "io")
 
 
-def pipeline_figures(f: ft.Features, k: dict, hops, streams, spec, tau=0.0, cluster=None) -> dict:
+def pipeline_figures(f: ft.Features, k: dict, hops, streams, spec, tau=0.0, cluster=None, *, route_extra=None) -> dict:
     """The program's figures (`program_figures`) from its kernels' figures `k` (`kernel_figures`' dict, or at least
     its `PIPELINE_KEYS` of the task), the longest route's `hops` (`route_hops`) and the streams' cycles per sample
     [F] (`stream_cycles`): the pipeline rules of the module docstring, and nothing that depends on a rectangle.
+    `route_extra`: the hops a defective wafer adds to the longest route (reported; 0 by default).
 
     Per-kernel figures may carry trailing batch axes ([n, ...], with hops [...] and streams [F, ...]): reductions
     over kernels and streams run along axis 0, so many placements are composed at once."""
@@ -323,7 +376,13 @@ def pipeline_figures(f: ft.Features, k: dict, hops, streams, spec, tau=0.0, clus
     latency = hops * spec.hop_latency_cycles
     stream = relax.smax(streams, tau, axis=0) if streams.shape[0] else 0.0 * batch
     peak = relax.smax(k["sram_bytes"], 0.0, axis=0)
-    out = dict(kernel=k, hops=hops, peak_sram_bytes=peak, stream_cycles=streams)
+    out = dict(
+        kernel=k,
+        hops=hops,
+        route_extra_hops=0.0 * hops if route_extra is None else route_extra,
+        peak_sram_bytes=peak,
+        stream_cycles=streams,
+    )
     total = relax.fold_sum  # over kernels
     worst_of = lambda x: relax.smax(x, tau, axis=0)  # noqa: E731
     # pace's entries after the kernels', one per placement

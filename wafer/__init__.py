@@ -7,8 +7,9 @@ SRAM segmented by allocation, link and compute counters, the clock), an SRAM all
 package builds on it.
 """
 
-from wafer import cluster, cost, fabric, kernel, layout, mesh
+from wafer import cluster, cost, defects, fabric, kernel, layout, mesh
 from wafer.cluster import ClusterSpec
+from wafer.defects import DefectError, DefectMap, Remap
 from wafer.errors import SpecError, SramCapacityError, UnsupportedPrimitiveError, WaferError
 from wafer.fabric import (
     DIRECTIONS,
@@ -44,6 +45,10 @@ __all__ = [
     "Rect",
     "SramCapacityError",
     "SpecError",
+    "DefectError",
+    "DefectMap",
+    "Remap",
+    "defects",
     "WaferError",
     "Traffic",
     "shift",

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wafer import cost
+from wafer import cost, defects
 from wafer.kernel import KernelCost, dtype_class
 from wafer.memory import Rect
 
@@ -49,11 +49,29 @@ class Phase:
       hops: the longest single stream, in hops (a pipelined chain's streams each cross one link).
       depth: dependent stages on the critical path: a core taking data off its ramp, combining it and sending the
         result on (a chain of m cores: m - 1); 0 for plain routing (shifts, multicasts, all-to-all, streams).
+      lanes: int array [k, 4] of (row0, col0, row1, col1), or None: the paths (X then Y) whose lengths set the
+        phase's latency (a multicast's from its source to both ends of its lines, a reduction's from the far ends to
+        its root, a shift's every k-hop stream). On a spec with defects the phase's hops grow by how much the
+        longest of them grows on the physical grid (`wafer.defects.growth`); placed with the parts by `at`.
     """
 
     parts: tuple = ()
     hops: int = 0
     depth: int = 0
+    lanes: np.ndarray | None = None
+
+    def latency_hops(self, spec):
+        """The phase's hops on `spec`: `hops`, plus the growth of its longest lane on a defective wafer."""
+        rm = defects.remap_of(spec)
+        if rm is None or self.lanes is None or not len(self.lanes):
+            return self.hops
+        lanes = self.lanes
+        if lanes.min() < 0 or lanes[:, [0, 2]].max() >= rm.rows or lanes[:, [1, 3]].max() >= rm.cols:
+            raise ValueError(
+                f"traffic's lanes fall outside the {rm.rows}x{rm.cols} grid; place a region's traffic with "
+                f"traffic.at(row, col) inside the grid"
+            )
+        return self.hops + defects.growth(rm, lanes)
 
     def loads(self, rows: int, cols: int) -> np.ndarray:
         """All six channels over a rows x cols grid, [6, rows, cols]."""
@@ -104,7 +122,7 @@ class Phase:
         return cost.transfer_cycles(
             spec,
             self.max_link_words,
-            self.hops,
+            self.latency_hops(spec),
             ramp_words=self.max_ramp_words,
             mean_words=self.mean_link_words,
             depth=self.depth,
@@ -115,10 +133,26 @@ class Phase:
             return self
         if not self.parts:
             return other
-        return Phase(self.parts + other.parts, max(self.hops, other.hops), max(self.depth, other.depth))
+        return Phase(
+            self.parts + other.parts,
+            max(self.hops, other.hops),
+            max(self.depth, other.depth),
+            _join_lanes(self.lanes, other.lanes),
+        )
 
     def at(self, row: int, col: int) -> Phase:
-        return Phase(tuple((r0 + row, c0 + col, w) for r0, c0, w in self.parts), self.hops, self.depth)
+        parts = tuple((r0 + row, c0 + col, w) for r0, c0, w in self.parts)
+        return Phase(parts, self.hops, self.depth, _move(self.lanes, row, col))
+
+
+def _move(lanes, row, col):
+    return None if lanes is None else lanes + np.array([row, col, row, col], np.int64)
+
+
+def _join_lanes(a, b):
+    if a is None or b is None:
+        return b if a is None else a
+    return np.concatenate([a, b])
 
 
 @jax.tree_util.register_static
@@ -154,7 +188,12 @@ class Traffic:
         offsets = [(int(r), int(c)) for r, c in offsets]
         return Traffic(
             tuple(
-                Phase(tuple((r0 + r, c0 + c, w) for r, c in offsets for r0, c0, w in p.parts), p.hops, p.depth)
+                Phase(
+                    tuple((r0 + r, c0 + c, w) for r, c in offsets for r0, c0, w in p.parts),
+                    p.hops,
+                    p.depth,
+                    None if p.lanes is None else np.concatenate([_move(p.lanes, r, c) for r, c in offsets]),
+                )
                 for p in self.phases
             )
         )
@@ -229,7 +268,7 @@ def _line_loads(n: int, src: np.ndarray, dst: np.ndarray, words: int) -> tuple[n
     return np.cumsum(plus)[:n], np.cumsum(minus)[:n]
 
 
-def _phase_from_line(h, w, axis, plus, minus, hops, depth=0, ramp_in=None, ramp_out=None) -> Phase:
+def _phase_from_line(h, w, axis, plus, minus, hops, depth=0, ramp_in=None, ramp_out=None, lanes=None) -> Phase:
     """Broadcast per-line loads over the other grid axis into a [6, h, w] record: plus / minus on the + (E / S) and
     - (W / N) links, ramp_in / ramp_out the words each core of the line takes off / puts on its ramp."""
     words = np.zeros((CHANNELS, h, w))
@@ -244,7 +283,7 @@ def _phase_from_line(h, w, axis, plus, minus, hops, depth=0, ramp_in=None, ramp_
         words[RAMP_IN] = line(np.asarray(ramp_in, np.float64))
     if ramp_out is not None:
         words[RAMP_OUT] = line(np.asarray(ramp_out, np.float64))
-    return Phase(((0, 0, words),), int(hops), int(depth))
+    return Phase(((0, 0, words),), int(hops), int(depth), lanes)
 
 
 def _shift_data(x, axis, k, fill):
@@ -273,7 +312,8 @@ def _shift_traffic(shape, axis, k, words) -> Traffic:
     plus, minus = _line_loads(n, src[ok], dst[ok], words)
     received, sent = np.zeros(n), np.zeros(n)
     received[dst[ok]], sent[src[ok]] = words, words
-    return Traffic((_phase_from_line(h, w, axis, plus, minus, abs(k), 0, received, sent),))
+    lanes = defects.window_lanes(h, w, axis, abs(k))
+    return Traffic((_phase_from_line(h, w, axis, plus, minus, abs(k), 0, received, sent, lanes),))
 
 
 def shift(x, direction: str, k: int = 1, *, fill=0.0):
@@ -345,7 +385,9 @@ def multicast(x, axis, *, src=0):
     hops = max(s, n - 1 - s)
     # the source injects its data once (each router forwards and delivers it); every other core takes it in
     received, sent = np.where(idx != s, float(words), 0.0), np.where(idx == s, float(words), 0.0)
-    phase = _phase_from_line(*x.shape[:2], axis, plus, minus, hops, 0, received, sent)
+    h, w = x.shape[:2]
+    lanes = np.concatenate([defects.line_lanes(h, w, axis, s, 0), defects.line_lanes(h, w, axis, s, n - 1)])
+    phase = _phase_from_line(h, w, axis, plus, minus, hops, 0, received, sent, lanes)
     traffic = Traffic((phase,)) if n > 1 else Traffic.none()
     return y, traffic
 
@@ -485,10 +527,16 @@ def _reduce_traffic(shape, axis, d, words, pattern="chain", group=None) -> Traff
     n = shape[axis]
     phases, _ = _line_reduce(n, d, pattern, _group(group, n))
     h, w = shape[0], shape[1]
+    # every pattern's critical path runs from the line's far ends to the root: its last phase (a two-phase
+    # reduction's chain through the leaders) carries the extra hops of a defective wafer along those lanes
+    lanes = np.concatenate([defects.line_lanes(h, w, axis, 0, d), defects.line_lanes(h, w, axis, d, n - 1)])
+    last = len(phases) - 1
     return Traffic(
         tuple(
-            _phase_from_line(h, w, axis, p * words, m * words, hops, dep, r * words, s_ * words)
-            for p, m, r, s_, hops, dep in phases
+            _phase_from_line(
+                h, w, axis, p * words, m * words, hops, dep, r * words, s_ * words, lanes if i == last else None
+            )
+            for i, (p, m, r, s_, hops, dep) in enumerate(phases)
         )
     )
 
@@ -632,7 +680,10 @@ def _halo_traffic(shape, axis, sign, radius, words) -> Traffic:
     # it to each of the `radius` cores ahead and forward it)
     received = sum(np.where((idx - sign * j >= 0) & (idx - sign * j < n), words, 0.0) for j in range(1, radius + 1))
     sent = np.where((idx + sign >= 0) & (idx + sign < n), float(words), 0.0)
-    return Traffic((_phase_from_line(shape[0], shape[1], axis, plus, minus, min(radius, n - 1), 0, received, sent),))
+    lanes = defects.window_lanes(shape[0], shape[1], axis, min(radius, n - 1))
+    return Traffic(
+        (_phase_from_line(shape[0], shape[1], axis, plus, minus, min(radius, n - 1), 0, received, sent, lanes),)
+    )
 
 
 # ---- all-to-all ----------------------------------------------------------------------------------------------------
@@ -701,7 +752,9 @@ def all_to_all(x, axis, *, pattern: str = "relay"):
     received = np.full(n, (n - 1.0) * block)
     sent = received * (2.0 if pattern == "relay_padded" else 1.0)
     h, w = x.shape[0], x.shape[1]
-    return y, Traffic((_phase_from_line(h, w, axis, plus * block, minus * block, n - 1, 0, received, sent),))
+    lanes = defects.line_lanes(h, w, axis, 0, n - 1)
+    phase = _phase_from_line(h, w, axis, plus * block, minus * block, n - 1, 0, received, sent, lanes)
+    return y, Traffic((phase,))
 
 
 # ---- closed forms ------------------------------------------------------------------------------------------------
@@ -759,34 +812,36 @@ def _tree_energy(m):
     return total
 
 
-def _reduce_phases_cycles(m_l, m_r, words, spec, pattern, group):
-    """Cycles of a reduction whose root has m_l - 1 cores on one side and m_r - 1 on the other (phases by side)."""
-    xp = _mod(m_l, m_r, words, group)
+def _reduce_phases_cycles(m_l, m_r, words, spec, pattern, group, extra=0.0):
+    """Cycles of a reduction whose root has m_l - 1 cores on one side and m_r - 1 on the other (phases by side);
+    `extra`: the growth of its longest lane on a defective wafer, added to its last phase's hops (as `reduce`'s
+    records carry it)."""
+    xp = _mod(m_l, m_r, words, group, extra)
     b = words
     big = xp.maximum(m_l, m_r)
     links = m_l + m_r - 2.0  # links in use, both sides
     if pattern == "chain":  # one phase: every link b, every core b in and out, the root from both sides
         root = _ind(m_l > 1) + _ind(m_r > 1)
-        return _ind(big > 1) * _phase_cycles(spec, b, b * xp.maximum(root, 1.0), 1.0, big - 1.0, b)
+        return _ind(big > 1) * _phase_cycles(spec, b, b * xp.maximum(root, 1.0), 1.0 + extra, big - 1.0, b)
     if pattern == "star":  # the root takes in every other core's data; the link next to it carries a side's
         energy = b * ((m_l - 1.0) * m_l + (m_r - 1.0) * m_r) / 2.0
         mean = energy / xp.maximum(links, 1.0)
-        return _ind(big > 1) * _phase_cycles(spec, b * (big - 1.0), b * links, big - 1.0, 1.0, mean)
+        return _ind(big > 1) * _phase_cycles(spec, b * (big - 1.0), b * links, big - 1.0 + extra, 1.0, mean)
     if pattern == "tree":  # one phase of ceil(log2) rounds; the link next to the root carries every round
         rounds_l, rounds_r = _ceil_log2(m_l), _ceil_log2(m_r)
         rounds = xp.maximum(rounds_l, rounds_r)
         mean = b * (_tree_energy(m_l) + _tree_energy(m_r)) / xp.maximum(links, 1.0)
-        hops = 2.0 ** xp.maximum(rounds - 1.0, 0.0)
+        hops = 2.0 ** xp.maximum(rounds - 1.0, 0.0) + extra
         return _ind(big > 1) * _phase_cycles(spec, b * rounds, b * (rounds_l + rounds_r), hops, rounds, mean)
     # two_phase
     s = group
+    leaders = xp.ceil(big / s)
     inner_root = _ind((m_l > 1) & (s > 1)) + _ind((m_r > 1) & (s > 1))
     inner = _ind((big > 1) & (s > 1)) * _phase_cycles(
-        spec, b, b * xp.maximum(inner_root, 1.0), 1.0, xp.minimum(s, big) - 1.0, b
+        spec, b, b * xp.maximum(inner_root, 1.0), 1.0 + extra * _ind(leaders <= 1), xp.minimum(s, big) - 1.0, b
     )
-    leaders = xp.ceil(big / s)
     lead_root = _ind(s < m_l) + _ind(s < m_r)
-    outer = _ind(leaders > 1) * _phase_cycles(spec, b, b * xp.maximum(lead_root, 1.0), s, leaders - 1.0, b)
+    outer = _ind(leaders > 1) * _phase_cycles(spec, b, b * xp.maximum(lead_root, 1.0), s + extra, leaders - 1.0, b)
     return inner + outer
 
 
@@ -799,15 +854,16 @@ def _ceil_log2(m):
     return total + 0.0 * xp.asarray(m)
 
 
-def multicast_cycles(n, words, spec, *, src=0):
+def multicast_cycles(n, words, spec, *, src=0, extra_hops=0.0):
     """Cycles of `multicast` along a line of n cores from index `src` ("first"/"last" or a number), each core
-    receiving `words` words."""
+    receiving `words` words; `extra_hops`: the growth of its longest lane on a defective wafer
+    (`wafer.defects.growth`; for a multicast from an end, `wafer.defects.line_extra`)."""
     xp = _mod(n, words, src)
     far = n - 1.0 if isinstance(src, str) else xp.maximum(src, n - 1.0 - src)
-    return _ind(n > 1) * _phase_cycles(spec, words, words, far, 0.0, words)
+    return _ind(n > 1) * _phase_cycles(spec, words, words, far + extra_hops, 0.0, words)
 
 
-def reduce_cycles(n, words, spec, *, pattern: str = "chain", to="last", group=None):
+def reduce_cycles(n, words, spec, *, pattern: str = "chain", to="last", group=None, extra_hops=0.0):
     """Cycles of `reduce(x, axis, op, to=to, pattern=pattern, group=group)` along a line of n cores holding
     `words` words each.
 
@@ -817,15 +873,18 @@ def reduce_cycles(n, words, spec, *, pattern: str = "chain", to="last", group=No
       pattern: one of REDUCE_PATTERNS.
       to: "first" / "last" (an end), "all" (allreduce: to the middle core, then multicast back) or a core index.
       group: two-phase group size; default round(sqrt(n)), as the primitive chooses it.
+      extra_hops: on a defective wafer, how many hops the reduction's longest lane (from the far ends of the line to
+        the root) grows by (`wafer.defects.growth`; to an end: `wafer.defects.line_extra`); "all" adds it to the
+        multicast back as well.
     """
     _check_pattern(pattern)
     xp = _mod(n, words)
     if group is None:
         group = xp.maximum(xp.round(xp.sqrt(n)), 1.0)
     m_l, m_r = _sides(n, to)
-    out = _reduce_phases_cycles(m_l, m_r, words, spec, pattern, group)
+    out = _reduce_phases_cycles(m_l, m_r, words, spec, pattern, group, extra_hops)
     if to == "all":
-        out = out + multicast_cycles(n, words, spec, src=xp.floor((n - 1) / 2))
+        out = out + multicast_cycles(n, words, spec, src=xp.floor((n - 1) / 2), extra_hops=extra_hops)
     return out
 
 
@@ -861,18 +920,19 @@ def reduce_adds_cycles(
     return k * elements * cost.element_cycles(spec, "alu", dtype_class, itemsize, itemsize, itemsize / 4.0)
 
 
-def strided_allreduce_cycles(n, stride, words, spec):
+def strided_allreduce_cycles(n, stride, words, spec, *, extra_hops=0.0):
     """Cycles of `stride` interleaved chain allreduces, each over n cores `stride` apart along a line (core i of
     every block of `stride` consecutive cores with core i of the other blocks: the gradient sum over the copies of
     a weight kernel's tile grid, compiler/schedule.py): each stream crosses `stride` links, every link carries
-    `stride` streams of `words`; reduce to the middle block, then multicast back."""
+    `stride` streams of `words`; reduce to the middle block, then multicast back. `extra_hops`: on a defective
+    wafer, the growth of the longest path along the line, added to both phases' hops."""
     xp = _mod(n, stride, words)
     m_l, m_r = _sides(n, xp.floor((n - 1) / 2))
     big = xp.maximum(m_l, m_r)
     root = _ind(m_l > 1) + _ind(m_r > 1)
     link = stride * words
-    up = _phase_cycles(spec, link, words * xp.maximum(root, 1.0), stride, big - 1.0, link)
-    down = _phase_cycles(spec, link, words, stride * (big - 1.0), 0.0, link)
+    up = _phase_cycles(spec, link, words * xp.maximum(root, 1.0), stride + extra_hops, big - 1.0, link)
+    down = _phase_cycles(spec, link, words, stride * (big - 1.0) + extra_hops, 0.0, link)
     return _ind(n > 1) * (up + down)
 
 

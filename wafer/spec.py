@@ -38,6 +38,7 @@ from typing import Any
 
 from flax import struct
 
+from wafer.defects import DefectMap, remap, remap_of
 from wafer.errors import SpecError
 
 # Instruction classes the cost model distinguishes (see wafer/cost.py):
@@ -96,6 +97,9 @@ class WaferSpec:
       ramp_latency_cycles: T_R, cycles for a wavelet between a core and its router (2 [LGI24]); a dependent
         receive-combine-send stage costs 2 T_R + 1.
       edge_io_bits_per_s: host I/O into the wafer's edge (12 x 100 GbE = 1.2 Tb/s [CS2]).
+      defects: a `wafer.DefectMap` (dead cores and links of a physical grid with spare rows and columns, remapped
+        so that programs see the whole rows x cols grid; wafer/defects.py, `with_defects`), or None: a perfect
+        wafer. Static; validated (remapped) at construction.
     """
 
     # Static (shape-fixing) fields.
@@ -110,6 +114,7 @@ class WaferSpec:
     memcpy_cols_west: int = struct.field(pytree_node=False, default=3)
     memcpy_cols_east: int = struct.field(pytree_node=False, default=2)
     overlap: bool = struct.field(pytree_node=False, default=True)
+    defects: DefectMap | None = struct.field(pytree_node=False, default=None)
     # Differentiable figures (pytree leaves).
     clock_hz: float = 850e6
     simd_fmac_fp16: float = 4.0
@@ -179,6 +184,14 @@ class WaferSpec:
         _check_float(self, "hop_latency_cycles", 0.0, 1e4)
         _check_float(self, "ramp_latency_cycles", 0.0, 1e4)
         _check_float(self, "edge_io_bits_per_s", 1e3, 1e18)
+        if self.defects is not None:
+            if not isinstance(self.defects, DefectMap):
+                raise SpecError(
+                    f"WaferSpec.defects must be a wafer.DefectMap or None, got {type(self.defects).__name__}; "
+                    f"use spec.with_defects(...)"
+                )
+            if isinstance(self.rows, int) and isinstance(self.cols, int):
+                remap(self.defects, self.rows, self.cols)  # raises DefectError when the spares cannot hide them
 
     # ---- derived figures -------------------------------------------------------------------------------------
 
@@ -241,6 +254,47 @@ class WaferSpec:
             raise SpecError(f"WaferSpec has no field {said}; its fields are {sorted(fields)}")
         return dataclasses.replace(self, **overrides)
 
+    def with_defects(
+        self,
+        rate: float = 0.0,
+        seed: int = 0,
+        *,
+        dead_cores=(),
+        dead_links=(),
+        spare_rows: int = 0,
+        spare_cols: int | None = None,
+        link_rate: float = 0.0,
+    ) -> WaferSpec:
+        """A copy on a defective wafer: a physical grid of (rows + spare_rows) x (cols + spare_cols) cores, some dead,
+        remapped so that programs still see the whole rows x cols grid (wafer/defects.py; docs/defects.md).
+
+        Args:
+          rate: probability that a physical core is dead (independently; 0: only the explicit `dead_cores`).
+          seed: seeds the random map (the same seed gives the same map).
+          dead_cores: explicit dead cores, physical (row, col), added to the random ones.
+          dead_links: explicit dead links, physical (row, col, "N" | "E" | "S" | "W").
+          spare_rows, spare_cols: spares of the physical grid; spare_cols defaults to 1.5 % of the columns (at least
+            two), the top of the 1-1.5 % spares Cerebras describes (`wafer.defects.default_spare_cols`).
+          link_rate: probability that a physical link is dead.
+        Raises:
+          DefectError (a SpecError): a defect outside the physical grid, or more defects than the spares can hide.
+        """
+        rand = DefectMap.random(
+            self.rows, self.cols, rate, seed, spare_rows=spare_rows, spare_cols=spare_cols, link_rate=link_rate
+        )
+        dm = DefectMap(
+            dead_cores=rand.dead_cores + tuple(dead_cores),
+            dead_links=rand.dead_links + tuple(dead_links),
+            spare_rows=rand.spare_rows,
+            spare_cols=rand.spare_cols,
+        )
+        return dataclasses.replace(self, defects=dm)
+
+    @property
+    def remap(self):
+        """Where each logical core lies on the physical grid (`wafer.defects.Remap`), or None without defects."""
+        return remap_of(self)
+
     @classmethod
     def mini(cls, rows: int, cols: int, **overrides) -> WaferSpec:
         """A small wafer with WSE-2 figures, for tests and notebooks: `WaferSpec.mini(8, 8)`."""
@@ -249,7 +303,9 @@ class WaferSpec:
 
     def describe(self) -> dict:
         """Every field and the main derived figures, JSON-serialisable."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "defects"}
+        if self.defects is not None:
+            d["defects"] = self.remap.describe()
         d.update(
             cores=self.cores,
             sram_bytes_total=self.sram_bytes_total,

@@ -5,10 +5,12 @@
 placements whose sides are whole numbers go through the side table (compiler/analysis/tabulated.py: each kernel's
 figures tabulated over the batch's integer sides by the schedule's own `kernel_figures`, then per placement the
 gathers, the schedule's route terms and its pipeline, batched along the points): the same figures as
-`costmodel.predict`, many times faster. The rest (tau > 0, non-integer sides, traced features, a spec whose leaves
-are [points] arrays: a hardware point per placement) is `jax.vmap(costmodel.predict)`, jitted, in chunks that stay
-in cache (8,192 placements of 24 kernels: ~10 MB of intermediates). A batched spec is not tabulated per hardware
-point: sweeps vary a handful of leaves over a handful of placements, where a table per point costs what it saves.
+`costmodel.predict`, many times faster. The rest (tau > 0, non-integer sides, traced features, a defective wafer, a
+spec whose leaves are [points] arrays: a hardware point per placement; or a batch with so few placements per
+distinct side pair that a table would not pay, e.g. one placement) is `jax.vmap(costmodel.predict)`, jitted, in
+chunks that stay in cache (8,192 placements of 24 kernels: ~10 MB of intermediates). A batched spec is not
+tabulated per hardware point: sweeps vary a handful of leaves over a handful of placements, where a table per point
+costs what it saves.
 `placements_per_second` measures how fast the batch path is.
 
 `sweep(model, spec, sizes=..., placement=..., hardware=...)` is the grid search researchers run: every combination
@@ -128,7 +130,8 @@ def evaluate_placements(
     batched = _is_batched_spec(spec)
     exact = isinstance(tau, (int, float)) and float(tau) == 0.0
     leaves_concrete = not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(spec))
-    if exact and concrete and not batched and leaves_concrete:
+    perfect = getattr(spec, "defects", None) is None  # a defect map makes kernel figures depend on position
+    if exact and concrete and not batched and leaves_concrete and perfect:
         lays = layouts if kernels_first else jax.tree.map(lambda x: np.ascontiguousarray(np.asarray(x).T), layouts)
         out = tabulated.evaluate(feats, lays, spec, chunk=chunk)
         if out is None:  # too few placements per distinct side pair for a table to pay

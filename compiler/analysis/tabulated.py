@@ -18,8 +18,9 @@ equal `costmodel.predict` at tau = 0 on the same integer layouts (tests/compiler
 bottleneck, cores and peak SRAM bit for bit; latency to float32 reassociation of the sum over kernels, a few ulps).
 
 Where it does not apply, `compiler.analysis.sweep.evaluate_placements` uses `jax.vmap(costmodel.predict)`: a
-positive temperature (relaxed maxima), non-integer sides (a relaxed layout), traced features, or a batched spec
-(hardware leaves per point: a table per hardware point would cost as much as it saves; see that function).
+positive temperature (relaxed maxima), non-integer sides (a relaxed layout), traced features, a defective wafer (a
+kernel's lines then cross dead links where its rectangle lies: `schedule.defect_line_hops` depends on the position),
+or a batched spec (hardware leaves per point: a table per hardware point would cost as much as it saves).
 
 Tables come in two forms:
   dense   every (h, w) in [1, H] x [1, W] (H, W: the batch's largest sides, rounded up to a multiple of 8), the
@@ -106,6 +107,11 @@ def tabulate(feats: ft.Features, spec, heights, widths, *, dense: tuple | None =
       heights, widths: [pairs] integer sides.
       dense: (H, W) when the pairs are the whole grid [1, H] x [1, W], row-major (`dense_table`).
     """
+    if getattr(spec, "defects", None) is not None:
+        raise ValueError(
+            "a side table needs a perfect wafer: with a defect map a kernel's figures depend on where its rectangle "
+            "lies (schedule.defect_line_hops); evaluate such placements with costmodel.predict"
+        )
     feats = jax.tree.map(lambda x: np.asarray(x, np.float32), feats)
     spec = jax.tree.map(lambda x: np.float32(x), spec)
     heights, widths = np.asarray(heights, np.float32), np.asarray(widths, np.float32)

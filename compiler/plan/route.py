@@ -45,6 +45,7 @@ import numpy as np
 
 from compiler import relax
 from compiler.errors import ColorError, RouteError
+from wafer import defects
 from wafer.fabric import CHANNELS, RAMP_IN, RAMP_OUT, Phase, Traffic
 from wafer.memory import Rect
 
@@ -194,6 +195,56 @@ def flow_hops(sr, sc, sh, sw, dr, dc, dh, dw, *, cols=None):
     y_far = R.where(south, rd - y_lane, y_lane - rd)
     diagonal = (east | west) & (north | south)
     return R.where(diagonal, x_far + y_far, R.where(east | west, side, vert))
+
+
+def flow_physical_hops(rm, sr, sc, sh, sw, dr, dc, dh, dw):
+    """Physical hops of the longest lane of the stream from rectangle s to rectangle d under "auto" lanes on a
+    defective wafer's remap `rm` (`wafer.defects`): the most, over the stream's lanes, of a lane's logical hops plus
+    its extra hops (`wafer.defects.lane_extra`), the lanes being `flow_lanes`'. Array-generic over flows, as
+    `flow_hops` (lanes are masked over a static [flows, max(rows, cols)] index, so it jits and vmaps)."""
+    R = relax
+    ns = relax.xp(sr, sc, sh, sw, dr, dc, dh, dw)
+    east, west = dc >= sc + sw, dc + dw <= sc
+    south, north = dr >= sr + sh, dr + dh <= sr
+    cs = R.where(east, sc + sw - 1, sc)
+    cd_side = R.where(east, dc, dc + dw - 1)
+    rs = R.where(south, sr + sh - 1, sr)
+    rd = R.where(south, dr, dr + dh - 1)
+    col = lambda x: ns.asarray(x)[..., None]  # noqa: E731  a flow's value against the lane index
+    # side by side: a lane along every shared row, from the source's edge column to the destination's
+    lines = ns.arange(rm.rows)
+    shared = (lines >= col(R.maximum(sr, dr)) - 0.5) & (lines < col(R.minimum(sr + sh, dr + dh)) - 0.5)
+    side = ns.max(ns.where(shared, defects.row_extra(rm, lines, col(cs), col(cd_side)), 0.0), axis=-1)
+    side = abs(cd_side - cs) + side
+    # one above the other: a lane down every shared column
+    lines = ns.arange(rm.cols)
+    shared = (lines >= col(R.maximum(sc, dc)) - 0.5) & (lines < col(R.minimum(sc + sw, dc + dw)) - 0.5)
+    vert = ns.max(ns.where(shared, defects.col_extra(rm, lines, col(rs), col(rd)), 0.0), axis=-1)
+    vert = abs(rd - rs) + vert
+    # diagonal: corner lane i of n leaves the source's row rs_i and turns into the destination's column cd_i
+    n = R.minimum(sh, dw)
+    i = ns.arange(min(rm.rows, rm.cols))
+    one = col(n == 1)
+    rows_i = ns.where(one, col(sr + R.floor((sh - 1) / 2)), spread(i, col(n), col(sr), col(sh)))
+    rows_rev = ns.where(one, col(sr + R.floor((sh - 1) / 2)), spread(col(n) - 1 - i, col(n), col(sr), col(sh)))
+    cols_i = ns.where(one, col(dc + R.floor((dw - 1) / 2)), spread(i, col(n), col(dc), col(dw)))
+    cols_rev = ns.where(one, col(dc + R.floor((dw - 1) / 2)), spread(col(n) - 1 - i, col(n), col(dc), col(dw)))
+    r_i = ns.where(col(south), rows_i, rows_rev)
+    c_i = ns.where(col(east), cols_rev, cols_i)
+    lane = abs(c_i - col(cs)) + abs(col(rd) - r_i) + defects.lane_extra(rm, r_i, col(cs), col(rd), c_i)
+    diag = ns.max(ns.where(i < col(n) - 0.5, lane, 0.0), axis=-1)
+    diagonal = (east | west) & (north | south)
+    return R.where(diagonal, diag, R.where(east | west, side, vert))
+
+
+def host_physical_hops(rm, row, col, height, width, *, inbound):
+    """Physical hops of the host streams on a defective wafer's remap `rm`: `host_hops` plus the most extra hops of
+    any of the rectangle's rows between the west edge (column 0) and its west edge, or its east edge and the east
+    edge (`wafer.defects.line_extra`)."""
+    if inbound:
+        return col + defects.line_extra(rm, 1, row, 0.0 * col, height, col + 1)
+    last = col + width - 1
+    return rm.cols - col - width + defects.line_extra(rm, 1, row, last, height, rm.cols - last)
 
 
 def flow_lane_count(sr, sc, sh, sw, dr, dc, dh, dw):
@@ -350,7 +401,9 @@ def route(
         all_lanes[(src, dst)] = ends
         lane_words[(src, dst)] = per_lane
     parts = _multicast(parts, [group_of[key] for key in merged])
-    phase = Phase(tuple(parts), max(hops.values(), default=0))
+    # the lanes set the phase's latency: on a defective wafer the longest grows by its extra hops (Phase.lanes)
+    ends = np.concatenate(list(all_lanes.values())) if all_lanes else None
+    phase = Phase(tuple(parts), max(hops.values(), default=0), 0, ends)
     return Routes(
         traffic=Traffic((phase,)) if parts else Traffic.none(),
         hops=hops,

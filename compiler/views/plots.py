@@ -28,6 +28,7 @@ from collections.abc import Mapping
 import numpy as np
 from matplotlib import colormaps, patheffects
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
 from compiler.run.program import Program
@@ -175,6 +176,41 @@ def _heatmap(ax, a, *, label, cmap="viridis", vmax=None):
     return im
 
 
+def defect_marks(spec) -> tuple[np.ndarray, np.ndarray]:
+    """Where a defective wafer's switched-off cores show on the logical grid: (points [k, 2] of (x, y) in core
+    coordinates, a dead core between two logical cores drawn on the boundary between them; retired rows [m], the y
+    of the boundary each retired physical row lies on). Empty without defects."""
+    rm = spec.remap if spec is not None else None
+    if rm is None:
+        return np.zeros((0, 2)), np.zeros(0)
+    points = []
+    for r, c in zip(*np.nonzero(rm.dead)):
+        at = rm.logical_of(int(r), int(c))
+        if at is not None:
+            points.append((at[1] + 0.5, at[0] + 0.5))
+    retired = [float(np.searchsorted(rm.row_of, r)) for r in rm.retired_rows]
+    return np.asarray(points, np.float64).reshape(-1, 2), np.asarray(retired, np.float64)
+
+
+def _draw_defects(ax, spec, handles=None):
+    """Mark a defective wafer's dead cores (red crosses, where the remap skips them) and retired rows (red dashed
+    lines) on a picture of the logical grid; add legend entries to `handles` when given."""
+    points, retired = defect_marks(spec)
+    if not len(points) and not len(retired):
+        return
+    size = max(2.0, min(8.0, 400.0 / max(spec.rows, spec.cols)))
+    if len(points):
+        ax.plot(points[:, 0], points[:, 1], "x", color="red", markersize=size, markeredgewidth=1.0, zorder=5)
+    for y in retired:
+        ax.axhline(y, color="red", linestyle="--", linewidth=0.8, zorder=5)
+    if handles is not None:
+        rm = spec.remap
+        label = f"dead cores ({int(rm.dead.sum())}, remapped)"
+        handles.append(Line2D([], [], marker="x", color="red", linestyle="none", label=label))
+        if len(retired):
+            handles.append(Line2D([], [], color="red", linestyle="--", label=f"retired rows ({len(retired)})"))
+
+
 def _kernel_colors(names):
     cm = colormaps["tab20"]
     order = [*range(0, 20, 2), *range(1, 20, 2)]  # the strong colours first: neighbours differ clearly
@@ -244,6 +280,9 @@ def placement_map(
         handles.append(Patch(facecolor=_IO, edgecolor="grey", hatch="///", label="memcpy host-I/O columns"))
     if working is not None and working < placed:
         handles.append(Patch(facecolor="grey", alpha=0.4, edgecolor="black", label="rectangle cores holding no tiles"))
+    _draw_defects(ax, spec, handles)
+    if zoom:
+        _draw_defects(inset, spec)
     for name in unlabelled[:_MAX_LEGEND]:
         handles.append(Patch(facecolor=colors[name], label=name))
     if len(unlabelled) > _MAX_LEGEND:
@@ -393,6 +432,8 @@ def sram_map(state_or_memory, spec=None, ax=None, *, unit: str = "bytes", path=N
     if capacity:
         title += f" ({100 * peak / capacity:.1f}% of {capacity:,})"
     ax.set_title(title)
+    if spec is not None and (spec.rows, spec.cols) == (rows, cols):
+        _draw_defects(ax, spec)
     return _finish(fig, path)
 
 
@@ -410,6 +451,7 @@ def link_map(state, direction: str | None = None, ax=None, *, path=None):
       The `Figure`.
     """
     words, what = _links(state)
+    spec = state.spec if isinstance(state, Program) else None
     if direction is None and ax is not None:
         direction = "sum"
     if direction is not None and direction not in (*DIRECTIONS, "sum"):
@@ -421,6 +463,7 @@ def link_map(state, direction: str | None = None, ax=None, *, path=None):
         _heatmap(ax, a, label=what, cmap="magma_r")
         which = "all directions" if direction == "sum" else f"{direction} links"
         ax.set_title(f"link load, {which}: busiest core {a.max():,.0f}")
+        _draw_defects(ax, spec)
         return _finish(fig, path)
     w, h = _grid_size(rows, cols, width=6.0, extra=1.0)
     fig, axes = _figure(None, (2 * w, 2 * h - 0.8), 2, 2)
@@ -429,6 +472,7 @@ def link_map(state, direction: str | None = None, ax=None, *, path=None):
         a = words[DIRECTIONS.index(d)]
         _heatmap(ax_d, a, label=what, cmap="magma_r", vmax=top)
         ax_d.set_title(f"{d} links: busiest core {a.max():,.0f}")
+        _draw_defects(ax_d, spec)
     fig.suptitle(f"link load per core and direction ({what})")
     return _finish(fig, path)
 

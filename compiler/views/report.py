@@ -37,6 +37,8 @@ class KernelRow:
     backward_cycles: float = 0.0
     update_cycles: float = 0.0
     io_cycles: float = 0.0
+    # a defective wafer: the extra hops its row or column transfers are charged (the longest line of its core grid)
+    extra_hops: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,17 @@ class Report:
     wafers: int = 1
     batch_per_wafer: int = 0
     interconnect_cycles_per_step: float = 0.0
+    # a defective wafer (spec.with_defects; wafer/defects.py): switched-off cores (dead, or at a dead link's end) and
+    # dead links, the spares the remap used (rows retired; spare columns the most displaced row reaches into), the
+    # logical links made longer, and the hops charged for them: the longest route's extra hops and the most any
+    # kernel's transfers take (their cycles are in the figures above)
+    dead_cores: int = 0
+    dead_links: int = 0
+    spare_rows_used: int = 0
+    spare_cols_used: int = 0
+    remapped_links: int = 0
+    extra_route_hops: int = 0
+    extra_kernel_hops: int = 0
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -127,6 +140,16 @@ class Report:
                 )
         else:
             lines.append(f"bound by              {self.bound} (the slowest of kernels, streams and edge I/O)")
+        if self.dead_cores or self.dead_links:
+            lines.append(
+                f"defects               {self.dead_cores:,} dead cores, {self.dead_links:,} dead links remapped onto "
+                f"{self.spare_cols_used} spare columns and {self.spare_rows_used} spare rows; "
+                f"{self.remapped_links:,} longer links"
+            )
+            lines.append(
+                f"extra hops charged    longest route +{self.extra_route_hops}, kernel transfers up to "
+                f"+{self.extra_kernel_hops}"
+            )
         return "\n".join(lines)
 
 
@@ -151,6 +174,7 @@ def build_report(schedule: sched.Schedule) -> Report:
                 update_cycles=float(k["update"][i]),
                 io_cycles=float(k["io"][i]) if streaming else 0.0,
             )
+        extra["extra_hops"] = int(round(float(k["extra_hops"][i])))
         rows.append(
             KernelRow(
                 name=name,
@@ -182,6 +206,18 @@ def build_report(schedule: sched.Schedule) -> Report:
         cycles_per_sample, latency = pace, float(fig["latency_cycles"])
         mode = "layer-pipelined inference"
     links = schedule.link_words()
+    rm = spec.remap
+    defects = {}
+    if rm is not None:
+        defects = dict(
+            dead_cores=int(rm.dead.sum()),
+            dead_links=len(rm.defects.dead_links),
+            spare_rows_used=rm.spare_rows_used,
+            spare_cols_used=rm.spare_cols_used,
+            remapped_links=rm.remapped_links,
+            extra_route_hops=int(round(float(fig["route_extra_hops"]))),
+            extra_kernel_hops=max((r.extra_hops for r in rows), default=0),
+        )
     return Report(
         spec_name=spec.name,
         mode=f"{mode} ({plan.policy})" if plan.policy.mixed else mode,
@@ -205,6 +241,7 @@ def build_report(schedule: sched.Schedule) -> Report:
         wafers=wafers,
         batch_per_wafer=batch,
         interconnect_cycles_per_step=float(fig.get("interconnect_cycles", 0.0)),
+        **defects,
     )
 
 

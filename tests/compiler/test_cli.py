@@ -277,3 +277,27 @@ def test_train_on_two_wafers_with_input_workers(run, tmp_path):
     assert "step 2 of 2" in out
     status, _, err = run("train", *common, "--wafers", "7")
     assert status != 0 and "does not split over 7 wafers" in err
+
+
+def test_train_against_native_compares_the_runs_step_by_step(run, monkeypatch):
+    common = ["compiler.examples:digits", *MINI, "--model-dir", "m", "--quiet", "--no-pictures", "--against-native"]
+    status, out, err = run("train", *common, "--max-steps", "12", "--mode", "train_and_eval")
+    assert status == 0, err
+    assert "bit-identical: every one of the 12 steps' losses equals native's exactly" in out
+    assert "final accuracy: emulated" in out and out.rstrip().endswith("agreement: OK")
+    # a resumed run is compared from step 1: the history holds the steps before the checkpoint
+    status, out, err = run("train", *common, "--max-steps", "20")
+    assert status == 0, err
+    assert "every one of the 20 steps" in out
+    # a native run that drifts from step 3 on: not bit-identical, and the early bound (1e-6) fails
+    real = cli.native_training
+
+    def drifting(prog, steps):
+        losses, params = real(prog, steps)
+        return losses[:2] + [x * (1 + 1e-3) for x in losses[2:]], params
+
+    monkeypatch.setattr(cli, "native_training", drifting)
+    status, out, err = run("train", *common, "--max-steps", "24")
+    assert status == 1, err
+    assert "bit-identical for the first 2 of 24 steps" in out and "(bound 1e-06): FAILED" in out
+    assert out.rstrip().endswith("agreement: FAILED")
