@@ -171,3 +171,15 @@ def test_program_key_separates_programs_and_specs(lenet):
     }
     assert len(keys) == 3
     assert tabulated.program_key(cm.compact(lenet), BASE) in keys
+
+
+def test_defective_wafer_uses_the_cost_model(lenet):
+    """With a defect map a kernel's figures depend on where its rectangle lies: no table, the cost model itself."""
+    spec = BASE.with_defects(rate=0.02, seed=0)
+    lays = random_layouts(lenet.n, spec, 400, seed=8, max_side=8, kernels_first=True)
+    out = evaluate_placements(lenet, lays, spec, kernels_first=True)
+    ref = _reference(lenet, lays, spec)
+    for k in OUTPUTS:
+        np.testing.assert_array_equal(out[k], ref[k], err_msg=k)
+    with pytest.raises(ValueError, match="perfect wafer"):
+        tabulated.dense_table(cm.compact(lenet), spec, 8, 8)
