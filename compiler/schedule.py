@@ -210,7 +210,7 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
     dxm = runs * matmul_cycles(
         spec, f.fmac_class, k["mm_pin"], k["ta"], k["mm_c"] * f.lead, f.isz_out, f.isz_w, f.isz_in, mx
     )
-    in_elems = f.n_in * k["rows_in"] * k["ta"]
+    in_elems = f.n_in * k["rows_in"] * k["in_chunk"]
     b_multicast = relax.where(weight, fabric.multicast_cycles(k["gh"], k["out_words"], spec, src="last"), zero)
     b_rest = cost.compute_cycles(spec, per_core(k["bwd_counts"]), maximum=mx) + relax.where(weight, dw, zero)
     b_red, b_adds, b_pattern = reduction(
