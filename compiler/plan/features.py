@@ -139,6 +139,12 @@ class Features:
       flow_words [F]: 32-bit words per sample.
       flow_share [F]: the busiest link on the stream's lanes carries flow_share times one lane's words (streams
         sharing links; 1 until the route pass measures it on the plan's routes).
+    Tied weights (training in layer-pipelined mode; empty otherwise):
+      tie_src, tie_dst [T]: kernel indices of a pair of kernels holding copies of the same parameters: every kernel
+        reading a parameter keeps a copy (`Plan.weight_copies`), the last one's being the copy the step reads back
+        (`Plan.weights`); each other copy's kernel (tie_src) sends its gradient of them to that kernel (tie_dst),
+        which sums them and sends the sum back, so that every copy takes the same update and all stay equal.
+      tie_words [T]: 32-bit words of those gradients each way per step.
     Program:
       batch: samples per call (scalar); io_bytes: bytes of the inputs streamed in per call or step; io_out_bytes:
       bytes of the outputs streamed out per call (inference).
@@ -185,6 +191,9 @@ class Features:
     flow_dst: jax.Array
     flow_words: jax.Array
     flow_share: jax.Array
+    tie_src: jax.Array
+    tie_dst: jax.Array
+    tie_words: jax.Array
     batch: jax.Array
     io_bytes: jax.Array
     io_out_bytes: jax.Array
@@ -222,6 +231,9 @@ class Features:
             flow_dst=empty,
             flow_words=empty,
             flow_share=empty,
+            tie_src=empty,
+            tie_dst=empty,
+            tie_words=empty,
             names=pick(self.names),
             fmac_class=pick(self.fmac_class),
             acc_class=pick(self.acc_class),
@@ -278,6 +290,23 @@ def flows(graph) -> list[tuple[str, str, float]]:
     out_bytes = sum(_nbytes(a) for a in graph.traced.out_avals)
     out.append(("host", first.name, in_bytes / 4 / batch))
     out.append((last.name, "host", out_bytes / 4 / batch))
+    return out
+
+
+def tied_pairs(graph) -> dict[tuple[int, int], int]:
+    """{(kernel index of a copy, kernel index of the copy read back): 32-bit words of the parameters they share}:
+    the gradients a training step sums between copies of tied weights (`Features.tie_words`). The copy read back is
+    the last kernel's in pipeline order (`Plan.weights`)."""
+    users: dict[int, list[int]] = {}
+    for i, k in enumerate(graph.kernels):
+        for idx in dict.fromkeys(k.params):
+            users.setdefault(idx, []).append(i)
+    out: dict[tuple[int, int], int] = {}
+    for idx, ks in users.items():
+        aval = graph.traced.param_avals[idx]
+        words = -(-math.prod(aval.shape) * np.dtype(aval.dtype).itemsize // 4)
+        for k in ks[:-1]:
+            out[k, ks[-1]] = out.get((k, ks[-1]), 0) + words
     return out
 
 
@@ -570,6 +599,7 @@ def features(
     kernel_names = [k.name for k in kernels]
     index = {name: i for i, name in enumerate(kernel_names)}
     fl = flows(graph) if mode == "pipelined" else []
+    ties = tied_pairs(graph) if training and mode == "pipelined" else {}
     batch = graph_batch(graph)
     return Features(
         counts=_matrix(fwd, keys),
@@ -589,6 +619,9 @@ def features(
         flow_dst=np.array([float(index.get(d, -1)) for _, d, _ in fl]),
         flow_words=np.array([float(w) for _, _, w in fl]),
         flow_share=np.ones(len(fl)),
+        tie_src=np.array([float(a) for a, _ in ties]),
+        tie_dst=np.array([float(b) for _, b in ties]),
+        tie_words=np.array([float(w) for w in ties.values()]),
         batch=np.asarray(float(batch)),
         io_bytes=np.asarray(float(sum(_nbytes(a) for a in traced.input_avals))),
         io_out_bytes=np.asarray(float(sum(_nbytes(a) for a in traced.out_avals))),
