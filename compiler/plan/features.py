@@ -330,17 +330,17 @@ def _anchor_facts(kernel, traced, batch: int = 1) -> dict:
     f = dict(anchor=SPREAD, a=1, b=1, lead=1, m=1, n_in=0, in_s1=0, in_s0=0, in_full=0, n_out=0, out_full=0)
     f.update(isz_in=4, isz_out=4, isz_w=4, fmac_class="fp32", acc_class="fp32", eqn=None, psr=0.0)
     f.update(in_groups=1, gather=0, axes=None)
-    eqn, widx, pos = part.anchor_operand(kernel, traced)
+    eqn, widx, pos, perm = part.anchor_operand(kernel, traced)
     if widx is None:
         return f | dict(widx=None)
     aval = traced.param_avals[widx]
     shape = tuple(aval.shape)
     if param_layout(shape) != MATRIX:
         return f | dict(widx=None)
-    axes = part.weight_axes(eqn, pos)
+    axes = part.weight_axes(eqn, pos, perm)
     lead, a, b = part.matrix_dims(shape, axes)
     tiling = part.tile_param(widx, "", aval, Rect(0, 0, a, b), axes)
-    kind = part.per_core_kind(eqn, tiling, pos)
+    kind = part.per_core_kind(eqn, tiling, pos, perm)
     f.update(a=a, b=b, axes=axes)
     if kind is None:
         return f | dict(anchor=TILED, widx=widx)

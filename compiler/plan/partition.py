@@ -406,13 +406,21 @@ def embedding_gather(eqn) -> bool:
 
 
 def anchor_operand(kernel, traced):
-    """(anchor eqn, flat param index of its weight, the weight's operand position) of a weight kernel, else
-    (None, None, None). The anchor is the kernel's first dot_general with a weight operand (the right one preferred,
-    `x @ W`; the left one, `W @ x`, too), convolution with a weight kernel, or embedding lookup from a weight table
-    (`embedding_gather`)."""
+    """(anchor eqn, flat param index of its weight, the weight's operand position, perm) of a weight kernel, else
+    (None, None, None, None). The anchor is the kernel's first dot_general with a weight operand (the right one
+    preferred, `x @ W`; the left one, `W @ x`, too), convolution with a weight kernel, or embedding lookup from a
+    weight table (`embedding_gather`). The operand may be the weight cast (a precision policy's 16-bit copy) or
+    transposed (`x @ E.T`, a tied embedding's `attend`): perm is the transposition (operand axis a is the weight's
+    axis perm[a]), None for none."""
     param_vars = {v: i for i, v in enumerate(traced.jaxpr.invars[: traced.n_params])}
-    # A cast weight is still the weight: a precision policy reads a 16-bit copy of float32 master weights.
-    casts = {e.outvars[0]: e.invars[0] for e in kernel.eqns if e.primitive.name == "convert_element_type"}
+    # A cast weight is still the weight: a precision policy reads a 16-bit copy of float32 master weights; a
+    # transposed one is the weight read along other axes.
+    views = {}
+    for e in kernel.eqns:
+        if e.primitive.name == "convert_element_type":
+            views[e.outvars[0]] = (e.invars[0], None)
+        elif e.primitive.name == "transpose":
+            views[e.outvars[0]] = (e.invars[0], tuple(e.params["permutation"]))
     for eqn in kernel.eqns:
         name = eqn.primitive.name
         if name == "dot_general" and len(eqn.invars) == 2:
@@ -425,11 +433,15 @@ def anchor_operand(kernel, traced):
             continue
         for pos in positions:
             w = eqn.invars[pos]
-            while isinstance(w, jcore.Var) and w not in param_vars and w in casts:
-                w = casts[w]
+            perm = list(range(w.aval.ndim)) if isinstance(w, jcore.Var) else []
+            while isinstance(w, jcore.Var) and w not in param_vars and w in views:
+                w, p = views[w]
+                if p is not None:  # w_out axis j is w_in axis p[j]
+                    perm = [p[a] for a in perm]
             if isinstance(w, jcore.Var) and w in param_vars and param_vars[w] in kernel.params:
-                return eqn, param_vars[w], pos
-    return None, None, None
+                perm = None if perm == sorted(perm) else tuple(perm)
+                return eqn, param_vars[w], pos, perm
+    return None, None, None, None
 
 
 def anchor_weight(kernel, traced):
@@ -437,12 +449,13 @@ def anchor_weight(kernel, traced):
     return anchor_operand(kernel, traced)[:2]
 
 
-def weight_axes(eqn, pos: int):
+def weight_axes(eqn, pos: int, perm=None):
     """The matrix a dense anchor multiplies its weight (operand `pos`) as, when that is not the weight's plain
     layout: (rows, cols), its contracted axes (in axis order) flattened into the matrix's rows K and its free axes
     into its columns N (an attention projection's `[d, heads, head_dim]` is `[d, heads * head_dim]`, its output
     projection's `[heads, head_dim, d]` is `[heads * head_dim, d]`, a tied embedding's `attend` contracts a table
-    `[V, D]` on D: `[D, V]`). None for a 2-D `[K, N]` contracted on its first axis, and for anything else."""
+    `[V, D]` on D: `[D, V]`), in the weight's own axes when the operand is it transposed by `perm`
+    (`anchor_operand`). None for a 2-D `[K, N]` contracted on its first axis, and for anything else."""
     if eqn is None or eqn.primitive.name != "dot_general":
         return None
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
@@ -450,14 +463,17 @@ def weight_axes(eqn, pos: int):
     wc = tuple(sorted(rc if pos == 1 else lc))
     if lb or rb or not wc or len(wc) == nd:
         return None
-    rows, cols = wc, tuple(a for a in range(nd) if a not in wc)
-    return None if (nd == 2 and rows == (0,)) else (rows, cols)
+    perm = tuple(range(nd)) if perm is None else perm
+    # the output holds the operand's free axes in order: the matrix's columns follow them
+    rows, cols = tuple(perm[a] for a in wc), tuple(perm[a] for a in range(nd) if a not in wc)
+    return None if (nd == 2 and rows == (0,) and cols == (1,)) else (rows, cols)
 
 
-def per_core_kind(eqn, tiling, pos: int | None = None) -> str | None:
+def per_core_kind(eqn, tiling, pos: int | None = None, perm=None) -> str | None:
     """How the per-core path runs this anchor literally on its weight (operand `pos`; default: the right operand of
-    a dot or conv, the table of a gather) tiles: "dense", "conv" or "gather"; None when it cannot (the weight not
-    tiled as the matrix it multiplies, batch dimensions, a batch-grouped convolution).
+    a dot or conv, the table of a gather; transposed by `perm`, `anchor_operand`) tiles: "dense", "conv" or
+    "gather"; None when it cannot (the weight not tiled as the matrix it multiplies, batch dimensions, a
+    batch-grouped convolution, a transposed convolution kernel or table).
 
       dense   dot_general(x, W) with no batch dimensions, W tiled as the matrix [K, N] of its contracted and free
               axes (`weight_axes`; Flax Dense and DenseGeneral, einsums with weights, either operand);
@@ -475,9 +491,11 @@ def per_core_kind(eqn, tiling, pos: int | None = None) -> str | None:
         wc = rc if pos == 1 else lc
         if lb or rb or not wc or len(wc) == nd:
             return None
-        axes = weight_axes(eqn, pos)
+        axes = weight_axes(eqn, pos, perm)
         if tiling.axes == axes and (axes is not None or len(tiling.shape) == 2):
             return "dense"
+        return None
+    if perm is not None:
         return None
     if name == "conv_general_dilated" and pos == 1 and eqn.params["batch_group_count"] == 1:
         dn = eqn.params["dimension_numbers"]
@@ -524,12 +542,12 @@ def group_offsets(tiling: ParamTiling):
     return [(p * gh, q * gw) for p in range(rr) for q in range(rc)]
 
 
-def _anchor_shapes(eqn, tiling: ParamTiling, rows_in: int, rows_out: int, pos: int | None = None):
+def _anchor_shapes(eqn, tiling: ParamTiling, rows_in: int, rows_out: int, pos: int | None = None, perm=None):
     """Per-core (input chunk, partial result) ShapeDtypeStructs of a per-core anchor on its grid [gh, gw, ...]:
     dense, rows of x's K chunk and of the partial [rows, tn]; gather, the indices (one per row) and the partial
     [rows, tn]; conv, the image with its tk input channels of every feature group (G x tk) and the partial with tn
     output channels."""
-    kind = per_core_kind(eqn, tiling, pos)
+    kind = per_core_kind(eqn, tiling, pos, perm)
     gh, gw = tiling.grid
     tk, tn = tiling.tile[-2:]
     out = eqn.outvars[0].aval
@@ -558,15 +576,21 @@ def _anchor_shapes(eqn, tiling: ParamTiling, rows_in: int, rows_out: int, pos: i
 
 
 def anchor_traffic(
-    eqn, tiling: ParamTiling, rows_in: int, rows_out: int, pattern: str = "chain", pos: int | None = None
+    eqn,
+    tiling: ParamTiling,
+    rows_in: int,
+    rows_out: int,
+    pattern: str = "chain",
+    pos: int | None = None,
+    perm=None,
 ) -> wafer.Traffic:
     """Region-local traffic of a per-core anchor: in every group, input chunks multicast along rows and partial
     sums reduced along columns in `pattern`. Shapes are exactly those the per-core path moves
     (compiler/run/percore.py): a core receives `rows_in` rows of its input chunk and produces `rows_out` rows of its
     partial result."""
-    if per_core_kind(eqn, tiling, pos) is None:
+    if per_core_kind(eqn, tiling, pos, perm) is None:
         return wafer.Traffic.none()
-    x, p = _anchor_shapes(eqn, tiling, rows_in, rows_out, pos)
+    x, p = _anchor_shapes(eqn, tiling, rows_in, rows_out, pos, perm)
     return _forward_group_traffic(_key(x), _key(p), pattern).replicate(group_offsets(tiling))
 
 
@@ -578,13 +602,14 @@ def anchor_backward_traffic(
     pattern: str = "chain",
     dx: bool = True,
     pos: int | None = None,
+    perm=None,
 ) -> wafer.Traffic:
     """Region-local traffic of a per-core anchor's backward: in every group, the output cotangent multicast up each
     column from the bottom row, and (`dx`) the input cotangent's partials reduced along each row to the west edge
     in `pattern`."""
-    if per_core_kind(eqn, tiling, pos) is None:
+    if per_core_kind(eqn, tiling, pos, perm) is None:
         return wafer.Traffic.none()
-    x, p = _anchor_shapes(eqn, tiling, rows_in, rows_out, pos)
+    x, p = _anchor_shapes(eqn, tiling, rows_in, rows_out, pos, perm)
     return _backward_group_traffic(_key(x), _key(p), pattern, bool(dx)).replicate(group_offsets(tiling))
 
 
@@ -652,8 +677,8 @@ def partition(graph, placement, feats: ft.Features, spec) -> dict[str, KernelPla
             )
     plans = {}
     for i, (kernel, rect) in enumerate(zip(graph.kernels, rects)):
-        eqn, widx, opos = anchor_operand(kernel, traced)
-        view = {widx: weight_axes(eqn, opos)} if widx is not None else {}
+        eqn, widx, opos, perm = anchor_operand(kernel, traced)
+        view = {widx: weight_axes(eqn, opos, perm)} if widx is not None else {}
         tilings = [
             tile_param(j, traced.param_paths[j], traced.param_avals[j], rect, view.get(j)) for j in kernel.params
         ]
@@ -664,10 +689,10 @@ def partition(graph, placement, feats: ft.Features, spec) -> dict[str, KernelPla
             pos = kernel.params.index(widx)
             tilings[pos] = tilings[pos].replicated(int(shape["rr"][i]), int(shape["rc"][i]))
             rows = int(shape["rows_in"][i]), int(shape["rows_out"][i])
-            traffic = anchor_traffic(eqn, tilings[pos], *rows, pattern, opos).at(rect.row, rect.col)
+            traffic = anchor_traffic(eqn, tilings[pos], *rows, pattern, opos, perm).at(rect.row, rect.col)
             if training:
                 dx = bool(feats.dx[i])
-                backward = anchor_backward_traffic(eqn, tilings[pos], *rows, b_pattern, dx, opos)
+                backward = anchor_backward_traffic(eqn, tilings[pos], *rows, b_pattern, dx, opos, perm)
                 backward = backward.at(rect.row, rect.col)
         else:
             pattern = b_pattern = "chain"
@@ -725,14 +750,14 @@ def min_cores(
 def max_cores(kernel, traced) -> int:
     """More cores than this do not help a kernel: a weight kernel's tiles times the rows of data it can split
     (one weight element and one row per core); a weightless kernel's output elements."""
-    anchor, widx, pos = anchor_operand(kernel, traced)
+    anchor, widx, pos, perm = anchor_operand(kernel, traced)
     if widx is not None:
         shape = traced.param_avals[widx].shape
         if len(shape) >= 2:
-            axes = weight_axes(anchor, pos)
+            axes = weight_axes(anchor, pos, perm)
             _, a, b = matrix_dims(shape, axes)
             tiling = tile_param(widx, "", traced.param_avals[widx], Rect(0, 0, a, b), axes)
-            kind = per_core_kind(anchor, tiling, pos)
+            kind = per_core_kind(anchor, tiling, pos, perm)
             rows = split_rows(anchor, kind, pos) if kind else 1
             return max(1, int(a * b * rows))
     return max(1, kernel.out_bytes // 4)

@@ -73,12 +73,13 @@ def _grouped(xg, tiles, tiling, op, pattern="chain", local=()):
     return summed[:, 0], traffic
 
 
-def _dense_per_core(x, tiles, tiling, eqn, pattern="chain", pos=1):
+def _dense_per_core(x, tiles, tiling, eqn, pattern="chain", pos=1, perm=None):
     """y = dot_general(x, W) (W the operand `pos`) with W's tiles [gh, gw, tk, tn] on cores, as the matrix [K, N]
     the partition tiles (`ParamTiling.axes`), and x's rows split over groups; returns (y, traffic).
 
     Args:
       x: the data operand [*free, *contracted] in any axis order.
+      perm: the weight operand is the stored weight transposed so (`anchor_operand`): its axis a is W's perm[a].
     """
     gh, gw = tiling.grid
     rr, rc = tiling.replicas
@@ -88,7 +89,8 @@ def _dense_per_core(x, tiles, tiling, eqn, pattern="chain", pos=1):
     (lc, rc_), _ = eqn.params["dimension_numbers"]
     xc, wc = (lc, rc_) if pos == 1 else (rc_, lc)
     w_rows, w_cols = tiling.axes or ((0,), (1,))
-    pair = dict(zip(wc, xc))
+    perm = tuple(range(len(tiling.shape))) if perm is None else perm
+    pair = {perm[a]: b for a, b in zip(wc, xc)}  # W's axis -> the x axis it contracts with
     x_c = [pair[r] for r in w_rows]  # x's contracted axes in the order W's rows flatten them
     x_free = [a for a in range(x.ndim) if a not in xc]
     lead = tuple(x.shape[a] for a in x_free)
@@ -256,7 +258,7 @@ def run_per_core(plan, leaves, state, inputs):
         tilings = {t.index: t for t in kplan.params}
         # only the kernel's anchor runs per core: it is what the partition tiles and charges (a kernel whose every
         # equation reads weights only, e.g. an embedding of one row broadcast, has none)
-        anchor, widx, pos = anchor_operand(kernel, traced)
+        anchor, widx, pos, perm = anchor_operand(kernel, traced)
         if plan.features.anchor[kernel.index] != ft.WEIGHT:
             anchor = None
         for eqn in kernel.eqns:
@@ -264,12 +266,13 @@ def run_per_core(plan, leaves, state, inputs):
             done = False
             if eqn is anchor:
                 tiling = tilings.get(widx)
-                kind = per_core_kind(eqn, tiling, pos)
+                kind = per_core_kind(eqn, tiling, pos, perm)
                 if kind is not None:
                     tiles = state.read(f"{kplan.name}:{tiling.path}")  # the per-core view [gh, gw, *tile]
-                    # a weight the program casts (a 16-bit copy of a float32 one) is cast by each core on its tile
+                    # a weight the program casts (a 16-bit copy of a float32 one) is cast by each core on its tile; one
+                    # it transposes is read along its other axes (`ParamTiling.axes`)
                     tiles = tiles.astype(eqn.invars[pos].aval.dtype)
-                    args = (pos,) if kind != "gather" else ()
+                    args = {"dense": (pos, perm), "conv": (pos,), "gather": ()}[kind]
                     y, t = runs[kind](invals[1 - pos], tiles, tiling, eqn, kplan.reduce_pattern, *args)
                     traffic = traffic | t.at(kplan.rect.row, kplan.rect.col)
                     outs, done = [y], True

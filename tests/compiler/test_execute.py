@@ -142,9 +142,9 @@ def test_per_core_kernels_move_words_inside_their_rectangle(ran, name):
     n = 0
     for plan in exe.plans.values():
         kernel = exe.graph.kernel(plan.name)
-        anchor, widx, pos = compiler.plan.partition.anchor_operand(kernel, exe.traced)
+        anchor, widx, pos, perm = compiler.plan.partition.anchor_operand(kernel, exe.traced)
         tiling = next((t for t in plan.params if t.index == widx), None)
-        if compiler.plan.partition.per_core_kind(anchor, tiling, pos) is None:
+        if compiler.plan.partition.per_core_kind(anchor, tiling, pos, perm) is None:
             # the only weight kernels left off the per-core path: a scan's cell (rnn), weights of one element
             assert kernel.kind == "scan" or tiling is None or tiling.layout != "matrix", plan.name
             continue
