@@ -4,17 +4,22 @@ Weights (parameter leaves) are tiled over a grid of `gh x gw` cores at the kerne
   rank >= 2  axis -2 over the grid's rows, axis -1 over its columns (a dense kernel [K, N] gives tiles
              [ceil(K/gh), ceil(N/gw)]; a conv kernel [kh, kw, Cin, Cout] tiles Cin x Cout and keeps the window
              whole; an embedding table [V, D] tiles V x D). gh = min(h, dim -2), gw = min(w, dim -1): a grid
-             never has empty rows or columns of tiles.
+             never has empty rows or columns of tiles. A dense anchor's weight that is not a plain [K, N]
+             (DenseGeneral's [d, heads, head_dim], an einsum's, a transposed one) is tiled as the matrix [K, N] of
+             its contracted and free axes (`weight_axes`), a view of the stored leaf.
   rank 1     split flat over up to h x w cores in row-major order (a bias of N values on N cores or fewer).
   one value  one word on the kernel's first core.
 Uneven shapes are zero-padded to whole tiles; the padding is counted in SRAM and in the per-core work.
 
 The dense partitioning (DESIGN.md): the input's K axis is split into gh chunks, chunk i multicast along row i;
 core (i, j) multiplies it by tile W[i, j]; the partial sums are reduced along each column to the bottom row.
-Convolutions split input channels over rows and output channels over columns the same way. Rows of data (x's rows
-for dense, output rows for conv) are split over as many copies of the tile grid as the rectangle holds, each copy
-with its own weights (`grid_copies`). Other kernels (elementwise epilogues, norms, softmax, attention score
-matmuls, embeddings) follow their producer's layout: their work is spread evenly over the kernel's cores.
+Convolutions split input channels over rows and output channels over columns the same way (a grouped one: each row
+receives tk channels of every group). An embedding lookup is the same program with the indices as every row's
+input: each core looks up the indices in its rows of the table, the column sums are the rows looked up. Rows of
+data (x's rows for dense, lookups, output rows for conv) are split over as many copies of the tile grid as the
+rectangle holds, each copy with its own weights (`grid_copies`). Other kernels (elementwise epilogues, norms,
+softmax, attention score matmuls) follow their producer's layout: their work is spread evenly over the kernel's
+cores.
 
 Per-core SRAM = weight tiles (x `weight_copies` in training: gradient and optimizer slots) + activation buffers
 (the kernel's input and output for one batch, spread over its cores, x `act_copies`). It is checked against the
