@@ -286,3 +286,24 @@ def test_no_tie_charge_without_shared_weights_or_in_inference():
         lambda p, b: jnp.mean(fn(p, b) ** 2), params, inputs[0], optax.sgd(0.1), spec=spec, mode="pipelined"
     )
     assert tx.plan.features.tie_src.shape == (0,) and tx.schedule.figures["tied_cycles"] == 0
+
+
+def test_cost_model_charges_the_tied_sums():
+    """The differentiable cost model is the same schedule: at temperature 0 it charges the tied sums as the report
+    and the emulator do, and gives them gradients with respect to the placement."""
+    from compiler import costmodel as cm
+
+    spec = wafer.WaferSpec.mini(8, 8)
+    model = _Tied()
+    x = _rand(23, (4, 5))
+    params = model.init(jax.random.key(0), x)
+    loss = lambda p, b: jnp.mean(model.apply(p, b) ** 2)  # noqa: E731
+    tx = compiler.compile_train(loss, params, x, optax.sgd(0.1), spec=spec, mode="pipelined")
+    state, _ = tx.step(tx.init(params), x)
+    feats, lay = cm.features(tx), cm.layout_of(tx)
+    pred = jax.jit(cm.predict, static_argnums=2)(feats, lay, spec)
+    assert float(tx.schedule.figures["tied_cycles"]) > 0
+    np.testing.assert_allclose(float(pred["tied_cycles"]), tx.schedule.figures["tied_cycles"], rtol=2e-6)
+    np.testing.assert_allclose(float(pred["call_cycles"]), float(state.wafer.clock), rtol=2e-6)
+    g = jax.grad(lambda row: cm.predict(feats, lay.__class__(lay.height, lay.width, row, lay.col), spec)["tied_cycles"])
+    assert np.all(np.isfinite(np.asarray(g(lay.row))))
