@@ -11,6 +11,8 @@ mini wafers, with the automatic placement under random `PlacementParams` or a ra
 
 The properties `check` holds every case to:
   forward    both paths (fast and per-core) equal native `apply_policy(fn, policy)` within the policy's tolerance;
+  literal    every weight kernel's anchor (dense, attention projection, conv, grouped or depthwise conv, embedding
+             lookup, a tied weight's every use) runs per core on its tiles, not on reassembled weights;
   params     `read_params(load(p))` equals p leaf for leaf, shapes and dtypes included (under a 16-bit policy, p
              rounded to the storage format);
   sram       the report's peak SRAM per core equals the allocations' occupancy, and every kernel's fullest core holds
@@ -316,9 +318,28 @@ def _check_counters_and_sram(exe, state):
         assert occ[g.row, g.col] == occ[g.rows, g.cols].max() == p.sram_bytes, f"{p.name}: SRAM != its plan's"
 
 
+def per_core_kinds(exe) -> dict:
+    """{kernel: how the per-core path runs its anchor ("dense", "conv", "gather")} for every kernel with a weight
+    anchor (compiler.plan.partition.anchor_operand). Raises AssertionError naming one that would run on reassembled
+    weights."""
+    out = {}
+    for kernel in exe.graph.kernels:
+        eqn, widx, pos, perm = compiler.plan.partition.anchor_operand(kernel, exe.traced)
+        if eqn is None:
+            continue
+        tiling = next(t for t in exe.plans[kernel.name].params if t.index == widx)
+        if tiling.layout != "matrix":  # a one-element or vector weight: one word on a core, nothing to tile
+            continue
+        kind = compiler.plan.partition.per_core_kind(eqn, tiling, pos, perm)
+        assert kind is not None, f"{kernel.name} ({eqn.primitive.name}) does not run per core"
+        out[kernel.name] = kind
+    return out
+
+
 def check(case: Case, *, train: bool = True, train_steps: int = 2) -> dict:
-    """Hold a case to every property (module docstring). Returns what ran: {"kernels", "train", "skipped"}
-    ("skipped": the name of the error saying the model does not fit the drawn wafer, else None).
+    """Hold a case to every property (module docstring). Returns what ran: {"kernels", "train", "skipped",
+    "per_core"} ("skipped": the name of the error saying the model does not fit the drawn wafer, else None;
+    "per_core": `per_core_kinds`).
 
     Raises:
       AssertionError: a property fails (the message names it).
@@ -334,7 +355,7 @@ def check(case: Case, *, train: bool = True, train_steps: int = 2) -> dict:
             exe = compiler.compile(case.fn, case.params, *case.inputs, placement=hand, **kwargs)
             assert {k: tuple(v) for k, v in exe.placement.items()} == hand, "hand placement not kept"
     except DOES_NOT_FIT as e:  # a named, expected error: the drawn wafer is too small for the drawn model
-        return {"kernels": 0, "train": False, "skipped": f"{type(e).__name__}"}
+        return {"kernels": 0, "train": False, "skipped": f"{type(e).__name__}", "per_core": {}}
     native = jax.jit(compiler.apply_policy(case.fn, policy))(case.params, *case.inputs)
     rtol = TOL[case.policy]
     load, read_params = jax.jit(exe.init), jax.jit(exe.read_params)  # one XLA compile each, not one per op
@@ -353,7 +374,7 @@ def check(case: Case, *, train: bool = True, train_steps: int = 2) -> dict:
     _check_counters_and_sram(exe, state)
     out, _ = exe(load(case.params), *case.inputs, path="per_core")
     _close(out, native, rtol, "per-core path")
-    ran = {"kernels": len(exe.plans), "train": False, "skipped": None}
+    ran = {"kernels": len(exe.plans), "train": False, "skipped": None, "per_core": per_core_kinds(exe)}
     if train and case.policy == "fp32":
         ran["train"] = _check_training(case, train_steps)
     return ran

@@ -33,9 +33,10 @@ Pipelines (B samples per call, kernel i costing s_i cycles per sample, L the lon
                        stream (`stream_cycles`: words / lanes x share per sample) and the edge I/O per sample (inputs
                        in and outputs out at once); throughput clock / pace.
   pipelined training   forward and backward stream through the kernels: sum_i (f_i + b_i) / B + 2 L + (B - 1) pace
-                       (the kernels' (f_i + b_i) / B and the busiest stream), then every kernel updates its weights at
-                       once (+ max_i u_i); the batch streams in over the edge I/O meanwhile, and the slower of the two
-                       bounds a step.
+                       (the kernels' (f_i + b_i) / B and the busiest stream), then the gradients of tied weights are
+                       summed between their copies (+ `tied_cycles`: to the copy read back and back again), then
+                       every kernel updates its weights at once (+ max_i u_i); the batch streams in over the edge I/O
+                       meanwhile, and the slower of the two bounds a step.
   weight streaming     layer by layer on the whole wafer: per kernel max(f_i, weights in) forward and
                        max(b_i + gradient sum, weights in again + gradients out) backward; the optimizer runs on the
                        host.
@@ -61,7 +62,7 @@ import numpy as np
 from compiler import relax
 from compiler.plan import features as ft
 from compiler.plan.partition import kernel_shape, update_counts
-from compiler.plan.route import flow_hops, flow_lane_count, flow_physical_hops, host_hops, host_physical_hops
+from compiler.plan.route import flow_hops, flow_lane_count, flow_physical_hops, host_hops, host_physical_hops, route
 from wafer import cluster as wcluster
 from wafer import cost, defects, fabric
 from wafer import kernel as wkernel
@@ -224,7 +225,7 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
     dxm = runs * matmul_cycles(
         spec, f.fmac_class, k["mm_pin"], k["ta"], k["mm_c"] * f.lead, f.isz_out, f.isz_w, f.isz_in, mx
     )
-    in_elems = f.n_in * k["rows_in"] * k["ta"]
+    in_elems = f.n_in * k["rows_in"] * k["in_chunk"]
     b_multicast = relax.where(
         weight, fabric.multicast_cycles(k["gh"], k["out_words"], spec, src="last", extra_hops=xc), zero
     )
@@ -333,6 +334,46 @@ def stream_cycles(f: ft.Features, lay: Layout, spec):
     return words * (cost.WORD_BITS / spec.link_bits_per_cycle)
 
 
+def tied_cycles(f: ft.Features, lay: Layout, spec):
+    """Cycles of a training step's sums of tied weights' gradients (`Features.tie_words`), one pair of kernels after
+    another: each copy's gradient to the kernel of the copy read back and the sum back again, each way its words
+    over the stream's lanes (`flow_lane_count`) at a word per cycle per link plus its longest lane's hops x hop
+    latency (`flow_hops`; on a defective wafer the physical hops, `flow_physical_hops`, as `route_hops`); the routes
+    of `tied_routes` carry them. 0 without tied weights."""
+    ns = relax.xp(lay.height, lay.row)
+    if f.tie_src.shape[0] == 0:
+        return 0.0 * ns.sum(lay.height)
+    s = ns.asarray(f.tie_src).astype(int)
+    d = ns.asarray(f.tie_dst).astype(int)
+    r, c, h, w = lay.row, lay.col, lay.height, lay.width
+    word = cost.WORD_BITS / spec.link_bits_per_cycle
+    rm = defects.remap_of(spec)
+    total = 0.0
+    for a, b in ((s, d), (d, s)):
+        lanes = flow_lane_count(r[a], c[a], h[a], w[a], r[b], c[b], h[b], w[b])
+        if rm is None:
+            hops = flow_hops(r[a], c[a], h[a], w[a], r[b], c[b], h[b], w[b])
+        else:
+            hops = flow_physical_hops(rm, r[a], c[a], h[a], w[a], r[b], c[b], h[b], w[b])
+        words = _per_flow(f.tie_words, r)
+        total = total + words / relax.maximum(lanes, 1.0) * word + hops * spec.hop_latency_cycles
+    return relax.fold_sum(total)
+
+
+def tied_routes(plan):
+    """The routes (compiler/plan/route.py) of a training step's tied-weight gradient sums (`tied_cycles`), both ways,
+    words per step; None without tied weights."""
+    f = plan.features
+    if f.tie_src.shape[0] == 0:
+        return None
+    names = f.names
+    flows = []
+    for a, b, words in zip(f.tie_src, f.tie_dst, f.tie_words):
+        src, dst = names[int(a)], names[int(b)]
+        flows += [(src, dst, float(words)), (dst, src, float(words))]
+    return route(plan.placement, flows, plan.spec)
+
+
 # ---- programs -------------------------------------------------------------------------------------------------------
 
 
@@ -346,7 +387,8 @@ def program_figures(f: ft.Features, lay: Layout, spec, tau=0.0, cluster=None) ->
     step_cycles (a call, or a training step), samples_per_s, latency_cycles, hops, io_cycles (the batch over the
     edge I/O, training), compute_cycles (a training step's compute), cores (active), peak_sram_bytes; in training
     also wafers and interconnect_cycles (pipelined: the gradients' all-reduce between wafers, on the step's
-    critical path; weight streaming: SwarmX's weight broadcasts and gradient reduces, overlapping the compute).
+    critical path; weight streaming: SwarmX's weight broadcasts and gradient reduces, overlapping the compute), and
+    tied_cycles (pipelined: the sums of tied weights' gradients between their copies, `tied_cycles`).
     """
     k = kernel_figures(f, lay, spec, tau)
     hops = route_hops(f, lay, spec)
@@ -355,7 +397,8 @@ def program_figures(f: ft.Features, lay: Layout, spec, tau=0.0, cluster=None) ->
     if getattr(spec, "defects", None) is not None:
         route_extra = hops - route_hops(f, lay, spec.with_(defects=None))
     streams = stream_cycles(f, lay, spec)
-    return pipeline_figures(f, k, hops, streams, spec, tau, cluster, route_extra=route_extra)
+    tied = tied_cycles(f, lay, spec) if f.task == "training" and f.mode == "pipelined" else None
+    return pipeline_figures(f, k, hops, streams, spec, tau, cluster, route_extra=route_extra, tied=tied)
 
 
 # The kernel figures `pipeline_figures` reads: what a placement's kernels contribute to the program's figures beyond
@@ -363,11 +406,14 @@ def program_figures(f: ft.Features, lay: Layout, spec, tau=0.0, cluster=None) ->
 PIPELINE_KEYS = ("cycles", "cores", "sram_bytes", "forward", "backward", "update", "io")
 
 
-def pipeline_figures(f: ft.Features, k: dict, hops, streams, spec, tau=0.0, cluster=None, *, route_extra=None) -> dict:
+def pipeline_figures(
+    f: ft.Features, k: dict, hops, streams, spec, tau=0.0, cluster=None, *, route_extra=None, tied=None
+) -> dict:
     """The program's figures (`program_figures`) from its kernels' figures `k` (`kernel_figures`' dict, or at least
     its `PIPELINE_KEYS` of the task), the longest route's `hops` (`route_hops`) and the streams' cycles per sample
     [F] (`stream_cycles`): the pipeline rules of the module docstring, and nothing that depends on a rectangle.
-    `route_extra`: the hops a defective wafer adds to the longest route (reported; 0 by default).
+    `route_extra`: the hops a defective wafer adds to the longest route (reported; 0 by default); `tied`: pipelined
+    training's sums of tied weights' gradients (`tied_cycles`; 0 by default).
 
     Per-kernel figures may carry trailing batch axes ([n, ...], with hops [...] and streams [F, ...]): reductions
     over kernels and streams run along axis 0, so many placements are composed at once."""
@@ -419,11 +465,13 @@ def pipeline_figures(f: ft.Features, k: dict, hops, streams, spec, tau=0.0, clus
         interconnect = total(3.0 * k["io"])
     elif wafers > 1:
         interconnect = wcluster.allreduce_seconds(cluster, ns.sum(f.stream_bytes)) * spec.clock_hz
+    tied = (0.0 if tied is None or f.mode != "pipelined" else tied) + 0.0 * batch
     if f.mode == "pipelined":
         pace = ns.concatenate([s, tail(stream + 0.0 * batch, 0.0 * batch)])
         worst = worst_of(pace)
-        # the gradients are all-reduced between the wafers after the last backward, before every kernel updates
-        compute = total(s) + 2.0 * latency + (batch - 1) * worst + interconnect + worst_of(k["update"])
+        # after the last backward, before every kernel updates: the tied weights' gradients summed between their
+        # copies, and the gradients all-reduced between the wafers
+        compute = total(s) + 2.0 * latency + (batch - 1) * worst + tied + interconnect + worst_of(k["update"])
         cores = total(k["cores"])
     else:
         pace = ns.concatenate([s, tail(0.0 * batch, 0.0 * batch)])
@@ -444,6 +492,7 @@ def pipeline_figures(f: ft.Features, k: dict, hops, streams, spec, tau=0.0, clus
         cores=cores,
         wafers=wafers + 0.0 * batch,
         interconnect_cycles=interconnect,
+        tied_cycles=tied,
     )
     return out
 
@@ -597,6 +646,9 @@ class Schedule:
                 _span(spans, "backward", name, t + f / batch, b / batch, "backward")
             start += s[i]
         end = t0 + latency + float(np.sum(s)) + (batch - 1) * pace
+        tied = float(self.figures.get("tied_cycles", 0.0))
+        _span(spans, "tied weights' gradient sums", "routes", end, tied, "route")
+        end += tied
         allreduce = float(self.figures["interconnect_cycles"])
         wafers = int(self.figures["wafers"])
         _span(spans, "gradient all-reduce", "interconnect", end, allreduce, "interconnect", wafers=wafers)
@@ -658,7 +710,8 @@ def compute_map(plan, busy, rows: int | None = None, cols: int | None = None):
 def link_words(plan, rows: int | None = None, cols: int | None = None) -> np.ndarray:
     """Words sent per core per direction [4, rows, cols] per call (inference: the streams between kernels for every
     sample, and every kernel's own traffic) or per step (training: activations forward and their cotangents back,
-    every kernel's forward traffic and its backward's)."""
+    every kernel's forward traffic and its backward's, and in layer-pipelined mode the tied weights' gradient sums,
+    `tied_routes`)."""
     rows = plan.spec.rows if rows is None else rows
     cols = plan.spec.cols if cols is None else cols
     batch = int(float(plan.features.batch))
@@ -670,6 +723,10 @@ def link_words(plan, rows: int | None = None, cols: int | None = None) -> np.nda
             out += p.backward_traffic.link_words(rows, cols)
     if plan.routes is not None:
         out += (2 if training else 1) * batch * plan.routes.link_words(rows, cols)
+    if training and plan.mode == "pipelined":
+        ties = tied_routes(plan)
+        if ties is not None:
+            out += ties.link_words(rows, cols)
     return out
 
 

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-train", action="store_true", help="skip the training property")
     p.add_argument("--quiet", action="store_true", help="print only the summary and failures")
     args = p.parse_args(argv)
-    passed, failed, trained, skipped, kinds = 0, [], 0, Counter(), Counter()
+    passed, failed, trained, skipped, kinds, literal = 0, [], 0, Counter(), Counter(), Counter()
     t0 = time.perf_counter()
 
     @settings(
@@ -60,6 +60,7 @@ def main(argv=None) -> int:
         passed += 1
         trained += ran["train"]
         kinds.update(layer[0] for layer in draw[0][3])
+        literal.update(ran["per_core"].values())
         if not args.quiet and i % 25 == 0:
             print(f"[{i}] {passed} passed, {len(failed)} failed ({time.perf_counter() - t0:.0f} s)", flush=True)
 
@@ -70,6 +71,7 @@ def main(argv=None) -> int:
         f"{sum(skipped.values())} did not fit their drawn wafer ({dict(skipped)}); {time.perf_counter() - t0:.0f} s"
     )
     print("layers drawn: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
+    print("anchors run per core: " + ", ".join(f"{k} {v}" for k, v in sorted(literal.items())))
     for draw, message, _ in failed:
         print(f"\nFAILED {draw!r}\n  {message[:1000]}")
     return 1 if failed else 0

@@ -11,7 +11,11 @@ uneven tiles is implicit: it reads as zeros in the per-core view, takes its room
 per-core shape is the full tile), and never needs to be kept at zero.
 
 Kinds (how the tensor maps onto the cores):
-  matrix  the last two axes in blocks `[ta, tb]` over the rectangle's rows and columns; leading axes whole.
+  matrix  the last two axes in blocks `[ta, tb]` over the rectangle's rows and columns; leading axes whole. With
+          `axes=(rows, cols)`, the tensor viewed as the matrix `[prod rows, prod cols]` (its axes `rows` flattened
+          into the matrix's rows, `cols` into its columns, each in the order given) in blocks `[ta, tb]`: a weight
+          of several contracted and free axes (an attention projection `[d, heads, head_dim]`) held as the matrix
+          a matmul multiplies by, still stored as the tensor itself.
   vector  the flattened tensor in runs of `t` elements, core by core in row-major order.
   scalar  one element on a 1 x 1 rectangle.
 """
@@ -33,15 +37,48 @@ class Blocked:
     Attributes:
       shape: the stored tensor's shape (no padding).
       kind: "matrix", "vector" or "scalar".
+      axes: a matrix's view (rows, cols): the tensor's axes flattened into the matrix's rows and its columns,
+        together every axis once; None: the last two axes, leading axes whole.
     """
 
     shape: tuple[int, ...]
     kind: str = "matrix"
+    axes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         if self.kind not in KINDS:
             raise ValueError(f"blocked layout kind must be one of {KINDS}, got {self.kind!r}")
+        if self.axes is not None:
+            rows, cols = (tuple(int(a) for a in ax) for ax in self.axes)
+            object.__setattr__(self, "axes", (rows, cols))
+            if self.kind != "matrix" or sorted(rows + cols) != list(range(len(self.shape))) or not rows or not cols:
+                raise ValueError(
+                    f"a matrix view of a tensor {self.shape} needs (rows, cols) axes, each axis once and both "
+                    f"non-empty; got {self.axes} for kind {self.kind!r}"
+                )
+
+    @property
+    def matrix_shape(self) -> tuple[int, ...]:
+        """The shape the blocks cut: `[*lead, a, b]` (a view's `[a, b]`)."""
+        if self.axes is None:
+            return self.shape
+        rows, cols = self.axes
+        return (math.prod(self.shape[a] for a in rows), math.prod(self.shape[a] for a in cols))
+
+    def _as_matrix(self, x):
+        if self.axes is None:
+            return x
+        rows, cols = self.axes
+        return jnp.transpose(x, rows + cols).reshape(self.matrix_shape)
+
+    def _from_matrix(self, x):
+        if self.axes is None:
+            return x
+        rows, cols = self.axes
+        perm = rows + cols
+        x = x.reshape([self.shape[a] for a in perm])
+        return jnp.transpose(x, [perm.index(a) for a in range(len(perm))])
 
     def check(self, grid: tuple[int, int], tile: tuple[int, ...]) -> str | None:
         """Why the tensor does not fit tiles `tile` on `grid` cores (None when it does)."""
@@ -53,9 +90,10 @@ class Blocked:
             if len(tile) != 1 or math.prod(self.shape) > gh * gw * tile[0]:
                 return f"{math.prod(self.shape)} elements do not fit {gh}x{gw} cores of tiles {tile}"
             return None
-        if len(self.shape) < 2 or len(tile) != len(self.shape) or tuple(tile[:-2]) != self.shape[:-2]:
-            return f"a matrix {self.shape} needs tiles [*{list(self.shape[:-2])}, ta, tb], got {tile}"
-        (a, b), (ta, tb) = self.shape[-2:], tile[-2:]
+        shape = self.matrix_shape
+        if len(shape) < 2 or len(tile) != len(shape) or tuple(tile[:-2]) != shape[:-2]:
+            return f"a matrix {self.shape} needs tiles [*{list(shape[:-2])}, ta, tb], got {tile}"
+        (a, b), (ta, tb) = shape[-2:], tile[-2:]
         if a > gh * ta or b > gw * tb:
             return f"a matrix {self.shape} does not fit {gh}x{gw} cores of tiles {tile}"
         return None
@@ -69,7 +107,8 @@ class Blocked:
             (t,) = tile
             flat = jnp.pad(jnp.ravel(x), (0, gh * gw * t - math.prod(self.shape)))
             return flat.reshape(gh, gw, t)
-        *lead, a, b = self.shape
+        x = self._as_matrix(x)
+        *lead, a, b = self.matrix_shape
         ta, tb = tile[-2:]
         n = len(lead)
         x = jnp.pad(x, [(0, 0)] * n + [(0, gh * ta - a), (0, gw * tb - b)])
@@ -83,15 +122,18 @@ class Blocked:
         if self.kind == "vector":
             return jnp.ravel(t)[: math.prod(self.shape)].reshape(self.shape)
         gh, gw = t.shape[:2]
-        *lead, a, b = self.shape
+        *lead, a, b = self.matrix_shape
         ta, tb = t.shape[-2:]
         n = len(lead)
         # [gh, gw, *lead, ta, tb] -> [*lead, gh, ta, gw, tb]
         x = jnp.transpose(t, (*range(2, 2 + n), 0, 2 + n, 1, 3 + n)).reshape(*lead, gh * ta, gw * tb)
-        return x[..., :a, :b]
+        return self._from_matrix(x[..., :a, :b])
 
     @property
     def grid_axes(self) -> tuple[int, ...]:
         """Axes of the stored tensor that run along the core rows and columns (for sharding over a device mesh)."""
         # vectors and scalars are a few words per core: left whole (replicated) on every device
-        return (len(self.shape) - 2, len(self.shape) - 1) if self.kind == "matrix" else ()
+        if self.kind != "matrix":
+            return ()
+        # a view: the first axis of each group varies slowest along its matrix axis, so it follows the cores
+        return (self.axes[0][0], self.axes[1][0]) if self.axes else (len(self.shape) - 2, len(self.shape) - 1)

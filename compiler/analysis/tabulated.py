@@ -151,7 +151,8 @@ def _compose(feats, spec, k: dict, lay: Layout) -> dict:
     """The schedule's pipeline on gathered kernel figures [n, points] and the layout [n, points]: OUTPUTS [points]."""
     hops = schedule.route_hops(feats, lay, spec)
     streams = schedule.stream_cycles(feats, lay, spec)
-    out = schedule.pipeline_figures(feats, k, hops, streams, spec, 0.0)
+    tied = schedule.tied_cycles(feats, lay, spec) if feats.task == "training" and feats.mode == "pipelined" else None
+    out = schedule.pipeline_figures(feats, k, hops, streams, spec, 0.0, tied=tied)
     return {key: out[key] for key in OUTPUTS}
 
 

@@ -35,8 +35,8 @@ INSTR, OPS, TASK = wkernel.INSTRUCTIONS, wkernel.OPS, wkernel.TASKS
 
 # Anchor kinds (`Features.anchor`).
 SPREAD = 0  # no weight anchor: the work spreads over the rectangle, at most one output word per core
-WEIGHT = 1  # a dense or convolution anchor run on its weight's tile grid, rows of data split over grid copies
-TILED = 2  # an anchor whose weight is a tiled matrix but not a plain [K, N] (attention projections, grouped conv)
+WEIGHT = 1  # a dense, convolution or embedding anchor run on its weight's tile grid, rows split over grid copies
+TILED = 2  # an anchor whose weight is a tiled matrix the per-core path cannot run (batch dimensions, batch groups)
 
 # Parameter layouts (`Features.p_layout`), as partition.tile_param stores them.
 NONE, SCALAR, VECTOR, MATRIX = -1, 0, 1, 2
@@ -52,6 +52,8 @@ _PER_KERNEL = (
     "lead",
     "m",
     "n_in",
+    "in_groups",
+    "gather",
     "in_s1",
     "in_s0",
     "in_full",
@@ -105,7 +107,11 @@ class Features:
       a, b [n]: its tiled dims (axes -2 and -1); lead [n]: elements per (a, b) entry (a convolution's window).
       m [n]: rows of data its grid copies can split (x's rows for dense, output rows for conv).
       n_in, in_s1, in_s0, in_full [n]: a core receives n_in * rows * ta input elements, rows = in_s1 * mt + in_s0
-        when the rows are split over copies, in_full otherwise.
+        when the rows are split over copies, in_full otherwise (x in_groups; n_in * rows for a gather).
+      in_groups [n]: a grouped convolution's feature groups G: a core receives ta input channels of each (its
+        columns' output channels may belong to any group); 1 elsewhere.
+      gather [n]: 1.0 for an embedding lookup: its input is the indices, one per row of data, and a core's lookup
+        of its table rows is one multiply-add per element of its partial result (a masked copy); 0 elsewhere.
       n_out, out_full [n]: a core's partial result is n_out * rows * tb elements, rows = mt, or out_full when
         out_full > 0 (an anchor whose rows cannot be split).
       isz_in, isz_out, isz_w [n]: element bytes of its input, output and weight.
@@ -133,6 +139,12 @@ class Features:
       flow_words [F]: 32-bit words per sample.
       flow_share [F]: the busiest link on the stream's lanes carries flow_share times one lane's words (streams
         sharing links; 1 until the route pass measures it on the plan's routes).
+    Tied weights (training in layer-pipelined mode; empty otherwise):
+      tie_src, tie_dst [T]: kernel indices of a pair of kernels holding copies of the same parameters: every kernel
+        reading a parameter keeps a copy (`Plan.weight_copies`), the last one's being the copy the step reads back
+        (`Plan.weights`); each other copy's kernel (tie_src) sends its gradient of them to that kernel (tie_dst),
+        which sums them and sends the sum back, so that every copy takes the same update and all stay equal.
+      tie_words [T]: 32-bit words of those gradients each way per step.
     Program:
       batch: samples per call (scalar); io_bytes: bytes of the inputs streamed in per call or step; io_out_bytes:
       bytes of the outputs streamed out per call (inference).
@@ -150,6 +162,8 @@ class Features:
     lead: jax.Array
     m: jax.Array
     n_in: jax.Array
+    in_groups: jax.Array
+    gather: jax.Array
     in_s1: jax.Array
     in_s0: jax.Array
     in_full: jax.Array
@@ -177,6 +191,9 @@ class Features:
     flow_dst: jax.Array
     flow_words: jax.Array
     flow_share: jax.Array
+    tie_src: jax.Array
+    tie_dst: jax.Array
+    tie_words: jax.Array
     batch: jax.Array
     io_bytes: jax.Array
     io_out_bytes: jax.Array
@@ -214,6 +231,9 @@ class Features:
             flow_dst=empty,
             flow_words=empty,
             flow_share=empty,
+            tie_src=empty,
+            tie_dst=empty,
+            tie_words=empty,
             names=pick(self.names),
             fmac_class=pick(self.fmac_class),
             acc_class=pick(self.acc_class),
@@ -273,6 +293,23 @@ def flows(graph) -> list[tuple[str, str, float]]:
     return out
 
 
+def tied_pairs(graph) -> dict[tuple[int, int], int]:
+    """{(kernel index of a copy, kernel index of the copy read back): 32-bit words of the parameters they share}:
+    the gradients a training step sums between copies of tied weights (`Features.tie_words`). The copy read back is
+    the last kernel's in pipeline order (`Plan.weights`)."""
+    users: dict[int, list[int]] = {}
+    for i, k in enumerate(graph.kernels):
+        for idx in dict.fromkeys(k.params):
+            users.setdefault(idx, []).append(i)
+    out: dict[tuple[int, int], int] = {}
+    for idx, ks in users.items():
+        aval = graph.traced.param_avals[idx]
+        words = -(-math.prod(aval.shape) * np.dtype(aval.dtype).itemsize // 4)
+        for k in ks[:-1]:
+            out[k, ks[-1]] = out.get((k, ks[-1]), 0) + words
+    return out
+
+
 def flow_groups(graph) -> list:
     """A multicast group per flow of `flows(graph)`: flows from one kernel carrying the same values (an activation
     read by several kernels, as q, k and v read their input) are one stream that routers deliver to every reader
@@ -286,39 +323,48 @@ def flow_groups(graph) -> list:
 
 def _anchor_facts(kernel, traced, batch: int = 1) -> dict:
     """The anchor weight's facts of one kernel (module docstring of `Features`), with its equation ("eqn", None
-    without a WEIGHT anchor) and its weight's parameter index ("widx")."""
+    without a WEIGHT anchor), its weight's parameter index ("widx") and the matrix view its tiles cut ("axes",
+    `partition.weight_axes`)."""
     from compiler.plan import partition as part
 
     f = dict(anchor=SPREAD, a=1, b=1, lead=1, m=1, n_in=0, in_s1=0, in_s0=0, in_full=0, n_out=0, out_full=0)
     f.update(isz_in=4, isz_out=4, isz_w=4, fmac_class="fp32", acc_class="fp32", eqn=None, psr=0.0)
-    eqn, widx = part.anchor_weight(kernel, traced)
+    f.update(in_groups=1, gather=0, axes=None)
+    eqn, widx, pos, perm = part.anchor_operand(kernel, traced)
     if widx is None:
         return f | dict(widx=None)
     aval = traced.param_avals[widx]
     shape = tuple(aval.shape)
     if param_layout(shape) != MATRIX:
         return f | dict(widx=None)
-    tiling = part.tile_param(widx, "", aval, Rect(0, 0, shape[-2], shape[-1]))
-    kind = part.per_core_kind(eqn, tiling)
-    f.update(a=shape[-2], b=shape[-1])
+    axes = part.weight_axes(eqn, pos, perm)
+    lead, a, b = part.matrix_dims(shape, axes)
+    tiling = part.tile_param(widx, "", aval, Rect(0, 0, a, b), axes)
+    kind = part.per_core_kind(eqn, tiling, pos, perm)
+    f.update(a=a, b=b, axes=axes)
     if kind is None:
         return f | dict(anchor=TILED, widx=widx)
-    lhs, out = eqn.invars[0].aval, eqn.outvars[0].aval
-    m = part.split_rows(eqn, kind)
-    f.update(anchor=WEIGHT, widx=widx, m=m, lead=math.prod(shape[:-2]), eqn=eqn)
-    f.update(isz_in=lhs.dtype.itemsize, isz_out=out.dtype.itemsize, isz_w=np.dtype(aval.dtype).itemsize)
-    f.update(fmac_class=wkernel.dtype_class(lhs.dtype, out.dtype), acc_class=wkernel.dtype_class(out.dtype))
-    if kind == "dense":
+    x = eqn.invars[1 if kind == "gather" else 1 - pos].aval
+    out = eqn.outvars[0].aval
+    m = part.split_rows(eqn, kind, pos)
+    f.update(anchor=WEIGHT, widx=widx, m=m, lead=lead, eqn=eqn)
+    f.update(isz_in=x.dtype.itemsize, isz_out=out.dtype.itemsize, isz_w=np.dtype(aval.dtype).itemsize)
+    f.update(fmac_class=wkernel.dtype_class(x.dtype, out.dtype), acc_class=wkernel.dtype_class(out.dtype))
+    if kind == "gather":
+        # the lookup copies table rows (a multiply-add's class of the table's dtype), the indices are words
+        f.update(fmac_class=wkernel.dtype_class(aval.dtype, out.dtype), gather=1)
+    if kind in ("dense", "gather"):
         return f | dict(n_in=1, in_s1=1, in_s0=0, in_full=m, n_out=1, out_full=0, psr=m / max(batch, 1))
     dn = eqn.params["dimension_numbers"]
     c_in, sp_in = dn.lhs_spec[1], dn.lhs_spec[2]
     c_out, sp_out = dn.out_spec[1], dn.out_spec[2]
-    n_in = math.prod(d for ax, d in enumerate(lhs.shape) if ax not in (c_in, sp_in))
+    n_in = math.prod(d for ax, d in enumerate(x.shape) if ax not in (c_in, sp_in))
     n_out = math.prod(d for ax, d in enumerate(out.shape) if ax not in (c_out, sp_out))
     k = eqn.invars[1].aval.shape[dn.rhs_spec[2]]
     stride, dil = eqn.params["window_strides"][0], eqn.params["rhs_dilation"][0]
     # a group of mt output rows reads (mt - 1) * stride + (k - 1) * dil + 1 input rows (partition.conv_rows_span)
-    f.update(n_in=n_in, in_s1=stride, in_s0=(k - 1) * dil + 1 - stride, in_full=lhs.shape[sp_in], n_out=n_out)
+    f.update(n_in=n_in, in_s1=stride, in_s0=(k - 1) * dil + 1 - stride, in_full=x.shape[sp_in], n_out=n_out)
+    f.update(in_groups=eqn.params["feature_group_count"])
     if m == 1:  # rows not splittable: a core produces every output row
         f.update(out_full=out.shape[sp_out])
     return f
@@ -486,11 +532,14 @@ def features(
       stream_itemsize: bytes per floating-point weight element streamed in weight streaming (16-bit under a
         16-bit policy; None: as stored).
     """
+    from compiler.plan import partition as part
+
     traced = graph.traced
     kernels = graph.kernels
     n = len(kernels)
     P = max((len(k.params) for k in kernels), default=0) or 1
-    names = ("anchor", "a", "b", "lead", "m", "n_in", "in_s1", "in_s0", "in_full", "n_out", "out_full")
+    names = ("anchor", "a", "b", "lead", "m", "n_in", "in_groups", "gather", "in_s1", "in_s0", "in_full", "n_out")
+    names = (*names, "out_full")
     rows = {key: [] for key in (*names, "isz_in", "isz_out", "isz_w", "dx", "psr")}
     fmac_class, acc_class = [], []
     # padding entries (and scalars) get sides 1, so that no rule divides by zero (a NaN would poison gradients)
@@ -527,8 +576,9 @@ def features(
             p_arrays["p_isz"][i, j] = itemsize
             p_arrays["p_anchor"][i, j] = float(idx == facts["widx"])
             if layout == MATRIX:
-                p_arrays["p_a"][i, j], p_arrays["p_b"][i, j] = shape[-2], shape[-1]
-                p_arrays["p_lead"][i, j] = math.prod(shape[:-2])
+                # the anchor's weight as the matrix its tiles cut (partition.tile_param)
+                lead, a, b = part.matrix_dims(shape, facts["axes"] if idx == facts["widx"] else None)
+                p_arrays["p_a"][i, j], p_arrays["p_b"][i, j], p_arrays["p_lead"][i, j] = a, b, lead
             elif layout == VECTOR:
                 p_arrays["p_a"][i, j], p_arrays["p_b"][i, j], p_arrays["p_lead"][i, j] = shape[0], 1, 1
             upd_params.append((layout, len(shape), aval.dtype))
@@ -549,6 +599,7 @@ def features(
     kernel_names = [k.name for k in kernels]
     index = {name: i for i, name in enumerate(kernel_names)}
     fl = flows(graph) if mode == "pipelined" else []
+    ties = tied_pairs(graph) if training and mode == "pipelined" else {}
     batch = graph_batch(graph)
     return Features(
         counts=_matrix(fwd, keys),
@@ -568,6 +619,9 @@ def features(
         flow_dst=np.array([float(index.get(d, -1)) for _, d, _ in fl]),
         flow_words=np.array([float(w) for _, _, w in fl]),
         flow_share=np.ones(len(fl)),
+        tie_src=np.array([float(a) for a, _ in ties]),
+        tie_dst=np.array([float(b) for _, b in ties]),
+        tie_words=np.array([float(w) for w in ties.values()]),
         batch=np.asarray(float(batch)),
         io_bytes=np.asarray(float(sum(_nbytes(a) for a in traced.input_avals))),
         io_out_bytes=np.asarray(float(sum(_nbytes(a) for a in traced.out_avals))),

@@ -4,17 +4,22 @@ Weights (parameter leaves) are tiled over a grid of `gh x gw` cores at the kerne
   rank >= 2  axis -2 over the grid's rows, axis -1 over its columns (a dense kernel [K, N] gives tiles
              [ceil(K/gh), ceil(N/gw)]; a conv kernel [kh, kw, Cin, Cout] tiles Cin x Cout and keeps the window
              whole; an embedding table [V, D] tiles V x D). gh = min(h, dim -2), gw = min(w, dim -1): a grid
-             never has empty rows or columns of tiles.
+             never has empty rows or columns of tiles. A dense anchor's weight that is not a plain [K, N]
+             (DenseGeneral's [d, heads, head_dim], an einsum's, a transposed one) is tiled as the matrix [K, N] of
+             its contracted and free axes (`weight_axes`), a view of the stored leaf.
   rank 1     split flat over up to h x w cores in row-major order (a bias of N values on N cores or fewer).
   one value  one word on the kernel's first core.
 Uneven shapes are zero-padded to whole tiles; the padding is counted in SRAM and in the per-core work.
 
 The dense partitioning (DESIGN.md): the input's K axis is split into gh chunks, chunk i multicast along row i;
 core (i, j) multiplies it by tile W[i, j]; the partial sums are reduced along each column to the bottom row.
-Convolutions split input channels over rows and output channels over columns the same way. Rows of data (x's rows
-for dense, output rows for conv) are split over as many copies of the tile grid as the rectangle holds, each copy
-with its own weights (`grid_copies`). Other kernels (elementwise epilogues, norms, softmax, attention score
-matmuls, embeddings) follow their producer's layout: their work is spread evenly over the kernel's cores.
+Convolutions split input channels over rows and output channels over columns the same way (a grouped one: each row
+receives tk channels of every group). An embedding lookup is the same program with the indices as every row's
+input: each core looks up the indices in its rows of the table, the column sums are the rows looked up. Rows of
+data (x's rows for dense, lookups, output rows for conv) are split over as many copies of the tile grid as the
+rectangle holds, each copy with its own weights (`grid_copies`). Other kernels (elementwise epilogues, norms,
+softmax, attention score matmuls) follow their producer's layout: their work is spread evenly over the kernel's
+cores.
 
 Per-core SRAM = weight tiles (x `weight_copies` in training: gradient and optimizer slots) + activation buffers
 (the kernel's input and output for one batch, spread over its cores, x `act_copies`). It is checked against the
@@ -123,7 +128,8 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
       counts, bwd_counts: per-core counts of the kernel's forward and backward programs per call, its WEIGHT anchor
         apart (`per_core_counts`);
       mm_p, mm_c, mm_d: one run of a WEIGHT anchor on a core: out[mm_p, mm_c] += in[mm_p, mm_d] W[mm_d, mm_c]
-        (a sample's rows x positions, the weight tile's columns, its rows x the window), padding included; mm_pin:
+        (a sample's rows x positions, the weight tile's columns, its rows x the window; 1 for an embedding lookup,
+        a masked copy of a table row per index), padding included; mm_pin:
         the input positions a run's input cotangent covers (training: in[mm_pin, ta] from out[., tb] W^T);
       weight_bytes, act_bytes: SRAM bytes per core (the fullest core: the first, which holds a tile of every
         parameter; a WEIGHT kernel's cores each hold their input chunk and their partial result; per-sample
@@ -132,6 +138,8 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
       rows_in, rows_out: rows of its input chunk a core of a WEIGHT kernel receives, rows of the partial result it
         produces (the window's halo included for a convolution's row groups);
       in_words, out_words: words per core a WEIGHT kernel multicasts along rows and reduces along columns;
+      in_chunk: elements of a core's input chunk per row of data (ta; G x ta for G feature groups; 1, the index,
+        for an embedding lookup);
       out_elems, tile_words: elements of a core's partial result (its reduction's adds), words of its weight tile
         (the gradient summed over grid copies in training).
     """
@@ -167,7 +175,10 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
     in_words_all, out_words_all = R.ceil(f.in_bytes / 4.0), R.ceil(f.out_bytes / 4.0)
     rows_in = R.where(groups > 1, f.in_s1 * mt + f.in_s0, f.in_full)
     rows_out = R.where(f.out_full > 0, f.out_full, mt)
-    in_words = R.ceil(f.n_in * rows_in * ta * f.isz_in / 4.0)
+    # a core's input chunk per row: ta elements of x's K (of each feature group of a grouped convolution); an
+    # embedding lookup's is its index
+    chunk = R.where(f.gather > 0, 1.0, ta * f.in_groups)
+    in_words = R.ceil(f.n_in * rows_in * chunk * f.isz_in / 4.0)
     out_elems = f.n_out * rows_out * tb
     out_words = R.ceil(out_elems * f.isz_out / 4.0)
     runs = spread_runs(f, cores, f.out_words)
@@ -207,7 +218,7 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
         bwd_counts=per_core_counts(f, f.bwd_counts, cores, runs),
         mm_p=R.maximum(f.n_out * rows_out, 1.0) / samples,
         mm_c=tb,
-        mm_d=ta * f.lead,
+        mm_d=R.where(f.gather > 0, 1.0, ta * f.lead),
         mm_pin=R.maximum(f.n_in * rows_in, 1.0) / samples,
         weight_bytes=f.weight_copies * single,
         act_bytes=4.0 * act_words,
@@ -215,6 +226,7 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
         rows_in=rows_in,
         rows_out=rows_out,
         in_words=in_words,
+        in_chunk=chunk,
         out_words=out_words,
         out_elems=out_elems,
         tile_words=R.ceil(ta * tb * f.lead * f.isz_w / 4.0),
@@ -245,6 +257,8 @@ class ParamTiling:
         rows of data are split over groups of cores keeps one copy of its weights per group. The emulator keeps
         the data of the first copy only (`rect`); the others take their room in SRAM as reservations, since
         every copy is updated with the same summed gradient and so always holds the same values.
+      axes: a matrix tiled as a view (rows, cols) of its axes (`weight_axes`: an attention projection as the
+        matrix [K, N] its matmul multiplies), or None: its last two axes, leading axes whole.
     """
 
     index: int
@@ -255,6 +269,7 @@ class ParamTiling:
     rect: Rect
     tile: tuple[int, ...]
     replicas: tuple[int, int] = (1, 1)
+    axes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -287,7 +302,12 @@ class ParamTiling:
     @property
     def blocked(self) -> wafer.layout.Blocked:
         """How its SRAM allocations store it: the whole leaf, core (i, j) owning block (i, j) (wafer/layout.py)."""
-        return wafer.layout.Blocked(self.shape, self.layout)
+        return wafer.layout.Blocked(self.shape, self.layout, self.axes)
+
+    @property
+    def matrix_shape(self) -> tuple[int, ...]:
+        """The shape its tiles cut: `[*lead, a, b]`, or a view's `[K, N]`."""
+        return self.blocked.matrix_shape if self.layout == "matrix" else self.shape
 
     def tile_array(self, x):
         """[*shape] -> [gh, gw, *tile] (zero padding): the per-core view."""
@@ -298,17 +318,31 @@ class ParamTiling:
         return self.blocked.from_cores(t)
 
 
-def tile_param(index, path, aval, rect: Rect) -> ParamTiling:
-    """The tiling of one parameter leaf over a kernel's rectangle (`param_grid`)."""
+def matrix_dims(shape, axes=None) -> tuple[int, int, int]:
+    """(lead, a, b) of a matrix parameter: elements per (a, b) entry and its tiled dims, axes -2 and -1 or a view's
+    [K, N] (`weight_axes`; lead 1)."""
+    if axes is not None:
+        rows, cols = axes
+        return 1, math.prod(shape[i] for i in rows), math.prod(shape[i] for i in cols)
+    return math.prod(shape[:-2]), shape[-2], shape[-1]
+
+
+def tile_param(index, path, aval, rect: Rect, axes=None) -> ParamTiling:
+    """The tiling of one parameter leaf over a kernel's rectangle (`param_grid`); a matrix tiled as the view `axes`
+    of its axes when given (`weight_axes`)."""
     shape, dtype = tuple(aval.shape), np.dtype(aval.dtype).name
     layout = ft.param_layout(shape)
     if layout == ft.SCALAR:
         return ParamTiling(index, path, shape, dtype, "scalar", Rect(rect.row, rect.col, 1, 1), ())
-    a, b = (shape[0], 1) if layout == ft.VECTOR else shape[-2:]
+    if layout == ft.VECTOR:
+        a, b = shape[0], 1
+    else:
+        lead, a, b = matrix_dims(shape, axes)
     gh, gw, ta, tb = (int(v) for v in param_grid(layout, a, b, rect.height, rect.width))
     if layout == ft.VECTOR:
         return ParamTiling(index, path, shape, dtype, "vector", Rect(rect.row, rect.col, gh, gw), (ta,))
-    return ParamTiling(index, path, shape, dtype, "matrix", Rect(rect.row, rect.col, gh, gw), (*shape[:-2], ta, tb))
+    tile = (ta, tb) if axes is not None else (*shape[:-2], ta, tb)
+    return ParamTiling(index, path, shape, dtype, "matrix", Rect(rect.row, rect.col, gh, gw), tile, axes=axes)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -358,43 +392,141 @@ class KernelPlan:
         return self.weight_bytes + self.act_bytes
 
 
-def anchor_weight(kernel, traced):
-    """(anchor eqn, flat param index of its weight operand) for dot_general/conv kernels, else (None, None)."""
+def embedding_gather(eqn) -> bool:
+    """Whether `eqn` is an embedding lookup: a gather of whole rows of a 2-D table `[V, D]` by indices `[..., 1]`
+    (`jnp.take(table, ids, axis=0)`, `table[ids]`, Flax's Embed), giving `[..., D]`."""
+    if eqn is None or eqn.primitive.name != "gather":
+        return False
+    dn, (table, idx) = eqn.params["dimension_numbers"], (v.aval for v in eqn.invars)
+    return (
+        table.ndim == 2
+        and idx.ndim >= 1
+        and idx.shape[-1] == 1
+        and tuple(dn.offset_dims) == (idx.ndim - 1,)
+        and tuple(dn.collapsed_slice_dims) == (0,)
+        and tuple(dn.start_index_map) == (0,)
+        and not tuple(getattr(dn, "operand_batching_dims", ()))
+        and tuple(eqn.params["slice_sizes"]) == (1, table.shape[1])
+    )
+
+
+def anchor_operand(kernel, traced):
+    """(anchor eqn, flat param index of its weight, the weight's operand position, perm) of a weight kernel, else
+    (None, None, None, None). The anchor is the kernel's first dot_general with a weight operand (the right one
+    preferred, `x @ W`; the left one, `W @ x`, too), convolution with a weight kernel, or embedding lookup from a
+    weight table (`embedding_gather`). The operand may be the weight cast (a precision policy's 16-bit copy) or
+    transposed (`x @ E.T`, a tied embedding's `attend`): perm is the transposition (operand axis a is the weight's
+    axis perm[a]), None for none."""
     param_vars = {v: i for i, v in enumerate(traced.jaxpr.invars[: traced.n_params])}
-    # A cast weight is still the weight: a precision policy reads a 16-bit copy of float32 master weights.
-    casts = {e.outvars[0]: e.invars[0] for e in kernel.eqns if e.primitive.name == "convert_element_type"}
+    # A cast weight is still the weight: a precision policy reads a 16-bit copy of float32 master weights; a
+    # transposed one is the weight read along other axes.
+    views = {}
+    for e in kernel.eqns:
+        if e.primitive.name == "convert_element_type":
+            views[e.outvars[0]] = (e.invars[0], None)
+        elif e.primitive.name == "transpose":
+            views[e.outvars[0]] = (e.invars[0], tuple(e.params["permutation"]))
     for eqn in kernel.eqns:
-        if eqn.primitive.name in ("dot_general", "conv_general_dilated") and len(eqn.invars) == 2:
-            w = eqn.invars[1]
-            while isinstance(w, jcore.Var) and w not in param_vars and w in casts:
-                w = casts[w]
-            if w in param_vars and param_vars[w] in kernel.params:
-                return eqn, param_vars[w]
-    return None, None
+        name = eqn.primitive.name
+        if name == "dot_general" and len(eqn.invars) == 2:
+            positions = (1, 0)
+        elif name == "conv_general_dilated" and len(eqn.invars) == 2:
+            positions = (1,)
+        elif embedding_gather(eqn):
+            positions = (0,)
+        else:
+            continue
+        for pos in positions:
+            w = eqn.invars[pos]
+            perm = list(range(w.aval.ndim)) if isinstance(w, jcore.Var) else []
+            while isinstance(w, jcore.Var) and w not in param_vars and w in views:
+                w, p = views[w]
+                if p is not None:  # w_out axis j is w_in axis p[j]
+                    perm = [p[a] for a in perm]
+            if isinstance(w, jcore.Var) and w in param_vars and param_vars[w] in kernel.params:
+                perm = None if perm == sorted(perm) else tuple(perm)
+                return eqn, param_vars[w], pos, perm
+    return None, None, None, None
 
 
-def per_core_kind(eqn, tiling) -> str | None:
-    """ "dense" or "conv" when the per-core path runs this anchor literally on its weight tiles, else None."""
+def anchor_weight(kernel, traced):
+    """(anchor eqn, flat param index of its weight) of a weight kernel (`anchor_operand`), else (None, None)."""
+    return anchor_operand(kernel, traced)[:2]
+
+
+def weight_axes(eqn, pos: int, perm=None):
+    """The matrix a dense anchor multiplies its weight (operand `pos`) as, when that is not the weight's plain
+    layout: (rows, cols), its contracted axes (in axis order) flattened into the matrix's rows K and its free axes
+    into its columns N (an attention projection's `[d, heads, head_dim]` is `[d, heads * head_dim]`, its output
+    projection's `[heads, head_dim, d]` is `[heads * head_dim, d]`, a tied embedding's `attend` contracts a table
+    `[V, D]` on D: `[D, V]`), in the weight's own axes when the operand is it transposed by `perm`
+    (`anchor_operand`). None for a 2-D `[K, N]` contracted on its first axis, and for anything else."""
+    if eqn is None or eqn.primitive.name != "dot_general":
+        return None
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    nd = eqn.invars[pos].aval.ndim
+    wc = tuple(sorted(rc if pos == 1 else lc))
+    if lb or rb or not wc or len(wc) == nd:
+        return None
+    perm = tuple(range(nd)) if perm is None else perm
+    # the output holds the operand's free axes in order: the matrix's columns follow them
+    rows, cols = tuple(perm[a] for a in wc), tuple(perm[a] for a in range(nd) if a not in wc)
+    return None if (nd == 2 and rows == (0,) and cols == (1,)) else (rows, cols)
+
+
+def per_core_kind(eqn, tiling, pos: int | None = None, perm=None) -> str | None:
+    """How the per-core path runs this anchor literally on its weight (operand `pos`; default: the right operand of
+    a dot or conv, the table of a gather; transposed by `perm`, `anchor_operand`) tiles: "dense", "conv" or
+    "gather"; None when it cannot (the weight not tiled as the matrix it multiplies, batch dimensions, a
+    batch-grouped convolution, a transposed convolution kernel or table).
+
+      dense   dot_general(x, W) with no batch dimensions, W tiled as the matrix [K, N] of its contracted and free
+              axes (`weight_axes`; Flax Dense and DenseGeneral, einsums with weights, either operand);
+      conv    conv_general_dilated(x, W), W [*window, in, out] per group (feature groups included: grouped and
+              depthwise convolutions);
+      gather  an embedding lookup of rows of W [V, D] (`embedding_gather`).
+    """
     if eqn is None or tiling is None or tiling.layout != "matrix":
         return None
-    if eqn.primitive.name == "dot_general" and len(tiling.shape) == 2:
+    name = eqn.primitive.name
+    pos = (0 if name == "gather" else 1) if pos is None else pos
+    if name == "dot_general":
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-        lhs = eqn.invars[0].aval
-        if tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,) and not lb and not rb:
+        nd = eqn.invars[pos].aval.ndim
+        wc = rc if pos == 1 else lc
+        if lb or rb or not wc or len(wc) == nd:
+            return None
+        axes = weight_axes(eqn, pos, perm)
+        if tiling.axes == axes and (axes is not None or len(tiling.shape) == 2):
             return "dense"
-    if eqn.primitive.name == "conv_general_dilated" and eqn.params["feature_group_count"] == 1:
+        return None
+    if perm is not None:
+        return None
+    if name == "conv_general_dilated" and pos == 1 and eqn.params["batch_group_count"] == 1:
         dn = eqn.params["dimension_numbers"]
         nd = len(tiling.shape)
-        if tuple(dn.rhs_spec[:2]) == (nd - 1, nd - 2) and tuple(dn.rhs_spec[2:]) == tuple(range(nd - 2)):
+        if (
+            tiling.axes is None
+            and tuple(dn.rhs_spec[:2]) == (nd - 1, nd - 2)
+            and tuple(dn.rhs_spec[2:]) == tuple(range(nd - 2))
+        ):
             return "conv"
+    if name == "gather" and pos == 0 and embedding_gather(eqn) and tiling.axes is None:
+        return "gather"
     return None
 
 
-def split_rows(eqn, kind) -> int:
-    """Rows of data an anchor can split over groups of cores: the rows of x[M, K] for dense, the output's first
-    spatial axis for conv (input rows with their window halo go to each group); 1 if not splittable."""
+def split_rows(eqn, kind, pos: int = 1) -> int:
+    """Rows of data an anchor can split over groups of cores: the rows of x for dense (x's free axes, flattened:
+    x[M, K]), the lookups of a gather, the output's first spatial axis for conv (input rows with their window halo
+    go to each group); 1 if not splittable."""
     if kind == "dense":
-        return math.prod(eqn.invars[0].aval.shape[:-1])
+        (lc, rc), _ = eqn.params["dimension_numbers"]
+        x = eqn.invars[1 - pos].aval
+        xc = lc if pos == 1 else rc
+        return math.prod(d for a, d in enumerate(x.shape) if a not in xc)
+    if kind == "gather":
+        return math.prod(eqn.invars[1].aval.shape[:-1])
     if kind == "conv" and all(d == 1 for d in eqn.params["lhs_dilation"]) and len(eqn.params["padding"]):
         dn = eqn.params["dimension_numbers"]
         return eqn.outvars[0].aval.shape[dn.out_spec[2]]
@@ -415,18 +547,31 @@ def group_offsets(tiling: ParamTiling):
     return [(p * gh, q * gw) for p in range(rr) for q in range(rc)]
 
 
-def _anchor_shapes(eqn, tiling: ParamTiling, rows_in: int, rows_out: int):
-    """Per-core (input chunk, partial result) ShapeDtypeStructs of a per-core anchor on its grid [gh, gw, ...]."""
-    kind = per_core_kind(eqn, tiling)
+def _anchor_shapes(eqn, tiling: ParamTiling, rows_in: int, rows_out: int, pos: int | None = None, perm=None):
+    """Per-core (input chunk, partial result) ShapeDtypeStructs of a per-core anchor on its grid [gh, gw, ...]:
+    dense, rows of x's K chunk and of the partial [rows, tn]; gather, the indices (one per row) and the partial
+    [rows, tn]; conv, the image with its tk input channels of every feature group (G x tk) and the partial with tn
+    output channels."""
+    kind = per_core_kind(eqn, tiling, pos, perm)
     gh, gw = tiling.grid
     tk, tn = tiling.tile[-2:]
-    lhs, out = eqn.invars[0].aval, eqn.outvars[0].aval
+    out = eqn.outvars[0].aval
     if kind == "dense":
+        lhs = eqn.invars[0 if pos == 1 or pos is None else 1].aval
         in_shape, out_shape = (rows_in, tk), (rows_out, tn)
+    elif kind == "gather":
+        lhs = eqn.invars[1].aval
+        in_shape, out_shape = (rows_in,), (rows_out, tn)
     else:
+        lhs = eqn.invars[0].aval
         dn = eqn.params["dimension_numbers"]
         sp_in, sp_out = dn.lhs_spec[2], dn.out_spec[2]
-        in_shape = tuple(tk if a == dn.lhs_spec[1] else (rows_in if a == sp_in else d) for a, d in enumerate(lhs.shape))
+        # every core of a row receives tk channels of each feature group (its columns' output channels may belong
+        # to any group) and picks those of its own columns' groups
+        tkg = tk * eqn.params["feature_group_count"]
+        in_shape = tuple(
+            tkg if a == dn.lhs_spec[1] else (rows_in if a == sp_in else d) for a, d in enumerate(lhs.shape)
+        )
         out_shape = tuple(
             tn if a == dn.out_spec[1] else (rows_out if a == sp_out else d) for a, d in enumerate(out.shape)
         )
@@ -435,26 +580,41 @@ def _anchor_shapes(eqn, tiling: ParamTiling, rows_in: int, rows_out: int):
     return x, p
 
 
-def anchor_traffic(eqn, tiling: ParamTiling, rows_in: int, rows_out: int, pattern: str = "chain") -> wafer.Traffic:
+def anchor_traffic(
+    eqn,
+    tiling: ParamTiling,
+    rows_in: int,
+    rows_out: int,
+    pattern: str = "chain",
+    pos: int | None = None,
+    perm=None,
+) -> wafer.Traffic:
     """Region-local traffic of a per-core anchor: in every group, input chunks multicast along rows and partial
     sums reduced along columns in `pattern`. Shapes are exactly those the per-core path moves
     (compiler/run/percore.py): a core receives `rows_in` rows of its input chunk and produces `rows_out` rows of its
     partial result."""
-    if per_core_kind(eqn, tiling) is None:
+    if per_core_kind(eqn, tiling, pos, perm) is None:
         return wafer.Traffic.none()
-    x, p = _anchor_shapes(eqn, tiling, rows_in, rows_out)
+    x, p = _anchor_shapes(eqn, tiling, rows_in, rows_out, pos, perm)
     return _forward_group_traffic(_key(x), _key(p), pattern).replicate(group_offsets(tiling))
 
 
 def anchor_backward_traffic(
-    eqn, tiling: ParamTiling, rows_in: int, rows_out: int, pattern: str = "chain", dx: bool = True
+    eqn,
+    tiling: ParamTiling,
+    rows_in: int,
+    rows_out: int,
+    pattern: str = "chain",
+    dx: bool = True,
+    pos: int | None = None,
+    perm=None,
 ) -> wafer.Traffic:
     """Region-local traffic of a per-core anchor's backward: in every group, the output cotangent multicast up each
     column from the bottom row, and (`dx`) the input cotangent's partials reduced along each row to the west edge
     in `pattern`."""
-    if per_core_kind(eqn, tiling) is None:
+    if per_core_kind(eqn, tiling, pos, perm) is None:
         return wafer.Traffic.none()
-    x, p = _anchor_shapes(eqn, tiling, rows_in, rows_out)
+    x, p = _anchor_shapes(eqn, tiling, rows_in, rows_out, pos, perm)
     return _backward_group_traffic(_key(x), _key(p), pattern, bool(dx)).replicate(group_offsets(tiling))
 
 
@@ -522,19 +682,23 @@ def partition(graph, placement, feats: ft.Features, spec) -> dict[str, KernelPla
             )
     plans = {}
     for i, (kernel, rect) in enumerate(zip(graph.kernels, rects)):
-        tilings = [tile_param(j, traced.param_paths[j], traced.param_avals[j], rect) for j in kernel.params]
+        eqn, widx, opos, perm = anchor_operand(kernel, traced)
+        view = {widx: weight_axes(eqn, opos, perm)} if widx is not None else {}
+        tilings = [
+            tile_param(j, traced.param_paths[j], traced.param_avals[j], rect, view.get(j)) for j in kernel.params
+        ]
         traffic = backward = wafer.Traffic.none()
         pattern = PATTERNS[int(shape["reduce_pattern"][i])]
         b_pattern = PATTERNS[int(shape["bwd_pattern"][i])] if training else "chain"
         if feats.anchor[i] == ft.WEIGHT:
-            eqn, widx = anchor_weight(kernel, traced)
             pos = kernel.params.index(widx)
             tilings[pos] = tilings[pos].replicated(int(shape["rr"][i]), int(shape["rc"][i]))
             rows = int(shape["rows_in"][i]), int(shape["rows_out"][i])
-            traffic = anchor_traffic(eqn, tilings[pos], *rows, pattern).at(rect.row, rect.col)
+            traffic = anchor_traffic(eqn, tilings[pos], *rows, pattern, opos, perm).at(rect.row, rect.col)
             if training:
                 dx = bool(feats.dx[i])
-                backward = anchor_backward_traffic(eqn, tilings[pos], *rows, b_pattern, dx).at(rect.row, rect.col)
+                backward = anchor_backward_traffic(eqn, tilings[pos], *rows, b_pattern, dx, opos, perm)
+                backward = backward.at(rect.row, rect.col)
         else:
             pattern = b_pattern = "chain"
         plan = KernelPlan(
@@ -591,12 +755,14 @@ def min_cores(
 def max_cores(kernel, traced) -> int:
     """More cores than this do not help a kernel: a weight kernel's tiles times the rows of data it can split
     (one weight element and one row per core); a weightless kernel's output elements."""
-    anchor, widx = anchor_weight(kernel, traced)
+    anchor, widx, pos, perm = anchor_operand(kernel, traced)
     if widx is not None:
         shape = traced.param_avals[widx].shape
         if len(shape) >= 2:
-            tiling = tile_param(widx, "", traced.param_avals[widx], Rect(0, 0, shape[-2], shape[-1]))
-            kind = per_core_kind(anchor, tiling)
-            rows = split_rows(anchor, kind) if kind else 1
-            return max(1, int(shape[-2] * shape[-1] * rows))
+            axes = weight_axes(anchor, pos, perm)
+            _, a, b = matrix_dims(shape, axes)
+            tiling = tile_param(widx, "", traced.param_avals[widx], Rect(0, 0, a, b), axes)
+            kind = per_core_kind(anchor, tiling, pos, perm)
+            rows = split_rows(anchor, kind, pos) if kind else 1
+            return max(1, int(a * b * rows))
     return max(1, kernel.out_bytes // 4)

@@ -8,11 +8,12 @@ Two execution paths, one answer (DESIGN.md):
   fast      reads every weight from its SRAM allocation, stored blocked (wafer/layout.py: the leaf itself, core
             (i, j) owning block (i, j)), so with no copy, and runs the user's own function the way XLA runs best;
             charges the schedule's cost of a call.
-  per_core  walks the kernel graph; weight kernels run literally on the per-core view of their weights (tiles
-            [gh, gw, *tile], padding zero): dense and convolution kernels multicast their input chunks along
-            rows, run a vmapped per-core matmul/conv on each core's tile and reduce the partial sums along
-            columns with the wafer's fabric primitives; epilogues and weightless kernels run on the assembled
-            activations (compiler/run/percore.py). It checks the partitioning (tiling,
+  per_core  walks the kernel graph; every weight kernel runs literally on the per-core view of its weights
+            (tiles [gh, gw, *tile], padding zero): dense (DenseGeneral and einsums with weights included),
+            convolution (grouped and depthwise included) and embedding-lookup kernels multicast their input
+            chunks (or indices) along rows, run a vmapped per-core matmul / conv / lookup on each core's tile and
+            reduce the partial results along columns with the wafer's fabric primitives; epilogues and weightless
+            kernels run on the assembled activations (compiler/run/percore.py). It checks the partitioning (tiling,
             padding, reduction direction); the traffic it generates is checked against the plan's when traced.
 Both are jitted and differentiable, and both charge the same record, so counters agree.
 """

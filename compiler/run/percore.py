@@ -1,14 +1,29 @@
-"""The per-core execution path: each weight kernel run literally on its cores.
+"""The per-core execution path: every weight kernel run literally on its cores.
 
-The flattened jaxpr is evaluated kernel by kernel. A kernel's anchor runs per core when it is
-  dense  dot_general(x[..., K], W[K, N]) contracting x's last axis with W's first (Flax Dense),
-  conv   conv_general_dilated(x, W) with W's last two axes (in, out) features and no feature groups:
-as the partitioner says: x's contracted axis is cut into gh chunks (zero-padded), chunk i enters row i at its
-west edge and is multicast along the row (`wafer.multicast`); core (i, j) runs the matmul/conv of its chunk with
-its SRAM tile W[i, j] (`wafer.map_cores`); partial results are summed along each column to the bottom row
-(`wafer.reduce`), whose gw cores hold the output's N axis in chunks. Other equations (epilogues, weightless
-kernels, grouped convolutions, embedding gathers) run on the assembled activations with weights reassembled
-from their tiles.
+The flattened jaxpr is evaluated kernel by kernel. A kernel's anchor (compiler.plan.partition.anchor_operand) runs
+per core on the tiles its weight's SRAM allocation holds (`state.read`: the per-core view [gh, gw, *tile], padding
+zero), as the partitioner tiled and charged it (`partition.per_core_kind`):
+
+  dense   dot_general(x, W) with no batch dimensions, W either operand: Flax Dense, DenseGeneral (attention q/k/v
+          [d, heads, head_dim] and out [heads, head_dim, d]), einsums with weights, a tied embedding's `attend`.
+          W is tiled as the matrix [K, N] of its contracted and free axes (`partition.weight_axes`: a view of the
+          stored tensor); x's free axes are flattened into rows M and its contracted axes, ordered as W's, into K.
+  conv    conv_general_dilated(x, W), W [*window, in, out] per feature group: plain, grouped and depthwise.
+  gather  an embedding lookup table[ids] of a table [V, D] (Flax Embed): core (i, j) holds rows i*ta.. of the
+          table's columns j*tb..; it looks up every index, giving the row where the index falls in its rows and
+          zeros elsewhere.
+
+All three are the same fabric program: x's contracted axis is cut into gh chunks (zero-padded; a gather's chunk is
+the indices themselves, a grouped convolution's is tk input channels of every group), chunk i enters row i at its
+west edge and is multicast along the row (`wafer.multicast`); core (i, j) runs the matmul / conv / lookup of its
+chunk with its SRAM tile W[i, j] (`wafer.map_cores`; a grouped convolution's core first picks the channels of its
+own columns' groups); partial results are summed along each column to the bottom row (`wafer.reduce`; a lookup's
+partials are one row and zeros, so the sum is exact), whose gw cores hold the output's N axis in chunks. Rows of
+data (x's rows, lookups, output rows of a convolution) split over the copies of the tile grid (`_grouped`). The
+traffic this generates is what the partition recorded (`partition.anchor_traffic`); the caller checks it.
+
+The rest of a kernel (epilogues, norms, a positional table added, weightless kernels) runs on the assembled
+activations, reading its parameters from SRAM whole. A tied weight is read by each kernel from its own copy.
 """
 
 from __future__ import annotations
@@ -20,7 +35,7 @@ from jax.extend import core as jcore
 
 import wafer
 from compiler.plan import features as ft
-from compiler.plan.partition import anchor_weight, conv_rows_span, group_offsets, per_core_kind
+from compiler.plan.partition import anchor_operand, conv_rows_span, group_offsets, per_core_kind
 
 
 def _eval_eqn(eqn, invals):
@@ -36,12 +51,15 @@ def _groups(tiles, tiling):
     return jnp.broadcast_to(tiles[None], (rr * rc, *tiles.shape))
 
 
-def _grouped(xg, tiles, tiling, op, pattern="chain"):
-    """Run `op(chunk, tile)` on every core of every group, with the fabric moving data as the partitioner says.
+def _grouped(xg, tiles, tiling, op, pattern="chain", local=()):
+    """Run `op(chunk, tile, *local)` on every core of every group, with the fabric moving data as the partitioner
+    says.
 
     Args:
       xg: [G, gh, *chunk]: group g's input, cut into gh chunks along the contracted axis.
       tiles: the weight's SRAM tiles [gh, gw, *tile] (first copy).
+      local: core-grid arrays [gh, gw, ...] every group's core (i, j) knows of itself (its rows of a table, the
+        channels its columns' feature groups read), the same in every group.
     Returns:
       ([G, gw, *out_chunk] summed partial results at each group's bottom row, region-local traffic).
     """
@@ -49,35 +67,98 @@ def _grouped(xg, tiles, tiling, op, pattern="chain"):
     # chunk i of group g enters row i of the group at its west edge and is multicast along the row
     west = jnp.pad(xg[:, :, None], [(0, 0), (0, 0), (0, gw - 1)] + [(0, 0)] * (xg.ndim - 2))
     xin, t_in = jax.vmap(lambda a: wafer.multicast(a, "row", src=0))(west)
-    partial, _ = jax.vmap(lambda a, w: wafer.map_cores(op, a, w))(xin, _groups(tiles, tiling))
+    partial, _ = jax.vmap(lambda a, w: wafer.map_cores(op, a, w, *local))(xin, _groups(tiles, tiling))
     summed, t_out = jax.vmap(lambda a: wafer.reduce(a, "col", "sum", to="last", pattern=pattern))(partial)
     traffic = (t_in + t_out).replicate(group_offsets(tiling))
     return summed[:, 0], traffic
 
 
-def _dense_per_core(x, tiles, tiling, eqn, pattern="chain"):
-    """y = x @ W with W's tiles on cores and x's rows split over groups; returns (y, traffic)."""
+def _dense_per_core(x, tiles, tiling, eqn, pattern="chain", pos=1, perm=None):
+    """y = dot_general(x, W) (W the operand `pos`) with W's tiles [gh, gw, tk, tn] on cores, as the matrix [K, N]
+    the partition tiles (`ParamTiling.axes`), and x's rows split over groups; returns (y, traffic).
+
+    Args:
+      x: the data operand [*free, *contracted] in any axis order.
+      perm: the weight operand is the stored weight transposed so (`anchor_operand`): its axis a is W's perm[a].
+    """
     gh, gw = tiling.grid
     rr, rc = tiling.replicas
     groups = rr * rc
     tk, tn = tiling.tile
-    k_dim, n_dim = tiling.shape
-    lead = x.shape[:-1]
+    k_dim, n_dim = tiling.matrix_shape
+    (lc, rc_), _ = eqn.params["dimension_numbers"]
+    xc, wc = (lc, rc_) if pos == 1 else (rc_, lc)
+    w_rows, w_cols = tiling.axes or ((0,), (1,))
+    perm = tuple(range(len(tiling.shape))) if perm is None else perm
+    pair = {perm[a]: b for a, b in zip(wc, xc)}  # W's axis -> the x axis it contracts with
+    x_c = [pair[r] for r in w_rows]  # x's contracted axes in the order W's rows flatten them
+    x_free = [a for a in range(x.ndim) if a not in xc]
+    lead = tuple(x.shape[a] for a in x_free)
     m = int(np.prod(lead))
     mt = -(-m // groups)
-    x2 = jnp.pad(x.reshape(m, k_dim), ((0, groups * mt - m), (0, gh * tk - k_dim)))
+    x2 = jnp.transpose(x, x_free + x_c).reshape(m, k_dim)
+    x2 = jnp.pad(x2, ((0, groups * mt - m), (0, gh * tk - k_dim)))
     xg = jnp.transpose(x2.reshape(groups, mt, gh, tk), (0, 2, 1, 3))  # [G, gh, mt, tk]
     pet = eqn.params.get("preferred_element_type")
     prec = eqn.params.get("precision")
     op = lambda a, w: jnp.matmul(a, w, precision=prec, preferred_element_type=pet)
     summed, traffic = _grouped(xg, tiles, tiling, op, pattern)  # [G, gw, mt, tn]
     y = jnp.transpose(summed, (0, 2, 1, 3)).reshape(groups * mt, gw * tn)[:m, :n_dim]
-    return y.reshape(*lead, n_dim).astype(eqn.outvars[0].aval.dtype), traffic
+    w_free = tuple(tiling.shape[a] for a in w_cols)
+    y = y.reshape(*lead, *w_free)
+    if pos == 0:  # dot_general(W, x): W's free axes first
+        y = jnp.moveaxis(y, tuple(range(len(lead))), tuple(range(len(w_free), len(w_free) + len(lead))))
+    return y.astype(eqn.outvars[0].aval.dtype), traffic
 
 
-def _conv_per_core(x, tiles, tiling, eqn, pattern="chain"):
+def _gather_per_core(ids, tiles, tiling, eqn, pattern="chain"):
+    """An embedding lookup table[ids] (`partition.embedding_gather`) with the table's tiles [gh, gw, ta, tb] on
+    cores: the indices split over groups, every row of a group receives them all (multicast along the row), core
+    (i, j) gives the row of each index in its rows i*ta.. (its columns j*tb..) and zeros for the others, and the
+    column sums at the bottom row are the looked-up rows; returns (y [*ids, D], traffic).
+
+    Args:
+      ids: the gather's start indices [..., 1] (integers).
+    """
+    gh, gw = tiling.grid
+    rr, rc = tiling.replicas
+    groups = rr * rc
+    ta, tb = tiling.tile
+    v_dim, d_dim = tiling.shape
+    lead = ids.shape[:-1]
+    m = int(np.prod(lead))
+    mt = -(-m // groups)
+    flat = ids.reshape(m)
+    mode = eqn.params["mode"]
+    fill = mode == jax.lax.GatherScatterMode.FILL_OR_DROP
+    if not fill:  # CLIP and PROMISE_IN_BOUNDS clamp an index into the table (XLA's gather), before it is sent
+        flat = jnp.clip(flat, 0, v_dim - 1)
+    xg = jnp.broadcast_to(jnp.pad(flat, (0, groups * mt - m)).reshape(groups, 1, mt), (groups, gh, mt))
+
+    def lookup(a, w, first):
+        # a core holds table rows first..first + ta - 1: the others' indices give zeros (the padding rows past the
+        # table's end are zero too)
+        local = a - first
+        mine = (local >= 0) & (local < ta)
+        return jnp.where(mine[:, None], w[jnp.clip(local, 0, ta - 1)], jnp.zeros((), w.dtype))
+
+    first = jnp.broadcast_to((jnp.arange(gh, dtype=flat.dtype) * ta)[:, None], (gh, gw))
+    summed, traffic = _grouped(xg, tiles, tiling, lookup, pattern, (first,))  # [G, gw, mt, tb]
+    y = jnp.transpose(summed, (0, 2, 1, 3)).reshape(groups * mt, gw * tb)[:m, :d_dim]
+    if fill:  # an index outside the table gives the fill value (known at the bottom row, which holds the index)
+        valid = (flat >= 0) & (flat < v_dim)
+        fv = eqn.params["fill_value"]
+        y = jnp.where(valid[:, None], y, jnp.asarray(np.nan if fv is None else fv, y.dtype))
+    return y.reshape(*lead, d_dim).astype(eqn.outvars[0].aval.dtype), traffic
+
+
+def _conv_per_core(x, tiles, tiling, eqn, pattern="chain", pos=1):
     """Convolution: input features over a group's rows, output features over its columns, output rows (first
-    spatial axis) over groups; each group reads its rows of the padded input with the window's halo."""
+    spatial axis) over groups; each group reads its rows of the padded input with the window's halo.
+
+    With G feature groups (grouped, depthwise), W is [*window, Cin / G, Cout] and the tiles cut its Cin / G and Cout:
+    row i of the grid receives channels i*tk.. of every group (G x tk channels), and core (i, j) picks, for each of
+    its tn output channels, the tk of that channel's group, a convolution of tn groups of tk channels each."""
     p = eqn.params
     dn = p["dimension_numbers"]
     gh, gw = tiling.grid
@@ -106,26 +187,44 @@ def _conv_per_core(x, tiles, tiling, eqn, pattern="chain"):
     else:
         mt = out_aval.shape[o_sp] if len(padding) else 1
         xs = x[None]
-    # cut input features into gh chunks: [G, gh, ..., tk, ...]
+    # cut each feature group's input features into gh chunks: [G, gh, ..., fg * tk, ...]
+    fg = p["feature_group_count"]
+    ca = c_ax + 1
+    xs = xs.reshape(*xs.shape[:ca], fg, cin, *xs.shape[ca + 1 :])
     pad = [(0, 0)] * xs.ndim
-    pad[c_ax + 1] = (0, gh * tk - cin)
+    pad[ca + 1] = (0, gh * tk - cin)
     xs = jnp.pad(xs, pad)
-    xs = xs.reshape(*xs.shape[: c_ax + 1], gh, tk, *xs.shape[c_ax + 2 :])
-    xg = jnp.moveaxis(xs, c_ax + 1, 1)
-    conv = lambda a, w: jax.lax.conv_general_dilated(
-        a,
-        w,
-        window_strides=p["window_strides"],
-        padding=padding,
-        lhs_dilation=p["lhs_dilation"],
-        rhs_dilation=p["rhs_dilation"],
-        dimension_numbers=dn,
-        feature_group_count=1,
-        batch_group_count=p["batch_group_count"],
-        precision=p["precision"],
-        preferred_element_type=p["preferred_element_type"],
-    )
-    summed, traffic = _grouped(xg, tiles, tiling, conv, pattern)  # [G, gw, *out with features tn and rows mt]
+    xs = xs.reshape(*xs.shape[: ca + 1], gh, tk, *xs.shape[ca + 2 :])
+    xs = jnp.moveaxis(xs, ca + 1, 1)  # [G, gh, ..., fg, tk, ...], fg at ca + 1
+    xg = xs.reshape(*xs.shape[: ca + 1], fg * tk, *xs.shape[ca + 3 :])
+
+    def conv(a, w, *pick):
+        groups_ = 1
+        if pick:  # the tk channels of each output channel's feature group, tn groups of tk
+            a, groups_ = jnp.take(a, pick[0], axis=c_ax), tn
+        return jax.lax.conv_general_dilated(
+            a,
+            w,
+            window_strides=p["window_strides"],
+            padding=padding,
+            lhs_dilation=p["lhs_dilation"],
+            rhs_dilation=p["rhs_dilation"],
+            dimension_numbers=dn,
+            feature_group_count=groups_,
+            batch_group_count=p["batch_group_count"],
+            precision=p["precision"],
+            preferred_element_type=p["preferred_element_type"],
+        )
+
+    local = ()
+    if fg > 1:
+        # output channel o = j * tn + t belongs to group o // (Cout / G) (padding channels past Cout: any group, their
+        # weights are zero); its input channels are that group's tk on this row
+        o = np.arange(gw)[:, None] * tn + np.arange(tn)[None, :]
+        g = np.minimum(o // (cout // fg), fg - 1)
+        pick = (g[:, :, None] * tk + np.arange(tk)).reshape(gw, tn * tk)
+        local = (jnp.broadcast_to(jnp.asarray(pick, jnp.int32), (gh, gw, tn * tk)),)
+    summed, traffic = _grouped(xg, tiles, tiling, conv, pattern, local)  # [G, gw, *out: features tn, rows mt]
     y = jnp.moveaxis(summed, 1, o_ax + 1)  # [G, ..., gw, tn, ...]
     y = y.reshape(*y.shape[: o_ax + 1], gw * tn, *y.shape[o_ax + 3 :])
     y = jax.lax.slice_in_dim(y, 0, cout, axis=o_ax + 1)
@@ -148,30 +247,33 @@ def run_per_core(plan, leaves, state, inputs):
         env[v] = val
     for v, val in zip(jaxpr.constvars, traced.consts):
         env[v] = val
-    var_param = {v: i for i, v in enumerate(param_vars)}
 
     def read(a):
         return a.val if isinstance(a, jcore.Literal) else env[a]
 
     traffic = wafer.Traffic.none()
+    runs = {"dense": _dense_per_core, "conv": _conv_per_core, "gather": _gather_per_core}
     for kernel in plan.graph.kernels:
         kplan = plan.kernels[kernel.name]
         tilings = {t.index: t for t in kplan.params}
         # only the kernel's anchor runs per core: it is what the partition tiles and charges (a kernel whose every
         # equation reads weights only, e.g. an embedding of one row broadcast, has none)
-        anchor = anchor_weight(kernel, traced)[0] if plan.features.anchor[kernel.index] == ft.WEIGHT else None
+        anchor, widx, pos, perm = anchor_operand(kernel, traced)
+        if plan.features.anchor[kernel.index] != ft.WEIGHT:
+            anchor = None
         for eqn in kernel.eqns:
             invals = [read(a) for a in eqn.invars]
             done = False
             if eqn is anchor:
-                w = eqn.invars[1]
-                idx = var_param.get(w) if isinstance(w, jcore.Var) else None
-                tiling = tilings.get(idx) if idx is not None else None
-                kind = per_core_kind(eqn, tiling)
+                tiling = tilings.get(widx)
+                kind = per_core_kind(eqn, tiling, pos, perm)
                 if kind is not None:
                     tiles = state.read(f"{kplan.name}:{tiling.path}")  # the per-core view [gh, gw, *tile]
-                    run = _dense_per_core if kind == "dense" else _conv_per_core
-                    y, t = run(invals[0], tiles, tiling, eqn, kplan.reduce_pattern)
+                    # a weight the program casts (a 16-bit copy of a float32 one) is cast by each core on its tile; one
+                    # it transposes is read along its other axes (`ParamTiling.axes`)
+                    tiles = tiles.astype(eqn.invars[pos].aval.dtype)
+                    args = {"dense": (pos, perm), "conv": (pos,), "gather": ()}[kind]
+                    y, t = runs[kind](invals[1 - pos], tiles, tiling, eqn, kplan.reduce_pattern, *args)
                     traffic = traffic | t.at(kplan.rect.row, kplan.rect.col)
                     outs, done = [y], True
             if not done:

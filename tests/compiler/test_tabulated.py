@@ -3,6 +3,7 @@ zoo models, inference and training (pipelined and weight streaming), on specs wi
 equals `jax.vmap(costmodel.predict)` bit for bit; it is the path `evaluate_placements` takes at tau = 0, and
 placements it cannot read from a table (non-integer sides) are left to the cost model itself."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,6 +82,28 @@ def test_training_equals_the_cost_model(name, mode, monkeypatch):
     assert feats.task == "training" and feats.mode == mode
     for spec in SPECS.values():
         _check(feats, spec, monkeypatch, seed=1)
+
+
+class _Tied(nn.Module):
+    """A Dense(5) called twice: its weights are tied between two kernels (a training step sums their gradients
+    between the copies: `schedule.tied_cycles`, a route term)."""
+
+    @nn.compact
+    def __call__(self, x):
+        shared = nn.Dense(5)
+        return nn.Dense(3)(shared(nn.tanh(shared(x))))
+
+
+def test_tied_weights_training_equals_the_cost_model(monkeypatch):
+    model = _Tied()
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 5)), jnp.float32)
+    params = model.init(jax.random.key(0), x)
+    loss = lambda p, b: jnp.mean(model.apply(p, b) ** 2)  # noqa: E731
+    tx = compiler.compile_train(loss, params, x, optax.sgd(0.1), spec=BASE, mode="pipelined")
+    feats = cm.features(tx)
+    assert feats.tie_src.shape[0] == 1
+    for spec in SPECS.values():
+        _check(feats, spec, monkeypatch, seed=9)
 
 
 @pytest.fixture(scope="module")

@@ -72,3 +72,27 @@ def test_blocked_layout_that_does_not_fit_raises():
         wafer.init(SPEC).allocate("w", Rect(0, 0, 2, 2), (2, 2), layout=Blocked((5, 4)))
     with pytest.raises(ValueError, match="kind"):
         Blocked((3,), "diagonal")
+
+
+@pytest.mark.parametrize(
+    "shape,axes", [((5, 3, 4), ((0,), (1, 2))), ((3, 4, 5), ((0, 1), (2,))), ((4, 6), ((1,), (0,)))], ids=str
+)
+def test_matrix_view_blocks_the_viewed_matrix(shape, axes):
+    """A matrix view (axes flattened into the matrix's rows and columns) blocks transpose(x).reshape(K, N) and
+    round-trips to the tensor itself; the tensor is what is stored."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+    lay = Blocked(shape, "matrix", axes)
+    rows, cols = axes
+    m = np.transpose(np.asarray(x), rows + cols).reshape(lay.matrix_shape)
+    k, n = lay.matrix_shape
+    grid, tile = (2, 3), (-(-k // 2), -(-n // 3))
+    assert lay.check(grid, tile) is None
+    tiles = lay.to_cores(x, grid, tile)
+    np.testing.assert_array_equal(tiles, Blocked((k, n)).to_cores(jnp.asarray(m), grid, tile))
+    np.testing.assert_array_equal(lay.from_cores(tiles), x)
+    state = wafer.init(SPEC).allocate("w", Rect(1, 1, *grid), tile, layout=lay)
+    state = state.write("w", x)
+    assert state.sram["w"].shape == shape
+    np.testing.assert_array_equal(state.read("w"), tiles)
+    with pytest.raises(ValueError, match="each axis once"):
+        Blocked(shape, "matrix", (rows, ()))
