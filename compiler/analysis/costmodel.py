@@ -24,7 +24,10 @@ Relaxations (compiler/relax.py):
   fabric terms  wafer/fabric.py's closed forms count rounds and dependent stages with exact ceil / round: piecewise
                 constant in a kernel's side (no gradient through the number of tree rounds), linear in the words.
 Features come from a plan (or a program's plan, or just a kernel graph): sweeps and searches need no compiled
-program. `compact(feats)` drops the instruction-count columns no kernel uses (same figures, several times faster
+program. Batches of integer placements at tau = 0 (`compiler.analysis.sweep.evaluate_placements`) are evaluated
+through compiler/analysis/tabulated.py: `kernel_figures` tabulated over the batch's sides, then the route terms and
+`pipeline_figures` per placement: the same figures as `jax.vmap(predict)`, bit for bit, ~20x faster.
+`compact(feats)` drops the instruction-count columns no kernel uses (same figures, several times faster
 in batched sweeps).
 """
 

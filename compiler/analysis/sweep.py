@@ -23,8 +23,9 @@ of model size x `PlacementParams` knobs x `WaferSpec` figures, one DataFrame row
                  hardware point (work depends on SIMD widths and SRAM bandwidth, so a hardware point that changes
                  them is re-placed, as the compiler would; clock, link width and hop latency do not); placements
                  are cached by (params, work).
-  hardware leaves (clock_hz, link_bits_per_cycle, hop_latency_cycles, SIMD widths, ...) are vmapped: every
-                 placement x leaf point is one lane of the batched model.
+  hardware leaves (clock_hz, link_bits_per_cycle, hop_latency_cycles, SIMD widths, ...): one batched call per
+                 leaf point on its own spec, its placements the batch (`evaluate_placements`: the side table where
+                 it pays, else vmap(predict)).
 Columns: size (when given), each swept knob, kernels, samples_per_s, bottleneck_cycles, latency_cycles, latency_s,
 cores, peak_sram_bytes, placed (compiler.place succeeded), feasible (placed and peak SRAM per core within
 capacity), placement_id (key into `df.attrs["placements"]`, {kernel: Rect}). Throughput of unplaced points is NaN.
@@ -367,13 +368,19 @@ def sweep(
     total = sum(len(g[0]) for g in evaluated)
     bar = tqdm(total=total, desc="evaluate", disable=not progress)
     for idx, feats, lays, specs in evaluated:
-        for start in range(0, len(idx), 8 * chunk):
-            sl = slice(start, start + 8 * chunk)
-            out = evaluate_placements(feats, stack_layouts(lays[sl]), stack_specs(specs[sl]), chunk=chunk)
-            for j, i in enumerate(idx[sl]):
-                for k in OUTPUTS:
-                    rows[i][k] = float(out[k][j])
-            bar.update(len(idx[sl]))
+        # one call per hardware point, on its own spec: integer placements can then go through the side table
+        # (evaluate_placements decides whether it pays); the figures are the same either way
+        by_spec = {}
+        for j, sp in enumerate(specs):
+            by_spec.setdefault(id(sp), []).append(j)
+        for js in by_spec.values():
+            for start in range(0, len(js), 8 * chunk):
+                part = js[start : start + 8 * chunk]
+                out = evaluate_placements(feats, stack_layouts([lays[j] for j in part]), specs[part[0]], chunk=chunk)
+                for o, j in enumerate(part):
+                    for k in OUTPUTS:
+                        rows[idx[j]][k] = float(out[k][o])
+                bar.update(len(part))
     bar.close()
     df = pd.DataFrame(rows)
     if sizes is None:

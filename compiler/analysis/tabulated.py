@@ -1,35 +1,37 @@
 """The cost model on integer placements, fast: the schedule's per-kernel figures tabulated over integer sides.
 
-`compiler.schedule.program_figures` = `kernel_figures` (each kernel partitioned on its rectangle and charged) then
-`pipeline_figures` (the kernels composed into a pipeline, with the longest route and the busiest stream). A
-kernel's figures depend on its own height and width only: not on where its rectangle is, nor on the other kernels
-(every rule of `kernel_figures` is elementwise over kernels). So for a batch of placements whose sides are
-integers, the kernel figures take a few distinct values per kernel, and
+`compiler.schedule.program_figures` = `kernel_figures` (each kernel partitioned on its rectangle and charged), the
+route terms (`route_hops`, `stream_cycles`, `tied_cycles`: where the rectangles lie) and `pipeline_figures` (the
+kernels composed into a pipeline). On a perfect wafer a kernel's figures depend on its own height and width only:
+not on where its rectangle is, nor on the other kernels (every rule of `kernel_figures` is elementwise over
+kernels). So for a batch of placements whose sides are integers the kernel figures take few distinct values, and
 
-    table = tabulate(feats, spec, pairs)        # kernel_figures at every (height, width) of `pairs`, every kernel
-    out = evaluate(table, layouts)              # layouts [kernels, points]: gathers + route terms + pipeline
+    table = dense_table(feats, spec, H, W)      # kernel_figures at every (h, w) <= (H, W), every kernel
+    out = evaluate(feats, layouts, spec)        # layouts [kernels, points]: gathers + route terms + pipeline
 
 evaluates a placement as: a gather of each kernel's `PIPELINE_KEYS` figures from the table, then the schedule's own
-`route_hops`, `stream_cycles` and `pipeline_figures` on the placement's layout, batched along a trailing axis
-([kernels, points]: the vectorised axis is the contiguous one). Nothing here restates a rule: the table is
-`kernel_figures` itself (jitted and vmapped over side pairs exactly as `jax.vmap(costmodel.predict)` evaluates it,
-features passed as arguments), the rest is the schedule's functions called on the gathered figures. The figures
-equal `costmodel.predict` at tau = 0 on the same integer layouts (tests/compiler/test_tabulated.py: samples/s,
-bottleneck, cores and peak SRAM bit for bit; latency to float32 reassociation of the sum over kernels, a few ulps).
+route terms and `pipeline_figures` on the placement's layout, batched along a trailing axis ([kernels, points]: the
+vectorised axis is the contiguous one). Nothing here restates a rule: the table is `kernel_figures` itself (jitted
+and vmapped over side pairs exactly as `jax.vmap(costmodel.predict)` evaluates it, the features and the spec passed
+as arguments), the rest is the schedule's functions called on the gathered figures. The figures equal
+`jax.vmap(costmodel.predict)` at tau = 0 on the same integer layouts bit for bit (tests/compiler/test_tabulated.py;
+sums over kernels are the same tree of adds in both: `relax.fold_sum`).
 
 Where it does not apply, `compiler.analysis.sweep.evaluate_placements` uses `jax.vmap(costmodel.predict)`: a
 positive temperature (relaxed maxima), non-integer sides (a relaxed layout), traced features, a defective wafer (a
 kernel's lines then cross dead links where its rectangle lies: `schedule.defect_line_hops` depends on the position),
-or a batched spec (hardware leaves per point: a table per hardware point would cost as much as it saves).
+a batched spec (hardware leaves per point: a table per hardware point would cost as much as it saves), or a batch
+with too few placements per distinct side pair for a table to pay (`evaluate` returns None; one placement).
 
 Tables come in two forms:
   dense   every (h, w) in [1, H] x [1, W] (H, W: the batch's largest sides, rounded up to a multiple of 8), the
           index computed on the device from the sides; used when H x W is no more than the batch's placements, and
           cached per (program, spec, H, W), so repeated batches (a benchmark, a sweep in several calls) pay it once;
   sparse  the distinct (h, w) pairs of the batch (`np.unique` on the host, padded to a power of two), the index its
-          inverse: small batches with large sides (a sweep's few placements, a search scoring one).
-Rows and columns need not be integers (the route terms are evaluated as they come); a placement whose sides are not
-whole numbers in the table's range is flagged `valid = False` and left to the caller.
+          inverse: batches with large sides but few distinct ones.
+Rows and columns need not be integers (the route terms are evaluated as they come). A side that is not a whole
+number in the table reads a last pair of NaNs, so its placement's figures come out NaN and `valid` False: the
+caller re-evaluates those with the cost model.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class SideTable:
     """A program's per-kernel figures at integer sides (module docstring).
 
     Attributes:
-      feats: the program's features (NumPy: the evaluator closes over them as constants).
+      feats: the program's features (NumPy float32).
       spec: the wafer (its leaves float32 scalars).
       figures: {key: [(pairs + 1) * n] float32} for the task's `PIPELINE_KEYS`: entry q * n + i is kernel i's
         figure at side pair q; pair `pairs` is NaN (where a side is not in the table).
