@@ -143,8 +143,8 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
       out_elems, tile_words: elements of a core's partial result (its reduction's adds), words of its weight tile
         (the gradient summed over grid copies in training);
       s_gh, s_gw, s_in_words, s_out_words [n, P]: a scan's weight dot on parameter p's tile grid (`scan_runs`;
-        one core and no words for other parameters): the grid, the words per core of one run's multicast along rows and reduction
-        down columns (the kernel's grid covers every such grid).
+        one core and no words for other parameters): the grid, the words per core of one run's multicast along rows
+        and of its reduction down columns (the kernel's grid covers every such grid).
     """
     R = relax
     ns = relax.xp(f.counts, h, w)

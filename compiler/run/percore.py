@@ -1,4 +1,4 @@
-"""The per-core execution path: every weight kernel run literally on its cores.
+"""The per-core execution path: every weight kernel run literally on its cores, a recurrent cell's included.
 
 The flattened jaxpr is evaluated kernel by kernel. A kernel's anchor (compiler.plan.partition.anchor_operand) runs
 per core on the tiles its weight's SRAM allocation holds (`state.read`: the per-core view [gh, gw, *tile], padding
@@ -21,6 +21,14 @@ own columns' groups); partial results are summed along each column to the bottom
 partials are one row and zeros, so the sum is exact), whose gw cores hold the output's N axis in chunks. Rows of
 data (x's rows, lookups, output rows of a convolution) split over the copies of the tile grid (`_grouped`). The
 traffic this generates is what the partition recorded (`partition.anchor_traffic`); the caller checks it.
+
+A scan (a recurrent cell: Flax `nn.RNN` of an LSTMCell, GRUCell or SimpleCell, or a hand-written `lax.scan`) runs
+as a `lax.scan` whose body's weight dots (`partition.scan_runs`: a dot_general by a parameter, or a cast of one,
+passed into the scan as a constant and tiled as a plain [K, N] matrix) run as `dense` above at every iteration, each
+on its weight's own tile grid at the kernel's corner (one copy, x's rows not split, chained reductions), the rest of
+the body on the assembled values. An iteration's traffic is static: the scan's is the body's, once per iteration,
+one after another (`partition.scan_traffic`, the record; the schedule charges the same, `scan_comm`). Training's
+backward of a scan runs on the assembled weights: its traffic is neither recorded nor charged.
 
 The rest of a kernel (epilogues, norms, a positional table added, weightless kernels) runs on the assembled
 activations, reading its parameters from SRAM whole. A tied weight is read by each kernel from its own copy.
