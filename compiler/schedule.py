@@ -23,6 +23,8 @@ Per kernel (cycles per call's batch, of its busiest core; wafer/cost.py's rates)
             the adds of its reduction;
   comm      a WEIGHT kernel's multicast of input chunks along its rows and the reduction of its partial sums down
             its columns, in the cheapest of `PATTERNS` for its shape (`reduction`: wafer/fabric.py's closed forms);
+            a scan kernel's: every iteration's multicast and chained reduction of each weight dot of its body on
+            that weight's tile grid (`partition.scan_runs`), one after another;
   cycles    max(compute, comm) when the spec overlaps them, else their sum.
 Training adds each kernel's backward (counted from its VJP's jaxpr; the anchor's weight and input cotangents on the
 tiles; the output cotangent multicast up the columns, the input cotangent's partials reduced along the rows) and its
@@ -167,6 +169,7 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
       compute, comm, cycles: a forward pass's compute, communication and superstep;
       anchor, adds, multicast, reduction, reduce_pattern (index into PATTERNS): a WEIGHT kernel's matmul on its
         tiles, its reduction's adds, the multicast of its input chunks and the reduction of its partial sums;
+      scan_comm: a scan kernel's weight dots' multicasts and reductions over all its iterations (in comm);
       sram_bytes (per core);
     in training: forward (= cycles), backward, bwd_compute, bwd_comm, bwd_pattern, grad_sum (the sum of the
     weight gradient over the tile grid's copies), update (per step: the gradient sum and the optimizer's update;
@@ -202,6 +205,13 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
     multicast, red = relax.where(weight, multicast, zero), relax.where(weight, red, zero)
     compute = rest + anchor + adds
     comm = multicast + red
+    # a scan's weight dots (partition.scan_runs): at every iteration, each one's multicast of input chunks along its
+    # weight's rows and chained reduction of partial sums down its columns, one after another
+    col = lambda x: x[:, None] if getattr(x, "ndim", 0) else x  # noqa: E731
+    scan_runs = fabric.multicast_cycles(k["s_gw"], k["s_in_words"], spec, src="first", extra_hops=col(xr))
+    scan_runs = scan_runs + fabric.reduce_cycles(k["s_gh"], k["s_out_words"], spec, to="last", extra_hops=col(xc))
+    scan_comm = relax.xp(scan_runs).sum(f.p_trips * scan_runs, axis=1)
+    comm = comm + scan_comm
     cycles = cost.superstep_cycles(spec, compute, comm, maximum=mx)
     k.update(
         compute=compute,
@@ -212,6 +222,7 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
         multicast=multicast,
         reduction=red,
         reduce_pattern=pattern,
+        scan_comm=scan_comm,
         sram_bytes=k["weight_bytes"] + k["act_bytes"],
         extra_hops=relax.where(weight, relax.maximum(xr + zero, xc + zero), zero),
     )

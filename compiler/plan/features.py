@@ -74,6 +74,10 @@ _PER_KERNEL = (
     "p_lead",
     "p_isz",
     "p_anchor",
+    "p_trips",
+    "p_rows",
+    "p_sin",
+    "p_sout",
     "upd_alpha",
     "upd_beta",
     "stream_bytes",
@@ -129,6 +133,10 @@ class Features:
     Parameters [n, P] (P: most parameters of any kernel; NONE pads):
       p_layout: NONE, SCALAR, VECTOR or MATRIX; p_a, p_b: MATRIX dims -2, -1 (VECTOR: p_a elements); p_lead:
       elements per (a, b) entry; p_isz: element bytes; p_anchor: 1.0 for the anchor's weight.
+    A scan's weight dots (`partition.scan_runs`: a recurrent cell's matmuls, run per core at every iteration on the
+    weight's own tile grid, `param_grid`, one copy), per parameter [n, P] (zeros for others):
+      p_trips: runs per call (iterations x uses); p_rows: rows of x per run (x[M, K], M not split);
+      p_sin, p_sout: element bytes of x and of the result.
     Training (zeros in inference):
       upd_alpha [n, P, K], upd_beta [n, K]: a core's optimizer update on its tiles counts
         upd_beta + sum_p upd_alpha[p] * (elements of its tile of parameter p) (an affine count, exact for optax's
@@ -184,6 +192,10 @@ class Features:
     p_lead: jax.Array
     p_isz: jax.Array
     p_anchor: jax.Array
+    p_trips: jax.Array
+    p_rows: jax.Array
+    p_sin: jax.Array
+    p_sout: jax.Array
     upd_alpha: jax.Array
     upd_beta: jax.Array
     stream_bytes: jax.Array
@@ -545,6 +557,7 @@ def features(
     # padding entries (and scalars) get sides 1, so that no rule divides by zero (a NaN would poison gradients)
     p_arrays = {key: np.ones((n, P)) for key in ("p_a", "p_b", "p_lead")}
     p_arrays.update(p_isz=np.zeros((n, P)), p_anchor=np.zeros((n, P)))
+    p_arrays.update({key: np.zeros((n, P)) for key in ("p_trips", "p_rows", "p_sin", "p_sout")})
     p_layout = np.full((n, P), float(NONE))
     fwd, bwd, alphas, betas = [], [], [], []
     in_b, out_b, stream = np.zeros(n), np.zeros(n), np.zeros(n)
@@ -585,6 +598,15 @@ def features(
             floating = jnp.issubdtype(aval.dtype, jnp.floating)
             isz = stream_itemsize if (stream_itemsize is not None and floating) else itemsize
             stream[i] += math.prod(shape) * isz
+        if facts["anchor"] == SPREAD:
+            # a scan's weight dots run on their weights' tiles (partition.scan_runs), one shape per weight
+            views = {idx: part.tile_param(idx, "", traced.param_avals[idx], Rect(0, 0, 1, 1)) for idx in k.params}
+            for d in part.scan_runs(k, traced, views):
+                j = k.params.index(d.widx)
+                sin, sout = part.scan_dot_itemsizes(d)
+                p_arrays["p_trips"][i, j] += d.trips
+                p_arrays["p_rows"][i, j] = part.split_rows(d.dot, "dense", d.pos)
+                p_arrays["p_sin"][i, j], p_arrays["p_sout"][i, j] = sin, sout
         alpha, beta = [Counter()] * P, Counter()
         if optimizer is not None and upd_params and mode == "pipelined":
             alpha, beta = _update_affine(optimizer, upd_params)

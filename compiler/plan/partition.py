@@ -141,7 +141,10 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
       in_chunk: elements of a core's input chunk per row of data (ta; G x ta for G feature groups; 1, the index,
         for an embedding lookup);
       out_elems, tile_words: elements of a core's partial result (its reduction's adds), words of its weight tile
-        (the gradient summed over grid copies in training).
+        (the gradient summed over grid copies in training);
+      s_gh, s_gw, s_in_words, s_out_words [n, P]: a scan's weight dot on parameter p's tile grid (`scan_runs`;
+        one core and no words for other parameters): the grid, the words per core of one run's multicast along rows
+        and of its reduction down columns (the kernel's grid covers every such grid).
     """
     R = relax
     ns = relax.xp(f.counts, h, w)
@@ -162,12 +165,17 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
     cores_s = R.minimum(h * w, R.maximum(f.out_words, 1.0))
     gw_s = R.minimum(w, cores_s)
     gh_s = R.ceil(cores_s / gw_s)
+    # weight tiles: every parameter has a tile on the kernel's first core
+    pl = f.p_layout
+    pgh, pgw, pta, ptb = param_grid(pl, f.p_a, f.p_b, h[:, None], w[:, None])
+    # a scan's weight dots run on their weights' tile grids (Features.p_trips): the kernel's grid covers them all
+    scan = f.p_trips > 0
+    zero_p = 0.0 * pgh
+    gh_s = R.maximum(gh_s, ns.max(R.where(scan, pgh, zero_p), axis=1))
+    gw_s = R.maximum(gw_s, ns.max(R.where(scan, pgw, zero_p), axis=1))
     grid_h = R.where(weight, rr * gh, R.where(tiled, gh_t, gh_s))
     grid_w = R.where(weight, rc * gw, R.where(tiled, gw_t, gw_s))
     cores = grid_h * grid_w
-    # weight tiles: every parameter has a tile on the kernel's first core
-    pl = f.p_layout
-    _, _, pta, ptb = param_grid(pl, f.p_a, f.p_b, h[:, None], w[:, None])
     elems = R.where(
         pl == ft.MATRIX, f.p_lead * pta * ptb, R.where(pl == ft.VECTOR, pta, R.where(pl == ft.SCALAR, 1.0, 0.0))
     )
@@ -230,6 +238,10 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
         out_words=out_words,
         out_elems=out_elems,
         tile_words=R.ceil(ta * tb * f.lead * f.isz_w / 4.0),
+        s_gh=R.where(scan, pgh, 1.0 + zero_p),
+        s_gw=R.where(scan, pgw, 1.0 + zero_p),
+        s_in_words=R.where(scan, R.ceil(f.p_rows * pta * f.p_sin / 4.0), zero_p),
+        s_out_words=R.where(scan, R.ceil(f.p_rows * ptb * f.p_sout / 4.0), zero_p),
     )
 
 
@@ -447,6 +459,106 @@ def anchor_operand(kernel, traced):
                 perm = None if perm == sorted(perm) else tuple(perm)
                 return eqn, param_vars[w], pos, perm
     return None, None, None, None
+
+
+def _weight_views(eqns) -> dict:
+    """var -> (the var it views, perm or None) for the casts and transposes among `eqns` (`anchor_operand`)."""
+    views = {}
+    for e in eqns:
+        if e.primitive.name == "convert_element_type":
+            views[e.outvars[0]] = (e.invars[0], None)
+        elif e.primitive.name == "transpose":
+            views[e.outvars[0]] = (e.invars[0], tuple(e.params["permutation"]))
+    return views
+
+
+def _resolve(w, views, perm):
+    """Follow `w` through `views` to the var it is a view of; (that var, the composed perm)."""
+    while isinstance(w, jcore.Var) and w in views:
+        w, p = views[w]
+        if p is not None:  # w_out axis j is w_in axis p[j]
+            perm = [p[a] for a in perm]
+    return w, perm
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ScanDot:
+    """A `dot_general` in a scan's body whose operand `pos` is (a cast or transpose, `perm`, of) the kernel's
+    parameter `widx`, passed into the scan as a constant: the per-core path runs it on the weight's tiles at every
+    one of the scan's `trips` iterations (compiler/run/percore.py)."""
+
+    scan: object
+    dot: object
+    widx: int
+    pos: int
+    perm: tuple[int, ...] | None
+    trips: int
+
+
+def scan_dots(kernel, traced) -> list[ScanDot]:
+    """The weight dots of every scan at the top level of `kernel` (`ScanDot`), in program order: a recurrent cell's
+    matmuls by its weights (Flax `nn.RNN` of an LSTMCell, GRUCell or SimpleCell, or a hand-written `lax.scan`).
+    Scans nested in a body are not looked into (they run on the assembled weights)."""
+    param_vars = {v: i for i, v in enumerate(traced.jaxpr.invars[: traced.n_params])}
+    outer = _weight_views(kernel.eqns)
+    out = []
+    for eqn in kernel.eqns:
+        if eqn.primitive.name != "scan":
+            continue
+        body = eqn.params["jaxpr"].jaxpr
+        nc = eqn.params["num_consts"]
+        consts = dict(zip(body.invars[:nc], eqn.invars[:nc]))
+        inner = _weight_views(body.eqns)
+        for dot in body.eqns:
+            if dot.primitive.name != "dot_general" or len(dot.invars) != 2:
+                continue
+            for pos in (1, 0):
+                w = dot.invars[pos]
+                if not isinstance(w, jcore.Var):
+                    continue
+                w, perm = _resolve(w, inner, list(range(w.aval.ndim)))
+                if w not in consts:
+                    continue
+                w, perm = _resolve(consts[w], outer, perm)
+                if isinstance(w, jcore.Var) and w in param_vars and param_vars[w] in kernel.params:
+                    perm = None if perm == sorted(perm) else tuple(perm)
+                    out.append(ScanDot(eqn, dot, param_vars[w], pos, perm, int(eqn.params["length"])))
+                    break
+    return out
+
+
+def scan_runs(kernel, traced, tilings) -> list[ScanDot]:
+    """The `scan_dots` the per-core path runs on their weights' `tilings` (ParamTilings by parameter index):
+    those `per_core_kind` runs as "dense" on a weight tiled as a plain matrix, all uses of a weight with the same
+    rows and dtypes as its first (the partition rule charges one shape per weight: `Features.p_trips`)."""
+    out, first = [], {}
+    for d in scan_dots(kernel, traced):
+        tiling = tilings.get(d.widx)
+        if tiling is None or tiling.axes is not None or per_core_kind(d.dot, tiling, d.pos, d.perm) != "dense":
+            continue
+        sig = (split_rows(d.dot, "dense", d.pos), *scan_dot_itemsizes(d))
+        if first.setdefault(d.widx, sig) == sig:
+            out.append(d)
+    return out
+
+
+def scan_dot_itemsizes(d: ScanDot) -> tuple[int, int]:
+    """(input, output) element bytes of a scan's weight dot."""
+    x, y = d.dot.invars[1 - d.pos].aval, d.dot.outvars[0].aval
+    return np.dtype(x.dtype).itemsize, np.dtype(y.dtype).itemsize
+
+
+def scan_traffic(runs: list[ScanDot], tilings) -> wafer.Traffic:
+    """Region-local traffic of a scan kernel's weight dots run per core (`scan_runs`): each one's multicast of
+    input chunks along rows and chained reduction down columns (`anchor_traffic`, one copy of the tile grid), once
+    per iteration, one after another."""
+    out = wafer.Traffic.none()
+    for d in runs:
+        m = split_rows(d.dot, "dense", d.pos)
+        t = anchor_traffic(d.dot, tilings[d.widx], m, m, "chain", d.pos, d.perm)
+        for _ in range(d.trips):
+            out = out + t
+    return out
 
 
 def anchor_weight(kernel, traced):
@@ -701,6 +813,10 @@ def partition(graph, placement, feats: ft.Features, spec) -> dict[str, KernelPla
                 backward = backward.at(rect.row, rect.col)
         else:
             pattern = b_pattern = "chain"
+            # a scan's weight dots, per core on their weights' tiles at every iteration (forward only: training's
+            # backward of a scan runs on the assembled weights, and is neither recorded nor charged as traffic)
+            runs = scan_runs(kernel, traced, {t.index: t for t in tilings})
+            traffic = scan_traffic(runs, {t.index: t for t in tilings}).at(rect.row, rect.col)
         plan = KernelPlan(
             kernel.name,
             kernel.kind,

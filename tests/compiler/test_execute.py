@@ -144,10 +144,14 @@ def test_per_core_kernels_move_words_inside_their_rectangle(ran, name):
         kernel = exe.graph.kernel(plan.name)
         anchor, widx, pos, perm = compiler.plan.partition.anchor_operand(kernel, exe.traced)
         tiling = next((t for t in plan.params if t.index == widx), None)
-        if compiler.plan.partition.per_core_kind(anchor, tiling, pos, perm) is None:
-            # the only weight kernels left off the per-core path: a scan's cell (rnn), weights of one element
-            assert kernel.kind == "scan" or tiling is None or tiling.layout != "matrix", plan.name
+        tilings = {t.index: t for t in plan.params}
+        scan = compiler.plan.partition.scan_runs(kernel, exe.traced, tilings)
+        if compiler.plan.partition.per_core_kind(anchor, tiling, pos, perm) is None and not scan:
+            # the only weight kernels left off the per-core path: weights of one element
+            assert tiling is None or tiling.layout != "matrix", plan.name
             continue
+        if kernel.kind == "scan":  # a recurrent cell: every weight dot of its body runs per core
+            assert {d.widx for d in scan} == {t.index for t in plan.params if t.layout == "matrix"}, plan.name
         n += 1
         r = plan.rect
         assert links[r.rows, r.cols].sum() > 0, f"{plan.name}: no link traffic inside {r}"

@@ -168,6 +168,88 @@ def test_weight_gradients_through_per_core_equal_native(name):
         _close(g, w, TOL["fp32"])
 
 
+# ---- recurrent cells: a scan's weight dots per core at every iteration ------------------------------------------
+
+# name -> (fn, params, inputs), the weights the cell's body multiplies by (every one runs per core)
+CELLS = {
+    "simple": lambda: _linen(nn.RNN(nn.SimpleCell(5)), _rand(30, (2, 4, 3))),
+    "gru": lambda: _linen(nn.RNN(nn.GRUCell(4)), _rand(31, (3, 3, 5))),
+    "lstm": lambda: _linen(nn.RNN(nn.LSTMCell(3)), _rand(32, (1, 5, 2))),
+}
+
+
+def _scan_dots(exe):
+    """{scan kernel: its weight dots run per core} (`partition.scan_runs`)."""
+    out = {}
+    for kernel in exe.graph.kernels:
+        if kernel.kind == "scan":
+            tilings = {t.index: t for t in exe.plans[kernel.name].params}
+            out[kernel.name] = part.scan_runs(kernel, exe.traced, tilings)
+    return out
+
+
+@pytest.mark.parametrize("spec", list(SPECS), ids=list(SPECS))
+@pytest.mark.parametrize("name", list(CELLS))
+def test_recurrent_cells_run_per_core_and_equal_native(name, spec):
+    """nn.RNN of a SimpleCell, GRUCell or LSTMCell: every matrix weight of the cell is multiplied per core at every
+    step; the output is native's and the traffic (all steps) the record's, which the schedule charges."""
+    fn, params, inputs = CELLS[name]()
+    exe, _ = _run_per_core(fn, params, inputs, SPECS[spec])
+    (dots,) = _scan_dots(exe).values()
+    (kernel,) = [k for k in exe.graph.kernels if k.kind == "scan"]
+    matrices = {t.index for t in exe.plans[kernel.name].params if t.layout == "matrix"}
+    assert dots and {d.widx for d in dots} == matrices
+    plan, fig = exe.plans[kernel.name], exe.schedule.kernel(kernel.name)
+    assert plan.traffic.words > 0 and fig["scan_comm"] > 0 and fig["comm"] >= fig["scan_comm"]
+
+
+@pytest.mark.parametrize("policy", ["bf16", "fp16"])
+def test_recurrent_cell_per_core_under_16_bit_policy(policy):
+    fn, params, inputs = CELLS["lstm"]()
+    exe, _ = _run_per_core(fn, params, inputs, SPECS["9x13"], policy)
+    assert all(_scan_dots(exe).values())
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_recurrent_weight_gradients_through_per_core_equal_native(name):
+    fn, params, inputs = CELLS[name]()
+    spec = SPECS["9x13"]
+    exe = compiler.compile(fn, params, *inputs, spec=spec)
+    plan, state = exe.plan, exe.load(params)
+    loss = lambda y: jnp.sum(jnp.sin(y) * y)  # noqa: E731
+
+    def through_per_core(sram):
+        st = state.replace(sram=sram)
+        return loss(run_per_core(plan, read_leaves(plan, st), st, inputs)[0])
+
+    got = jax.jit(jax.grad(through_per_core))(dict(state.sram))
+    want = jax.tree.leaves(jax.grad(lambda p: loss(fn(p, *inputs)))(params))
+    for i, w in enumerate(want):
+        g = sum(got[name] for name, _ in plan.weight_copies[i])
+        _close(g, w, TOL["fp32"])
+
+
+def test_scan_traffic_by_hand():
+    """h <- tanh(x Wx + h Wh) over 3 steps, batch 1, Wx [2, 4] and Wh [4, 4] on a 2x2 rectangle (tiles [1, 2] and
+    [2, 2]): each step, Wx's rows send their 1-element chunk east (2 x 1 words) and its columns their 2-word partial
+    south (2 x 2); Wh's the same with 2-element chunks (2 x 2 east, 2 x 2 south). Three steps: 3 x that."""
+    spec = SPECS["6x6"]
+
+    def fn(p, xs):
+        cell = lambda h, x: (jnp.tanh(x @ p["wx"] + h @ p["wh"]),) * 2  # noqa: E731
+        return jax.lax.scan(cell, jnp.zeros((1, 4)), xs)[0]
+
+    params = {"wx": _rand(40, (2, 4)), "wh": _rand(41, (4, 4))}
+    plan, fig = _one_kernel(fn, params, (_rand(42, (3, 1, 2)),), "scan_0", (0, 0, 2, 2), spec)
+    assert plan.grid == (2, 2) and [t.tile for t in plan.params if t.path == "wh"] == [(2, 2)]
+    links = _words(plan.traffic, spec)
+    want = np.zeros_like(links)
+    want[1, 0:2, 0] = 3 * (1 + 2)  # E: Wx's and Wh's chunks along each row
+    want[2, 0, 0:2] = 3 * (2 + 2)  # S: both partials down each column
+    np.testing.assert_array_equal(links, want)
+    assert fig["scan_comm"] > 0
+
+
 # ---- charge rules by hand count ------------------------------------------------------------------------------
 
 
