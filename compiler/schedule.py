@@ -27,7 +27,8 @@ Per kernel (cycles per call's batch, of its busiest core; wafer/cost.py's rates)
             that weight's tile grid (`partition.scan_runs`), one after another;
   cycles    max(compute, comm) when the spec overlaps them, else their sum.
 Training adds each kernel's backward (counted from its VJP's jaxpr; the anchor's weight and input cotangents on the
-tiles; the output cotangent multicast up the columns, the input cotangent's partials reduced along the rows) and its
+tiles; the output cotangent multicast up the columns, the input cotangent's partials reduced along the rows; a scan
+kernel's: the same two for each weight dot of its body on that weight's tile grid, every iteration) and its
 update (the optimizer on every core's tiles, after the weight gradient's sum over the tile grid's copies).
 
 Pipelines (B samples per call, kernel i costing s_i cycles per sample, L the longest route's hops x hop latency):
@@ -36,7 +37,7 @@ Pipelines (B samples per call, kernel i costing s_i cycles per sample, L the lon
                        in and outputs out at once); throughput clock / pace.
   pipelined training   forward and backward stream through the kernels: sum_i (f_i + b_i) / B + 2 L + (B - 1) pace
                        (the kernels' (f_i + b_i) / B and the busiest stream), then the gradients of tied weights are
-                       summed between their copies (+ `tied_cycles`: to the copy read back and back again), then
+                       summed between their copies (+ `tied_cycles`: to the copy read back, added, and back), then
                        every kernel updates its weights at once (+ max_i u_i); the batch streams in over the edge I/O
                        meanwhile, and the slower of the two bounds a step.
   weight streaming     layer by layer on the whole wafer: per kernel max(f_i, weights in) forward and
@@ -171,7 +172,8 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
         tiles, its reduction's adds, the multicast of its input chunks and the reduction of its partial sums;
       scan_comm: a scan kernel's weight dots' multicasts and reductions over all its iterations (in comm);
       sram_bytes (per core);
-    in training: forward (= cycles), backward, bwd_compute, bwd_comm, bwd_pattern, grad_sum (the sum of the
+    in training: forward (= cycles), backward, bwd_compute, bwd_comm, bwd_pattern, scan_bwd_comm (a scan kernel's
+    weight dots' backward multicasts and reductions over all its iterations, in bwd_comm), grad_sum (the sum of the
     weight gradient over the tile grid's copies), update (per step: the gradient sum and the optimizer's update;
     weight streaming: the gradient sum is the backward's), io (weight streaming: weights in, per pass).
     """
@@ -253,8 +255,16 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
         comm=b_multicast,
         extra_hops=xr,
     )
+    # a scan's weight dots' backward (partition.scan_backward_traffic), at every iteration, one after another: each
+    # one's output cotangent multicast up its weight's columns from the bottom row, and its input's cotangent
+    # partials reduced along the rows to the west edge in a chain (a cell's dots read its carry, whose cotangent
+    # every iteration's transpose computes). Their FMACs (x^T g and g W^T) are in bwd_counts, spread over the
+    # kernel's cores as the forward's are in counts.
+    scan_bwd = fabric.multicast_cycles(k["s_gh"], k["s_out_words"], spec, src="last", extra_hops=col(xc))
+    scan_bwd = scan_bwd + fabric.reduce_cycles(k["s_gw"], k["s_in_words"], spec, to="first", extra_hops=col(xr))
+    scan_bwd_comm = relax.xp(scan_bwd).sum(f.p_trips * scan_bwd, axis=1)
     b_compute = b_rest + dx * (dxm + b_adds)
-    b_comm = b_multicast + dx * b_red
+    b_comm = b_multicast + dx * b_red + scan_bwd_comm
     backward = cost.superstep_cycles(spec, b_compute, b_comm, maximum=mx)
     # the weight gradient summed over the copies of the tile grid (chains between copies, then back): every copy
     # updates with the same sum
@@ -274,6 +284,7 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
         bwd_compute=b_compute,
         bwd_comm=b_comm,
         bwd_pattern=b_pattern,
+        scan_bwd_comm=scan_bwd_comm,
         grad_sum=grad_sum,
         update=optimizer if streaming else optimizer + grad_sum,
         io=cost.io_cycles(spec, f.stream_bytes),
@@ -350,7 +361,10 @@ def tied_cycles(f: ft.Features, lay: Layout, spec):
     another: each copy's gradient to the kernel of the copy read back and the sum back again, each way its words
     over the stream's lanes (`flow_lane_count`) at a word per cycle per link plus its longest lane's hops x hop
     latency (`flow_hops`; on a defective wafer the physical hops, `flow_physical_hops`, as `route_hops`); the routes
-    of `tied_routes` carry them. 0 without tied weights."""
+    of `tied_routes` carry them. Between the two, the copy read back adds the gradient it received to its own: its
+    elements (`Features.tie_elems`) over the stream's lanes, the cores at their ends adding in parallel, an `@fadds`
+    each at the ALU's element rate for the weight's element bytes (`tie_isz`, as `fabric.reduce_adds_cycles` charges
+    the gradient sum over a weight kernel's tile-grid copies). 0 without tied weights."""
     ns = relax.xp(lay.height, lay.row)
     if f.tie_src.shape[0] == 0:
         return 0.0 * ns.sum(lay.height)
@@ -368,6 +382,10 @@ def tied_cycles(f: ft.Features, lay: Layout, spec):
             hops = flow_physical_hops(rm, r[a], c[a], h[a], w[a], r[b], c[b], h[b], w[b])
         words = _per_flow(f.tie_words, r)
         total = total + words / relax.maximum(lanes, 1.0) * word + hops * spec.hop_latency_cycles
+        if a is s:
+            isz = _per_flow(f.tie_isz, r)
+            add = cost.element_cycles(spec, "alu", "fp32", isz, isz, isz / 4.0)
+            total = total + _per_flow(f.tie_elems, r) / relax.maximum(lanes, 1.0) * add
     return relax.fold_sum(total)
 
 

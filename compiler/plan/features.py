@@ -153,6 +153,8 @@ class Features:
         (`Plan.weights`); each other copy's kernel (tie_src) sends its gradient of them to that kernel (tie_dst),
         which sums them and sends the sum back, so that every copy takes the same update and all stay equal.
       tie_words [T]: 32-bit words of those gradients each way per step.
+      tie_elems, tie_isz [T]: their elements, which the copy read back adds to its own, and element bytes (the
+        widest of the pair's parameters: exact for one dtype, as a tied weight is one parameter).
     Program:
       batch: samples per call (scalar); io_bytes: bytes of the inputs streamed in per call or step; io_out_bytes:
       bytes of the outputs streamed out per call (inference).
@@ -206,6 +208,8 @@ class Features:
     tie_src: jax.Array
     tie_dst: jax.Array
     tie_words: jax.Array
+    tie_elems: jax.Array
+    tie_isz: jax.Array
     batch: jax.Array
     io_bytes: jax.Array
     io_out_bytes: jax.Array
@@ -246,6 +250,8 @@ class Features:
             tie_src=empty,
             tie_dst=empty,
             tie_words=empty,
+            tie_elems=empty,
+            tie_isz=empty,
             names=pick(self.names),
             fmac_class=pick(self.fmac_class),
             acc_class=pick(self.acc_class),
@@ -305,20 +311,23 @@ def flows(graph) -> list[tuple[str, str, float]]:
     return out
 
 
-def tied_pairs(graph) -> dict[tuple[int, int], int]:
-    """{(kernel index of a copy, kernel index of the copy read back): 32-bit words of the parameters they share}:
-    the gradients a training step sums between copies of tied weights (`Features.tie_words`). The copy read back is
-    the last kernel's in pipeline order (`Plan.weights`)."""
+def tied_pairs(graph) -> dict[tuple[int, int], tuple[int, int, int]]:
+    """{(kernel index of a copy, kernel index of the copy read back): (32-bit words, elements, widest element bytes)
+    of the parameters they share}: the gradients a training step sums between copies of tied weights
+    (`Features.tie_words`, `tie_elems`, `tie_isz`). The copy read back is the last kernel's in pipeline order
+    (`Plan.weights`)."""
     users: dict[int, list[int]] = {}
     for i, k in enumerate(graph.kernels):
         for idx in dict.fromkeys(k.params):
             users.setdefault(idx, []).append(i)
-    out: dict[tuple[int, int], int] = {}
+    out: dict[tuple[int, int], tuple[int, int, int]] = {}
     for idx, ks in users.items():
         aval = graph.traced.param_avals[idx]
-        words = -(-math.prod(aval.shape) * np.dtype(aval.dtype).itemsize // 4)
+        elems, isz = math.prod(aval.shape), np.dtype(aval.dtype).itemsize
+        words = -(-elems * isz // 4)
         for k in ks[:-1]:
-            out[k, ks[-1]] = out.get((k, ks[-1]), 0) + words
+            w, e, z = out.get((k, ks[-1]), (0, 0, 0))
+            out[k, ks[-1]] = (w + words, e + elems, max(z, isz))
     return out
 
 
@@ -643,7 +652,9 @@ def features(
         flow_share=np.ones(len(fl)),
         tie_src=np.array([float(a) for a, _ in ties]),
         tie_dst=np.array([float(b) for _, b in ties]),
-        tie_words=np.array([float(w) for w in ties.values()]),
+        tie_words=np.array([float(w) for w, _, _ in ties.values()]),
+        tie_elems=np.array([float(e) for _, e, _ in ties.values()]),
+        tie_isz=np.array([float(z) for _, _, z in ties.values()]),
         batch=np.asarray(float(batch)),
         io_bytes=np.asarray(float(sum(_nbytes(a) for a in traced.input_avals))),
         io_out_bytes=np.asarray(float(sum(_nbytes(a) for a in traced.out_avals))),

@@ -373,7 +373,8 @@ class KernelPlan:
       reduce_pattern: how a WEIGHT kernel sums its partial results down its columns (one of
         compiler.schedule.PATTERNS, the cheapest for its shape by the schedule).
       backward_traffic: training's traffic inside the kernel per batch (the output cotangent multicast up the
-        columns, the input cotangent's partials reduced along the rows in `backward_pattern`); none in inference.
+        columns, the input cotangent's partials reduced along the rows in `backward_pattern`; a scan kernel's
+        weight dots' the same at every iteration, `scan_backward_traffic`); none in inference.
     """
 
     name: str
@@ -556,6 +557,20 @@ def scan_traffic(runs: list[ScanDot], tilings) -> wafer.Traffic:
     for d in runs:
         m = split_rows(d.dot, "dense", d.pos)
         t = anchor_traffic(d.dot, tilings[d.widx], m, m, "chain", d.pos, d.perm)
+        for _ in range(d.trips):
+            out = out + t
+    return out
+
+
+def scan_backward_traffic(runs: list[ScanDot], tilings) -> wafer.Traffic:
+    """Region-local traffic of the backward of a scan kernel's weight dots (`scan_runs`): each one's output
+    cotangent multicast up its weight's columns from the bottom row and its input's cotangent partials reduced along
+    the rows to the west edge in a chain (`anchor_backward_traffic`, one copy of the tile grid), once per iteration,
+    one after another (the schedule's `scan_bwd_comm`)."""
+    out = wafer.Traffic.none()
+    for d in runs:
+        m = split_rows(d.dot, "dense", d.pos)
+        t = anchor_backward_traffic(d.dot, tilings[d.widx], m, m, "chain", True, d.pos, d.perm)
         for _ in range(d.trips):
             out = out + t
     return out
@@ -813,10 +828,13 @@ def partition(graph, placement, feats: ft.Features, spec) -> dict[str, KernelPla
                 backward = backward.at(rect.row, rect.col)
         else:
             pattern = b_pattern = "chain"
-            # a scan's weight dots, per core on their weights' tiles at every iteration (forward only: training's
-            # backward of a scan runs on the assembled weights, and is neither recorded nor charged as traffic)
-            runs = scan_runs(kernel, traced, {t.index: t for t in tilings})
-            traffic = scan_traffic(runs, {t.index: t for t in tilings}).at(rect.row, rect.col)
+            # a scan's weight dots, per core on their weights' tiles at every iteration; in training their backward's
+            # multicasts and reductions on the same tiles (the schedule's scan_comm and scan_bwd_comm)
+            by_index = {t.index: t for t in tilings}
+            runs = scan_runs(kernel, traced, by_index)
+            traffic = scan_traffic(runs, by_index).at(rect.row, rect.col)
+            if training:
+                backward = scan_backward_traffic(runs, by_index).at(rect.row, rect.col)
         plan = KernelPlan(
             kernel.name,
             kernel.kind,

@@ -28,7 +28,8 @@ passed into the scan as a constant and tiled as a plain [K, N] matrix) run as `d
 on its weight's own tile grid at the kernel's corner (one copy, x's rows not split, chained reductions), the rest of
 the body on the assembled values. An iteration's traffic is static: the scan's is the body's, once per iteration,
 one after another (`partition.scan_traffic`, the record; the schedule charges the same, `scan_comm`). Training's
-backward of a scan runs on the assembled weights: its traffic is neither recorded nor charged.
+backward of a scan runs on the assembled weights; its traffic is that of the same dots' backward on the tiles
+(`partition.scan_backward_traffic`, the record the step charges; the schedule's `scan_bwd_comm`).
 
 The rest of a kernel (epilogues, norms, a positional table added, weightless kernels) runs on the assembled
 activations, reading its parameters from SRAM whole. A tied weight is read by each kernel from its own copy.

@@ -111,7 +111,7 @@ def test_rnn_training_equals_native_optax():
     case = MODELS["rnn"]()
     loss, opt = _loss(case), optax.adam(1e-2)
     tx = compiler.compile_train(loss, case.params, case.inputs, opt, spec=spec, mode="pipelined")
-    assert tx.plan.kernels["scan_0"].traffic.words > 0
+    assert tx.plan.kernels["scan_0"].traffic.words > 0 and tx.plan.kernels["scan_0"].backward_traffic.words > 0
     state = tx.init(case.params)
     params, opt_state = case.params, opt.init(case.params)
     for _ in range(3):

@@ -250,6 +250,45 @@ def test_scan_traffic_by_hand():
     assert fig["scan_comm"] > 0
 
 
+def test_scan_backward_traffic_and_cycles_by_hand():
+    """Training the scan above (3 steps, Wx [2, 4] and Wh [4, 4] on a 2x2 rectangle of the 8x8 mini wafer): each
+    step's backward multicasts each weight's 2-word output cotangent up its columns from the bottom row (2 x (2 + 2)
+    words north) and reduces its input's cotangent partials along the rows to the west edge (Wx's 1 word, Wh's 2: 2 x
+    (1 + 2) words west). Three steps: 3 x that, in the kernel's backward record, which the step's counters hold.
+    Cycles: a 1-hop multicast of b words is b words + 1 hop; a 2-core chain reduction b words + 1 hop + a stage
+    (2 ramp latencies + 1): per step 7 words + 4 hops + 2 stages, 3 x (7 + 4 + 2 x 5) = 63 on the mini wafer."""
+    spec = wafer.WaferSpec.mini(8, 8)
+
+    def fn(p, xs):
+        cell = lambda h, x: (jnp.tanh(x @ p["wx"] + h @ p["wh"]),) * 2  # noqa: E731
+        return jax.lax.scan(cell, jnp.zeros((1, 4)), xs)[0]
+
+    params = {"wx": _rand(40, (2, 4)), "wh": _rand(41, (4, 4))}
+    xs = _rand(42, (3, 1, 2))
+    loss = lambda p, b: jnp.sum(fn(p, b) ** 2)  # noqa: E731
+    rects = {"scan_0": (0, 0, 2, 2)}
+    tx = compiler.compile_train(loss, params, xs, optax.sgd(0.1), spec=spec, mode="pipelined", placement=rects)
+    plan = tx.plan.kernels["scan_0"]
+    links = _words(plan.backward_traffic, spec)
+    want = np.zeros_like(links)
+    want[0, 1, 0:2] = 3 * (2 + 2)  # N: both output cotangents up each column
+    want[3, 0:2, 1] = 3 * (1 + 2)  # W: both input cotangents' partials along each row
+    np.testing.assert_array_equal(links, want)
+    word, hop = 32 / spec.link_bits_per_cycle, spec.hop_latency_cycles
+    stage = 2 * spec.ramp_latency_cycles + 1
+    by_hand = 3 * (7 * word + 4 * hop + 2 * stage)
+    assert by_hand == 63.0
+    fig = tx.schedule.kernel("scan_0")
+    assert fig["scan_bwd_comm"] == by_hand and fig["bwd_comm"] == by_hand
+    assert fig["backward"] == max(fig["bwd_compute"], by_hand)
+    state, _ = tx.step(tx.init(params), xs)
+    np.testing.assert_array_equal(
+        np.asarray(state.wafer.links), compiler.schedule.link_words(tx.plan).astype(np.float32)
+    )
+    assert float(state.wafer.clock) == pytest.approx(tx.schedule.step_cycles, rel=1e-6)
+    assert compiler.estimate(tx).to_dict() == tx.report.to_dict()
+
+
 # ---- charge rules by hand count ------------------------------------------------------------------------------
 
 
@@ -323,8 +362,11 @@ class _Tied(nn.Module):
 def test_tied_weights_gradient_sum_by_hand():
     """A Dense(5) called twice keeps a copy of its kernel [5, 5] and bias [5] (30 words) in both kernels. A training
     step sends the first copy's gradient to the second's kernel and the sum back: side by side on rows 0-1, two
-    lanes of 15 words each way, 3 hops (cols 1 -> 4 east, 4 -> 1 west). The schedule puts 2 x (15 words + 3 hops)
-    on the step, before the update; the counters get the words."""
+    lanes of 15 words each way, 3 hops (cols 1 -> 4 east, 4 -> 1 west), and in between the second kernel's two
+    lane-end cores add the 15 fp32 elements each received (an `@fadds` per element: its ramp word, 1 cycle on the
+    mini wafer, the slowest of ALU 1/2, SRAM reads 4/16 and writes 4/8). The schedule puts 2 x (15 words + 3 hops)
+    + 15 adds = 51 cycles (36 before the adds were charged) on the step, before the update; the counters get the
+    words."""
     spec = wafer.WaferSpec.mini(8, 8)
     model = _Tied()
     x = _rand(22, (4, 5))
@@ -334,8 +376,13 @@ def test_tied_weights_gradient_sum_by_hand():
     tx = compiler.compile_train(loss, params, x, optax.sgd(0.1), spec=spec, mode="pipelined", placement=rects)
     f = tx.plan.features
     assert f.tie_src.tolist() == [0.0] and f.tie_dst.tolist() == [1.0] and f.tie_words.tolist() == [30.0]
+    assert f.tie_elems.tolist() == [30.0] and f.tie_isz.tolist() == [4.0]
     word = 32 / spec.link_bits_per_cycle
-    tied = 2 * (15 * word + 3 * spec.hop_latency_cycles)
+    add = max(1 / spec.simd_width("alu", "fp32"), 4 / spec.sram_read_bytes_per_cycle)
+    add = max(add, 4 / spec.sram_write_bytes_per_cycle, 32 / spec.ramp_bits_per_cycle)
+    assert add == 1.0
+    tied = 2 * (15 * word + 3 * spec.hop_latency_cycles) + 15 * add
+    assert tied == 51.0
     assert tx.schedule.figures["tied_cycles"] == pytest.approx(tied, rel=1e-12)
     want = np.zeros((4, spec.rows, spec.cols))
     want[1, 0:2, 1:4] = 15  # E, cols 1, 2, 3 send to the next
@@ -363,7 +410,8 @@ def test_tied_weights_gradient_sum_by_hand():
 def test_tied_weights_gradient_sum_on_a_defective_wafer():
     """As above with physical core (0, 2) dead: row 0's logical columns 2.. sit one physical column further east,
     so the lane of row 0 from column 1 to column 4 spans 4 physical hops (row 1's still 3): each way pays the
-    longest lane's 4 hops, and the report is still the estimate and the emulator's clock."""
+    longest lane's 4 hops (the adds as above, 15 cycles: 53, 38 before), and the report is still the estimate and
+    the emulator's clock."""
     spec = wafer.WaferSpec.mini(8, 8).with_defects(dead_cores=[(0, 2)])
     model = _Tied()
     x = _rand(22, (4, 5))
@@ -372,7 +420,8 @@ def test_tied_weights_gradient_sum_on_a_defective_wafer():
     rects = {"dense_0": (0, 0, 2, 2), "dense_1": (0, 4, 2, 2), "dense_2": (4, 0, 2, 2)}
     tx = compiler.compile_train(loss, params, x, optax.sgd(0.1), spec=spec, mode="pipelined", placement=rects)
     word = 32 / spec.link_bits_per_cycle
-    tied = 2 * (15 * word + 4 * spec.hop_latency_cycles)
+    tied = 2 * (15 * word + 4 * spec.hop_latency_cycles) + 15 * 1.0
+    assert tied == 53.0
     assert tx.schedule.figures["tied_cycles"] == pytest.approx(tied, rel=1e-12)
     state, _ = tx.step(tx.init(params), x)
     assert float(state.wafer.clock) == pytest.approx(tx.schedule.step_cycles, rel=1e-6)
