@@ -72,6 +72,17 @@ def init_like(shapes, seed: int = 0):
     return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
+def mean_square_loss(case: Case):
+    """loss(params, batch) = sum over the case's outputs of mean(out ** 2) in float32: a training loss for any zoo
+    case (batch = its inputs)."""
+
+    def loss(params, batch):
+        out = case.fn(params, *batch)
+        return sum(jnp.mean(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(out))
+
+    return loss
+
+
 def _normal(seed: int, shape, dtype=jnp.float32):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from model_zoo import MODELS
+from model_zoo import MODELS, mean_square_loss
 
 import compiler
 import wafer
@@ -85,20 +85,14 @@ def test_cost_model_equals_report_for_random_hand_placements(compiled, name, see
     _agree(exe, spec, float(state.clock))
 
 
-def _loss(case):
-    def loss(params, batch):
-        out = case.fn(params, *batch)
-        return sum(jnp.mean(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(out))
-
-    return loss
-
-
 @pytest.mark.parametrize("mode", ["pipelined", "weight_streaming"])
 @pytest.mark.parametrize("name", ["mlp", "lenet", "encoder_block", "decoder_lm", "plain_jax", "rnn"])
 def test_cost_model_equals_report_in_training(name, mode):
     spec = SPECS["mini"]
     case = MODELS[name]()
-    tx = compiler.compile_train(_loss(case), case.params, case.inputs, optax.adam(1e-3), spec=spec, mode=mode)
+    tx = compiler.compile_train(
+        mean_square_loss(case), case.params, case.inputs, optax.adam(1e-3), spec=spec, mode=mode
+    )
     state, _ = tx.step(tx.init(case.params), case.inputs)
     _agree(tx, spec, float(state.wafer.clock))
     assert compiler.estimate(tx.plan).to_dict() == tx.report.to_dict()
@@ -109,7 +103,7 @@ def test_rnn_training_equals_native_optax():
     give native optax's parameters, and the clock and counters are the schedule's (three steps' worth)."""
     spec = SPECS["mini"]
     case = MODELS["rnn"]()
-    loss, opt = _loss(case), optax.adam(1e-2)
+    loss, opt = mean_square_loss(case), optax.adam(1e-2)
     tx = compiler.compile_train(loss, case.params, case.inputs, opt, spec=spec, mode="pipelined")
     assert tx.plan.kernels["scan_0"].traffic.words > 0 and tx.plan.kernels["scan_0"].backward_traffic.words > 0
     state = tx.init(case.params)

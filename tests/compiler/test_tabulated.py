@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from model_zoo import MODELS
+from model_zoo import MODELS, mean_square_loss
 
 import compiler
 import wafer
@@ -65,19 +65,13 @@ def test_inference_equals_the_cost_model(name, sname, monkeypatch):
     _check(cm.features(exe), SPECS[sname], monkeypatch)
 
 
-def _loss(case):
-    def loss(params, batch):
-        out = case.fn(params, *batch)
-        return sum(jnp.mean(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(out))
-
-    return loss
-
-
 @pytest.mark.parametrize("mode", ["pipelined", "weight_streaming"])
 @pytest.mark.parametrize("name", ["mlp", "lenet", "encoder_block"])
 def test_training_equals_the_cost_model(name, mode, monkeypatch):
     case = MODELS[name]()
-    tx = compiler.compile_train(_loss(case), case.params, case.inputs, optax.adam(1e-3), spec=BASE, mode=mode)
+    tx = compiler.compile_train(
+        mean_square_loss(case), case.params, case.inputs, optax.adam(1e-3), spec=BASE, mode=mode
+    )
     feats = cm.features(tx)
     assert feats.task == "training" and feats.mode == mode
     for spec in SPECS.values():
