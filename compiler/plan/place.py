@@ -356,22 +356,24 @@ def _ceil_div(a, b):
     return -(-a // b)
 
 
-def _min_band_heights(f: _Frame, i: int, m: int, widths: np.ndarray) -> np.ndarray:
-    """Least integer height of each band i..i+n-1 (n = 1..m) that holds its kernels' minimum sizes.
+def _min_band_heights(f: _Frame, starts: np.ndarray, m: int, widths: np.ndarray) -> np.ndarray:
+    """Least integer height [g, m] of each band i..i+n-1 (n = 1..m) that holds its kernels' minimum sizes, for
+    each start i in `starts` (every band of the batch spans up to the same m kernels).
 
     Band n holds when sum_k max(min_w_k, ceil(least_k / H)) <= widths[n-1]; inf when no H <= rows does.
     """
-    least = f.least[i : i + m]
-    mw = f.min_w[i : i + m]
+    win = starts[:, None] + np.arange(m)[None, :]
+    least = f.least[win]
+    mw = f.min_w[win]
     tri = np.tril(np.ones((m, m), bool))
-    need_h = np.maximum.accumulate(f.min_h[i : i + m])
-    lb = np.maximum(need_h, np.ceil(np.cumsum(least) / np.maximum(widths, 1)))
-    H = np.where(np.cumsum(mw) <= widths, lb, np.inf)
+    need_h = np.maximum.accumulate(f.min_h[win], axis=1)
+    lb = np.maximum(need_h, np.ceil(np.cumsum(least, axis=1) / np.maximum(widths, 1)))
+    H = np.where(np.cumsum(mw, axis=1) <= widths, lb, np.inf)
     todo = np.isfinite(H) & (H <= f.rows)
     H[~todo] = np.inf
     while todo.any():
-        Hs = np.where(todo, H, 1.0)[:, None]
-        used = np.where(tri, np.maximum(mw[None, :], np.ceil(least[None, :] / Hs)), 0).sum(axis=1)
+        Hs = np.where(todo, H, 1.0)[:, :, None]
+        used = np.where(tri, np.maximum(mw[:, None, :], np.ceil(least[:, None, :] / Hs)), 0).sum(axis=2)
         bad = todo & (used > widths)
         H[bad] += 1
         over = bad & (H > f.rows)
@@ -380,8 +382,17 @@ def _min_band_heights(f: _Frame, i: int, m: int, widths: np.ndarray) -> np.ndarr
     return H
 
 
-def _band_candidates(f: _Frame, i: int, *, shape: bool):
-    """Bands starting at kernel i: (ends j, DP cost, real height, least integer height) for j = i+1, ...
+def _groups(sizes: dict[int, int]):
+    """{size: [keys]} of a {key: size} map: the batches of equally long bands, computed together."""
+    out: dict[int, list[int]] = {}
+    for k, s in sizes.items():
+        out.setdefault(s, []).append(k)
+    return out.items()
+
+
+def _band_candidates(f: _Frame, *, shape: bool) -> list:
+    """Bands starting at each kernel i: [(ends j, DP cost, real height, least integer height) for j = i+1, ...]
+    (None where no band starts at i).
 
     A band spans the usable width. Its real height h is the least at which every kernel gets its target area
     within the aspect bounds: kernel k needs width area_k / min(h, c_k), where c_k = sqrt(area_k * max_aspect)
@@ -390,69 +401,104 @@ def _band_candidates(f: _Frame, i: int, *, shape: bool):
     plus the idle cores h * width - sum(area) as a fraction of all areas (weighted as throughput lost), plus
     penalties for bands taller than the grid or too low for their kernels' minimum sizes.
     With shape=False only the feasible ends and least heights are computed (for the compact fallback).
+
+    The bands starting at different kernels are independent; those of equal length are computed together
+    ([starts, ends, kernels] arrays), which gives each start exactly the figures it gets alone (the sums run
+    over rows of the same length) in a fraction of the NumPy calls.
     """
     n_k = len(f.area)
-    m = min(n_k - i, _MAX_BAND, f.cols)
-    n = np.arange(1, m + 1)
-    widths = f.cols - f.spacing * (n - 1)
-    ok = (widths >= n) & (np.cumsum(f.min_w[i : i + m]) <= widths)
-    if not ok[0]:
-        return None
-    if not ok.all():  # bands only get harder as they grow
-        m = int(np.argmin(ok))
-    n, widths = n[:m], widths[:m]
-    a = f.area[i : i + m]
-    S = np.cumsum(a)
+    out: list = [None] * n_k
+    lens: dict[int, int] = {}  # start -> kernels its bands may span (after the width and crowding limits)
+    for i in range(n_k):
+        m = min(n_k - i, _MAX_BAND, f.cols)
+        n = np.arange(1, m + 1)
+        widths = f.cols - f.spacing * (n - 1)
+        ok = (widths >= n) & (np.cumsum(f.min_w[i : i + m]) <= widths)
+        if not ok[0]:
+            continue
+        if not ok.all():  # bands only get harder as they grow
+            m = int(np.argmin(ok))
+        if shape and np.isfinite(f.max_aspect):
+            a = f.area[i : i + m]
+            c = np.sqrt(a * f.max_aspect)
+            D = np.cumsum(a / c)  # widths if every kernel were as tall as allowed
+            crowded = D > widths[:m] * (1 + 1e-9)
+            crowded[0] = False  # a lone kernel always gets a band (its aspect relaxed if need be)
+            if crowded.any():
+                m = int(np.argmax(crowded))
+        lens[i] = m
     if not shape:
-        hmin = _min_band_heights(f, i, m, widths)
-        return i + n, np.zeros(m), S / widths, hmin
-    c = np.sqrt(a * f.max_aspect) if np.isfinite(f.max_aspect) else np.full(m, np.inf)
-    D = np.cumsum(np.where(np.isfinite(c), a / c, 0.0))  # widths if every kernel were as tall as allowed
-    crowded = D > widths * (1 + 1e-9)
-    crowded[0] = False  # a lone kernel always gets a band (its aspect relaxed if need be)
-    if crowded.any():
-        m = int(np.argmax(crowded))
-        n, widths, a, S, c, D = n[:m], widths[:m], a[:m], S[:m], c[:m], D[:m]
-    tri = np.tril(np.ones((m, m), bool))
-    # Least h with sum_k a_k / min(h, c_k) <= width: it lies in [S / width, min(S / (width - D), max c)], as
-    # need(h) <= S / h + D and need(max c) = D; bisect in log h.
-    lo = S / widths
-    hi = np.minimum(np.where(D < widths, S / np.maximum(widths - D, 1e-300), np.inf), np.maximum.accumulate(c))
-    hi = np.maximum(hi, lo)
-    for _ in range(30):
-        mid = np.sqrt(lo * hi)
-        need = np.where(tri, a[None, :] / np.minimum(mid[:, None], c[None, :]), 0.0).sum(axis=1)
-        fits = need <= widths
-        hi = np.where(fits, mid, hi)
-        lo = np.where(fits, lo, mid)
-    h = hi
-    if f.min_aspect > 0:
-        h = np.maximum(h, np.sqrt(np.maximum.accumulate(a) * f.min_aspect))
-    # Stop once every kernel is far lower than its band: longer bands only waste more.
-    cap = f.max_aspect if np.isfinite(f.max_aspect) else 16.0
-    hopeless = h**2 > (_HOPELESS**2) * cap * np.maximum.accumulate(a)
-    hopeless[0] = False
-    tall = h > f.rows
-    tall[0] = False
-    stop = hopeless | tall
-    if stop.any():
-        m = int(np.argmax(stop))
-        n, widths, a, S, c, h, tri = n[:m], widths[:m], a[:m], S[:m], c[:m], h[:m], tri[:m, :m]
-    hmin = _min_band_heights(f, i, m, widths)
-    x = 2 * np.log(h)[:, None] - np.log(a)[None, :]  # ln(aspect) of kernel k as high as band n
-    if np.isfinite(f.max_aspect):
-        x = np.minimum(x, math.log(f.max_aspect))  # lower kernels sit at max_aspect
-    pen = x**2
-    if f.min_aspect > 0:
-        pen = pen + _ASPECT_PENALTY * np.maximum(0.0, math.log(f.min_aspect) - x) ** 2
-    cost = np.where(tri, pen, 0.0).sum(axis=1)
-    cost = cost + _WASTE_WEIGHT * n_k * (h * widths - S) / f.area.sum()
-    over = h > f.rows  # only a lone kernel: it is cut to fit, losing area
-    cost = cost + np.where(over, _HEIGHT_PENALTY * n * np.log(np.maximum(h, 1.0) / f.rows) ** 2, 0.0)
-    low = np.isfinite(hmin) & (hmin > h)
-    cost = cost + np.where(low, _HEIGHT_PENALTY * n * np.log(np.where(low, hmin, 1.0) / h) ** 2, 0.0)
-    cost = np.where(np.isfinite(hmin), cost, np.inf)
-    return i + n, cost, h, hmin
+        for m, starts in _groups(lens):
+            n = np.arange(1, m + 1)
+            widths = f.cols - f.spacing * (n - 1)
+            st = np.array(starts)
+            S = np.cumsum(f.area[st[:, None] + np.arange(m)[None, :]], axis=1)
+            hmin = _min_band_heights(f, st, m, widths)
+            for g, i in enumerate(starts):
+                out[i] = (i + n, np.zeros(m), S[g] / widths, hmin[g])
+        return out
+    h_of: dict[int, np.ndarray] = {}
+    for m, starts in _groups(lens):
+        n = np.arange(1, m + 1)
+        widths = f.cols - f.spacing * (n - 1)
+        a = f.area[np.array(starts)[:, None] + np.arange(m)[None, :]]  # [g, m]
+        S = np.cumsum(a, axis=1)
+        c = np.sqrt(a * f.max_aspect) if np.isfinite(f.max_aspect) else np.full(a.shape, np.inf)
+        D = np.cumsum(np.where(np.isfinite(c), a / c, 0.0), axis=1)
+        tri = np.tril(np.ones((m, m), bool))
+        # Least h with sum_k a_k / min(h, c_k) <= width: it lies in [S / width, min(S / (width - D), max c)], as
+        # need(h) <= S / h + D and need(max c) = D; bisect in log h.
+        lo = S / widths
+        hi = np.minimum(
+            np.where(D < widths, S / np.maximum(widths - D, 1e-300), np.inf), np.maximum.accumulate(c, axis=1)
+        )
+        hi = np.maximum(hi, lo)
+        # need[g, n] = sum_k (k <= n) a_k / min(mid_n, c_k), in one buffer (the [g, m, m] terms dominate a place)
+        terms = np.empty((len(starts), m, m))
+        above = np.broadcast_to(~tri, terms.shape)
+        for _ in range(30):
+            mid = np.sqrt(lo * hi)
+            np.minimum(mid[:, :, None], c[:, None, :], out=terms)
+            np.divide(a[:, None, :], terms, out=terms)
+            np.copyto(terms, 0.0, where=above)
+            fits = terms.sum(axis=2) <= widths
+            hi = np.where(fits, mid, hi)
+            lo = np.where(fits, lo, mid)
+        h = hi
+        if f.min_aspect > 0:
+            h = np.maximum(h, np.sqrt(np.maximum.accumulate(a, axis=1) * f.min_aspect))
+        # Stop once every kernel is far lower than its band: longer bands only waste more.
+        cap = f.max_aspect if np.isfinite(f.max_aspect) else 16.0
+        stop = (h**2 > (_HOPELESS**2) * cap * np.maximum.accumulate(a, axis=1)) | (h > f.rows)
+        stop[:, 0] = False
+        for g, i in enumerate(starts):
+            h_of[i] = h[g, : int(np.argmax(stop[g])) if stop[g].any() else m]
+    total = f.area.sum()
+    for m, starts in _groups({i: len(h) for i, h in h_of.items()}):
+        n = np.arange(1, m + 1)
+        widths = f.cols - f.spacing * (n - 1)
+        st = np.array(starts)
+        a = f.area[st[:, None] + np.arange(m)[None, :]]  # [g, m]
+        S = np.cumsum(a, axis=1)
+        h = np.stack([h_of[i] for i in starts])
+        tri = np.tril(np.ones((m, m), bool))
+        hmin = _min_band_heights(f, st, m, widths)
+        x = 2 * np.log(h)[:, :, None] - np.log(a)[:, None, :]  # ln(aspect) of kernel k as high as band n
+        if np.isfinite(f.max_aspect):
+            x = np.minimum(x, math.log(f.max_aspect))  # lower kernels sit at max_aspect
+        pen = x**2
+        if f.min_aspect > 0:
+            pen = pen + _ASPECT_PENALTY * np.maximum(0.0, math.log(f.min_aspect) - x) ** 2
+        cost = np.where(tri, pen, 0.0).sum(axis=2)
+        cost = cost + _WASTE_WEIGHT * n_k * (h * widths - S) / total
+        over = h > f.rows  # only a lone kernel: it is cut to fit, losing area
+        cost = cost + np.where(over, _HEIGHT_PENALTY * n * np.log(np.maximum(h, 1.0) / f.rows) ** 2, 0.0)
+        low = np.isfinite(hmin) & (hmin > h)
+        cost = cost + np.where(low, _HEIGHT_PENALTY * n * np.log(np.where(low, hmin, 1.0) / h) ** 2, 0.0)
+        cost = np.where(np.isfinite(hmin), cost, np.inf)
+        for g, i in enumerate(starts):
+            out[i] = (i + n, cost[g], h[g], hmin[g])
+    return out
 
 
 def _partition(f: _Frame, cands, objective: str) -> list[int] | None:
@@ -508,10 +554,9 @@ def _band_sizes(f: _Frame, ks: np.ndarray, H: int, fill: int, area: np.ndarray):
 
 def _auto_bands(f: _Frame):
     """Band partition and integer sizes with band heights chosen by the DP. Returns bands or a failure."""
-    n_k = len(f.area)
     fail = None
     for objective in ("shape", "compact"):
-        cands = [_band_candidates(f, i, shape=objective == "shape") for i in range(n_k)]
+        cands = _band_candidates(f, shape=objective == "shape")
         cuts = _partition(f, cands, objective)
         if cuts is None:
             continue

@@ -1,5 +1,6 @@
 """Placement: the banded floorplan's invariants, every knob, errors, hand-given placements, bounds."""
 
+import math
 import time
 
 import numpy as np
@@ -423,3 +424,109 @@ def test_balanced_placement_reaches_the_bound():
     p = place(demands, wafer.WSE2)
     slowest = max(pipeline_cycles(demands, p).values())
     assert 1.0 <= slowest * balanced_bound(demands, wafer.WSE2) < 1.02
+
+
+def _band_candidates_one(f, i, *, shape):
+    """The bands starting at kernel i alone, written plainly (the banded floorplan as it was before its starts
+    were batched): the reference `place._band_candidates` must match bit for bit, or placements would change."""
+    from compiler.plan import place as pl
+
+    def min_heights(m, widths):
+        least, mw = f.least[i : i + m], f.min_w[i : i + m]
+        tri = np.tril(np.ones((m, m), bool))
+        lb = np.maximum(np.maximum.accumulate(f.min_h[i : i + m]), np.ceil(np.cumsum(least) / np.maximum(widths, 1)))
+        H = np.where(np.cumsum(mw) <= widths, lb, np.inf)
+        todo = np.isfinite(H) & (H <= f.rows)
+        H[~todo] = np.inf
+        while todo.any():
+            Hs = np.where(todo, H, 1.0)[:, None]
+            used = np.where(tri, np.maximum(mw[None, :], np.ceil(least[None, :] / Hs)), 0).sum(axis=1)
+            bad = todo & (used > widths)
+            H[bad] += 1
+            over = bad & (H > f.rows)
+            H[over] = np.inf
+            todo = bad & ~over
+        return H
+
+    n_k = len(f.area)
+    m = min(n_k - i, pl._MAX_BAND, f.cols)
+    n = np.arange(1, m + 1)
+    widths = f.cols - f.spacing * (n - 1)
+    ok = (widths >= n) & (np.cumsum(f.min_w[i : i + m]) <= widths)
+    if not ok[0]:
+        return None
+    if not ok.all():
+        m = int(np.argmin(ok))
+    n, widths = n[:m], widths[:m]
+    a = f.area[i : i + m]
+    S = np.cumsum(a)
+    if not shape:
+        return i + n, np.zeros(m), S / widths, min_heights(m, widths)
+    c = np.sqrt(a * f.max_aspect) if np.isfinite(f.max_aspect) else np.full(m, np.inf)
+    D = np.cumsum(np.where(np.isfinite(c), a / c, 0.0))
+    crowded = D > widths * (1 + 1e-9)
+    crowded[0] = False
+    if crowded.any():
+        m = int(np.argmax(crowded))
+        n, widths, a, S, c, D = n[:m], widths[:m], a[:m], S[:m], c[:m], D[:m]
+    tri = np.tril(np.ones((m, m), bool))
+    lo = S / widths
+    hi = np.minimum(np.where(D < widths, S / np.maximum(widths - D, 1e-300), np.inf), np.maximum.accumulate(c))
+    hi = np.maximum(hi, lo)
+    for _ in range(30):
+        mid = np.sqrt(lo * hi)
+        fits = np.where(tri, a[None, :] / np.minimum(mid[:, None], c[None, :]), 0.0).sum(axis=1) <= widths
+        hi, lo = np.where(fits, mid, hi), np.where(fits, lo, mid)
+    h = hi if f.min_aspect <= 0 else np.maximum(hi, np.sqrt(np.maximum.accumulate(a) * f.min_aspect))
+    cap = f.max_aspect if np.isfinite(f.max_aspect) else 16.0
+    stop = (h**2 > (pl._HOPELESS**2) * cap * np.maximum.accumulate(a)) | (h > f.rows)
+    stop[0] = False
+    if stop.any():
+        m = int(np.argmax(stop))
+        n, widths, a, S, c, h, tri = n[:m], widths[:m], a[:m], S[:m], c[:m], h[:m], tri[:m, :m]
+    hmin = min_heights(m, widths)
+    x = 2 * np.log(h)[:, None] - np.log(a)[None, :]
+    if np.isfinite(f.max_aspect):
+        x = np.minimum(x, math.log(f.max_aspect))
+    pen = x**2
+    if f.min_aspect > 0:
+        pen = pen + pl._ASPECT_PENALTY * np.maximum(0.0, math.log(f.min_aspect) - x) ** 2
+    cost = np.where(tri, pen, 0.0).sum(axis=1) + pl._WASTE_WEIGHT * n_k * (h * widths - S) / f.area.sum()
+    over = h > f.rows
+    cost = cost + np.where(over, pl._HEIGHT_PENALTY * n * np.log(np.maximum(h, 1.0) / f.rows) ** 2, 0.0)
+    low = np.isfinite(hmin) & (hmin > h)
+    cost = cost + np.where(low, pl._HEIGHT_PENALTY * n * np.log(np.where(low, hmin, 1.0) / h) ** 2, 0.0)
+    return i + n, np.where(np.isfinite(hmin), cost, np.inf), h, hmin
+
+
+@pytest.mark.parametrize("seed", range(2), ids=lambda s: f"seed{s}")
+def test_batched_band_candidates_match_one_start_at_a_time(seed):
+    from compiler.plan import place as pl
+
+    rng = np.random.default_rng(seed)
+    for t in range(16):
+        n = int(rng.integers(1, 70))
+        rows, cols = int(rng.integers(4, 400)), int(rng.integers(4, 400))
+        area = rng.lognormal(3 + 3 * rng.random(), 1.5, n) * rows * cols / (n * 400)
+        f = pl._Frame(
+            rows=rows,
+            cols=cols,
+            area=area,
+            least=np.maximum(1, (area * rng.random(n) * 0.8).astype(np.int64)),
+            min_h=rng.integers(1, 4, n),
+            min_w=rng.integers(1, 4, n),
+            max_cores=np.full(n, np.inf),
+            spacing=int(rng.integers(0, 3)),
+            min_aspect=(0.25, 0.0, 0.5, 1 / 16)[t % 4],
+            max_aspect=(4.0, 2.0, np.inf, 16.0)[(t // 4) % 4],
+            cap=rows * cols,
+        )
+        for shape in (True, False):
+            got = pl._band_candidates(f, shape=shape)
+            for i in range(n):
+                want = _band_candidates_one(f, i, shape=shape)
+                if want is None:
+                    assert got[i] is None, (t, shape, i)
+                    continue
+                for g, w in zip(got[i], want):
+                    np.testing.assert_array_equal(g, w, err_msg=f"frame {t}, shape={shape}, start {i}")
