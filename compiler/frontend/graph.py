@@ -326,7 +326,7 @@ def build_graph(traced: Traced) -> Graph:
     check_supported(jaxpr)
     eqns = list(jaxpr.eqns)
     n = len(eqns)
-    param_index = {v: i for i, v in enumerate(traced.param_vars)}
+    param_index = traced.param_index
     const_index = {v: i for i, v in enumerate(jaxpr.constvars)}
     graph_outs = {v for v in jaxpr.outvars if isinstance(v, jcore.Var)}
 

@@ -20,6 +20,7 @@ definition and its state; the state (every variable, parameters and batch statis
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -80,10 +81,16 @@ class Traced:
     module: bool = False
     batch: int = 1
 
-    @property
+    # Cached (functions of the frozen fields): the passes look parameters up once per kernel and placement.
+    @functools.cached_property
     def param_vars(self) -> tuple:
         """The jaxpr invars holding the parameter leaves, in flat order."""
         return tuple(self.jaxpr.invars[: self.n_params])
+
+    @functools.cached_property
+    def param_index(self) -> dict:
+        """{jaxpr invar: flat index} of the parameter leaves."""
+        return {v: i for i, v in enumerate(self.param_vars)}
 
     @property
     def input_vars(self) -> tuple:
