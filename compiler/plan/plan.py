@@ -360,17 +360,57 @@ def layout_pass(plan: Plan) -> Plan:
         biggest = max(plan.kernels.values(), key=lambda p: p.sram_bytes)
         rect = Rect(biggest.rect.row, biggest.rect.col, *biggest.grid)
         return plan.replace(memory=memory.allocate("streamed_layer", rect, (max(1, biggest.sram_bytes // 4),)))
+    # Each kernel's allocations on a map of their own, then joined: where no two kernels' allocations share a core
+    # (their rectangles are disjoint) that is the map allocating them all in turn gives, without checking every
+    # allocation against all before it. Otherwise, or on an error (named as the map in turn names it), in turn.
+    try:
+        own = [_kernel_allocations(memory, p, plan.storage.slots).allocations for p in plan.kernels.values()]
+    except (wafer.SramCapacityError, ValueError):
+        own = None
+    if own is not None:
+        names = [a.name for allocs in own for a in allocs]
+        if _disjoint([allocs for allocs in own if allocs]) and len(set(names)) == len(names):
+            joined = tuple(a for allocs in own for a in allocs)
+            return plan.replace(memory=dataclasses.replace(memory, allocations=joined))
     for p in plan.kernels.values():
-        for t in p.params:
-            for slot in plan.storage.slots:
-                # blocked: the whole leaf, unpadded, so the fast path reads and updates it with no copy
-                memory = _alloc(memory, f"{p.name}:{t.path}{slot}", t.rect, t.tile, t.dtype, p.name, t.blocked)
-                for n, rect in enumerate(t.replica_reservations()):
-                    # room for the other copies of the tile grid: reserved, no data kept
-                    memory = _alloc(memory, f"{p.name}:{t.path}{slot}#copies{n}", rect, t.tile, t.dtype, p.name)
-        if p.act_bytes:
-            memory = _alloc(memory, f"{p.name}:activations", p.grid_rect, (p.act_bytes // 4,), "float32", p.name)
+        memory = _kernel_allocations(memory, p, plan.storage.slots)
     return plan.replace(memory=memory)
+
+
+def _kernel_allocations(memory: MemoryMap, p: part.KernelPlan, slots) -> MemoryMap:
+    """`memory` with kernel `p`'s allocations added: per weight one blocked allocation per storage slot and the
+    reserved room for its tile grid's other copies; its activation buffer."""
+    for t in p.params:
+        for slot in slots:
+            # blocked: the whole leaf, unpadded, so the fast path reads and updates it with no copy
+            memory = _alloc(memory, f"{p.name}:{t.path}{slot}", t.rect, t.tile, t.dtype, p.name, t.blocked)
+            for n, rect in enumerate(t.replica_reservations()):
+                # room for the other copies of the tile grid: reserved, no data kept
+                memory = _alloc(memory, f"{p.name}:{t.path}{slot}#copies{n}", rect, t.tile, t.dtype, p.name)
+    if p.act_bytes:
+        memory = _alloc(memory, f"{p.name}:activations", p.grid_rect, (p.act_bytes // 4,), "float32", p.name)
+    return memory
+
+
+def _disjoint(groups) -> bool:
+    """Whether the bounding boxes of the groups' allocation rectangles are pairwise disjoint."""
+    box = np.array(
+        [
+            (
+                min(a.rect.row for a in g),
+                min(a.rect.col for a in g),
+                max(a.rect.row + a.rect.height for a in g),
+                max(a.rect.col + a.rect.width for a in g),
+            )
+            for g in groups
+        ],
+        np.int64,
+    ).reshape(-1, 4)
+    r0, c0, r1, c1 = (box[:, i] for i in range(4))
+    meet = (r0[:, None] < r1[None, :]) & (r0[None, :] < r1[:, None]) & (c0[:, None] < c1[None, :])
+    meet &= c0[None, :] < c1[:, None]
+    np.fill_diagonal(meet, False)
+    return not meet.any()
 
 
 PASSES = (graph_pass, demands_pass, place_pass, partition_pass, route_pass, layout_pass)
