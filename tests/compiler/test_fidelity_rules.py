@@ -389,3 +389,15 @@ def test_a_tiny_mlp_uses_only_the_cores_that_help():
     whole = schedule.Layout(np.full(n, float(SPEC.rows)), np.full(n, float(usable)), np.zeros(n), np.zeros(n))
     placed = schedule.kernel_figures(f, exe.plan.layout, SPEC)["cycles"]
     assert (placed <= schedule.kernel_figures(f, whole, SPEC)["cycles"]).all()
+
+
+def test_integer_tiling_equals_the_rule():
+    """tile_param's integer arithmetic gives param_grid's figures (the rule's snapped float ceil)."""
+    rng = np.random.default_rng(0)
+    for t in range(3000):
+        layout = (ft.MATRIX, ft.VECTOR)[t % 2]
+        a = int(rng.integers(1, (10, 1000, 100_000, 2**30)[t % 4]))
+        b = 1 if layout == ft.VECTOR else int(rng.integers(1, (10, 5000, 100_000)[t % 3]))
+        h, w = (int(rng.integers(1, (4, 100, 1200)[(t // k) % 3])) for k in (1, 3))
+        want = tuple(int(v) for v in part.param_grid(layout, a, b, h, w))
+        assert part._param_grid_ints(layout, a, b, h, w) == want, (layout, a, b, h, w)
