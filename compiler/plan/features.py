@@ -238,7 +238,8 @@ class Features:
         what the partition rule and the per-kernel figures need to try one kernel on many rectangles at once."""
         idx = np.asarray(idx, np.int64)
         arrays = {f: np.asarray(getattr(self, f))[idx] for f in _PER_KERNEL}
-        pick = lambda t: tuple(t[int(i)] for i in idx)  # noqa: E731
+        rows = idx.tolist()  # Python ints: indexing a tuple by NumPy integers costs a conversion each
+        pick = lambda t: tuple(map(t.__getitem__, rows))  # noqa: E731
         empty = np.zeros(0)
         return dataclasses.replace(
             self,
