@@ -39,7 +39,7 @@ from compiler.frontend.trace import trace
 from compiler.plan import features as ft
 from compiler.plan import partition as part
 from compiler.plan.place import KernelDemand, PlacementParams, place, usable_region, validate_placement
-from compiler.plan.route import KERNEL_COLORS, check_colors, flow_shares, route
+from compiler.plan.route import KERNEL_COLORS, check_colors, route_with_shares
 from wafer.memory import MemoryMap, Rect
 
 TASKS = ("inference", "training")
@@ -334,8 +334,8 @@ def route_pass(plan: Plan) -> Plan:
         routes = None
     else:
         flows = ft.flows(plan.graph)
-        routes = route(plan.placement, flows, plan.spec, groups=ft.flow_groups(plan.graph))
-        feats = dataclasses.replace(feats, flow_share=flow_shares(routes, [(s, d) for s, d, _ in flows]))
+        routes, shares = route_with_shares(plan.placement, flows, plan.spec, groups=ft.flow_groups(plan.graph))
+        feats = dataclasses.replace(feats, flow_share=shares)
     colors = {}
     for i, (name, kp) in enumerate(plan.kernels.items()):
         if feats.anchor[i] != ft.WEIGHT:

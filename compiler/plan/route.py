@@ -351,6 +351,19 @@ def route(
       RouteError: unknown kernel, a kernel named "host", host to host, a flow from a kernel to itself,
         words negative or not finite, overlapping or out-of-grid rectangles.
     """
+    return _route(placement, flows, spec, lanes=lanes, groups=groups)[0]
+
+
+def route_with_shares(placement, flows, spec, *, lanes: str = "auto", groups=None) -> tuple[Routes, np.ndarray]:
+    """`route` and the `flow_shares` of its flows, in order, from the one count of each flow's lanes and of the
+    grid's loads (the plan's route pass needs both)."""
+    routes, own, total = _route(placement, flows, spec, lanes=lanes, groups=groups)
+    return routes, _shares(routes, [(src, dst) for src, dst, _ in flows], own, total)
+
+
+def _route(placement, flows, spec, *, lanes, groups):
+    """`route`, and each flow's lane counts `{(src, dst): (top, left, counts)}` and the grid's link loads [4, rows,
+    cols] (None without flows)."""
     if lanes not in LANE_MODES:
         raise ValueError(f"route: lanes must be one of {LANE_MODES}, got {lanes!r}")
     if HOST in placement:
@@ -373,7 +386,7 @@ def route(
         merged[(src, dst)] = merged.get((src, dst), 0.0) + float(words)
         group_of[(src, dst)] = (src, dst) if groups is None else groups[n_flow]
 
-    parts, hops, all_lanes, lane_words = [], {}, {}, {}
+    parts, hops, all_lanes, lane_words, own = [], {}, {}, {}, {}
     for (src, dst), words in merged.items():
         rects = [None if n == HOST else _rect(placement, n) for n in (src, dst)]
         for n, r in zip((src, dst), rects):
@@ -388,6 +401,7 @@ def route(
             ends = flow_lanes(s, d, lanes=lanes)
         per_lane = words / len(ends)
         top, left, counts = lane_loads(ends)
+        own[(src, dst)] = (top, left, counts)
         load = np.zeros((CHANNELS, *counts.shape[1:]))
         load[:4] = counts * per_lane
         # ramps: a kernel's core puts each of its lanes' words on its ramp, the destination's core takes them off
@@ -404,15 +418,19 @@ def route(
     # the lanes set the phase's latency: on a defective wafer the longest grows by its extra hops (Phase.lanes)
     ends = np.concatenate(list(all_lanes.values())) if all_lanes else None
     phase = Phase(tuple(parts), max(hops.values(), default=0), 0, ends)
-    return Routes(
+    # the loads on the whole grid: the busiest link (the same maximum as over the parts' bounding box, the loads
+    # being >= 0) and what flow_shares reads
+    total = phase.loads(spec.rows, spec.cols)[:4] if parts else None
+    routes = Routes(
         traffic=Traffic((phase,)) if parts else Traffic.none(),
         hops=hops,
         lanes=all_lanes,
         lane_words=lane_words,
-        max_link_words=phase.max_link_words,
+        max_link_words=float(total.max()) if parts else 0.0,
         rows=spec.rows,
         cols=spec.cols,
     )
+    return routes, own, total
 
 
 def _multicast(parts: list, groups: list) -> list:
@@ -463,13 +481,18 @@ def flow_shares(routes: Routes, keys) -> np.ndarray:
     if not routes.lanes:
         return np.ones(len(keys))
     (phase,) = routes.traffic.phases
-    total = phase.loads(routes.rows, routes.cols)[:4]
+    return _shares(routes, keys, {}, phase.loads(routes.rows, routes.cols)[:4])
+
+
+def _shares(routes: Routes, keys, own: dict, total) -> np.ndarray:
+    """flow_shares, with the flows' lane counts `own` (`lane_loads` of those missing) and the grid's link loads."""
     out = np.ones(len(keys))
     for j, key in enumerate(keys):
         key = tuple(key)
         if key not in routes.lanes or routes.lane_words[key] <= 0:
             continue
-        top, left, counts = lane_loads(routes.lanes[key])  # the flow's own lanes (a multicast's part is shared)
+        # the flow's own lanes (a multicast's part is shared)
+        top, left, counts = own[key] if key in own else lane_loads(routes.lanes[key])
         _, h, w = counts.shape
         mine = counts > 0
         busiest = float(total[:, top : top + h, left : left + w][mine].max(initial=0.0))

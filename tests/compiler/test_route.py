@@ -7,7 +7,16 @@ import pytest
 
 import wafer
 from compiler.plan.place import KernelDemand, PlacementParams, place
-from compiler.plan.route import HOST, RouteError, Routes, flow_lanes, lane_loads, route
+from compiler.plan.route import (
+    HOST,
+    RouteError,
+    Routes,
+    flow_lanes,
+    flow_shares,
+    lane_loads,
+    route,
+    route_with_shares,
+)
 from wafer import cost
 from wafer.fabric import Traffic
 from wafer.memory import Rect
@@ -160,6 +169,22 @@ def test_shared_links_add_up():
     twice = route(placement, [("a", "c", 1.0), ("a", "c", 1.0)], ROW)
     np.testing.assert_array_equal(twice.link_words(), alone)
     assert list(twice.hops) == [("a", "c")]
+
+
+@pytest.mark.parametrize("groups", [False, True], ids=["unicast", "multicast"])
+def test_route_with_shares_is_route_and_flow_shares(groups):
+    spec = wafer.WaferSpec.mini(24, 40)
+    names = [f"k{i}" for i in range(9)]
+    placement = place([KernelDemand(n, 1.0 + i % 3) for i, n in enumerate(names)], spec, PlacementParams())
+    flows = [(HOST, names[0], 7.0)] + [(a, b, 10.0 + i) for i, (a, b) in enumerate(zip(names, names[1:]))]
+    flows += [(names[-1], HOST, 3.0), (names[0], names[5], 2.5), (names[0], names[2], 0.0), (names[1], names[3], 4.0)]
+    g = [(s if s == names[0] else (s, d)) for s, d, _ in flows] if groups else None
+    got, shares = route_with_shares(placement, flows, spec, groups=g)
+    want = route(placement, flows, spec, groups=g)
+    np.testing.assert_array_equal(shares, flow_shares(want, [(s, d) for s, d, _ in flows]))
+    assert got.max_link_words == want.max_link_words == want.traffic.phases[0].max_link_words
+    np.testing.assert_array_equal(got.link_words(), want.link_words())
+    assert (shares > 1).any()
 
 
 def test_traffic_is_one_phase_of_bounding_boxes():
