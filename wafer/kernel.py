@@ -15,6 +15,7 @@ squeeze, a change of dtype width at load) is not charged as arithmetic; copies t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections import Counter
 from collections.abc import Mapping
@@ -257,11 +258,22 @@ def is_call(eqn) -> bool:
 
 
 def _is_key(aval) -> bool:
-    return jax.dtypes.issubdtype(aval.dtype, jax.dtypes.extended)
+    return _is_key_dtype(aval.dtype)
+
+
+# By dtype (a handful in a program; counting asks for every operand of every equation).
+@functools.cache
+def _is_key_dtype(dtype) -> bool:
+    return jax.dtypes.issubdtype(dtype, jax.dtypes.extended)
+
+
+@functools.cache
+def _isz_dtype(dtype) -> int:
+    return int(np.dtype(dtype).itemsize) if not _is_key_dtype(dtype) else 4
 
 
 def _isz(aval) -> int:
-    return int(np.dtype(aval.dtype).itemsize) if not _is_key(aval) else 4
+    return _isz_dtype(aval.dtype)
 
 
 def _operand_bytes(atoms) -> int:
