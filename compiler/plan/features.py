@@ -590,6 +590,7 @@ def features(
         acc_class.append(facts["acc_class"])
         in_b[i], out_b[i] = act_bytes(k.inputs, act_itemsize), act_bytes(k.outputs, act_itemsize)
         upd_params = []
+        views = part.kernel_views(k, traced)
         for j, idx in enumerate(k.params):
             aval = traced.param_avals[idx]
             shape, itemsize = tuple(aval.shape), np.dtype(aval.dtype).itemsize
@@ -598,8 +599,8 @@ def features(
             p_arrays["p_isz"][i, j] = itemsize
             p_arrays["p_anchor"][i, j] = float(idx == facts["widx"])
             if layout == MATRIX:
-                # the anchor's weight as the matrix its tiles cut (partition.tile_param)
-                lead, a, b = part.matrix_dims(shape, facts["axes"] if idx == facts["widx"] else None)
+                # the weight as the matrix its tiles cut (partition.tile_param): the anchor's or a scan's view
+                lead, a, b = part.matrix_dims(shape, views.get(idx))
                 p_arrays["p_a"][i, j], p_arrays["p_b"][i, j], p_arrays["p_lead"][i, j] = a, b, lead
             elif layout == VECTOR:
                 p_arrays["p_a"][i, j], p_arrays["p_b"][i, j], p_arrays["p_lead"][i, j] = shape[0], 1, 1
@@ -609,8 +610,13 @@ def features(
             stream[i] += math.prod(shape) * isz
         if facts["anchor"] == SPREAD:
             # a scan's weight dots run on their weights' tiles (partition.scan_runs), one shape per weight
-            views = {idx: part.tile_param(idx, "", traced.param_avals[idx], Rect(0, 0, 1, 1)) for idx in k.params}
-            for d in part.scan_runs(k, traced, views):
+            tilings = {
+                idx: part.tile_param(idx, "", traced.param_avals[idx], Rect(0, 0, 1, 1), views.get(idx))
+                for idx in k.params
+            }
+            for d in part.scan_runs(k, traced, tilings):
+                # its partial sums' adds are of the runs' one class (partition.scan_runs)
+                acc_class[-1] = part.scan_dot_class(d)
                 j = k.params.index(d.widx)
                 sin, sout = part.scan_dot_itemsizes(d)
                 p_arrays["p_trips"][i, j] += d.trips

@@ -44,6 +44,7 @@ from jax.extend import core as jcore
 import wafer
 from compiler import relax
 from compiler.plan import features as ft
+from wafer import kernel as wkernel
 from wafer.memory import Rect, SramCapacityError
 
 
@@ -142,9 +143,11 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
         for an embedding lookup);
       out_elems, tile_words: elements of a core's partial result (its reduction's adds), words of its weight tile
         (the gradient summed over grid copies in training);
-      s_gh, s_gw, s_in_words, s_out_words [n, P]: a scan's weight dot on parameter p's tile grid (`scan_runs`;
-        one core and no words for other parameters): the grid, the words per core of one run's multicast along rows
-        and of its reduction down columns (the kernel's grid covers every such grid).
+      s_gh, s_gw, s_in_words, s_out_words, s_in_elems, s_out_elems [n, P]: a scan's weight dot on parameter p's
+        tile grid (`scan_runs`; one core and no words for other parameters): the grid, the words per core of one
+        run's multicast along rows and of its reduction down columns, and the elements of a core's input chunk and
+        partial result (what the reductions' adds add: down the columns forward, along the rows backward) (the
+        kernel's grid covers every such grid).
     """
     R = relax
     ns = relax.xp(f.counts, h, w)
@@ -242,6 +245,8 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
         s_gw=R.where(scan, pgw, 1.0 + zero_p),
         s_in_words=R.where(scan, R.ceil(f.p_rows * pta * f.p_sin / 4.0), zero_p),
         s_out_words=R.where(scan, R.ceil(f.p_rows * ptb * f.p_sout / 4.0), zero_p),
+        s_in_elems=R.where(scan, f.p_rows * pta, zero_p),
+        s_out_elems=R.where(scan, f.p_rows * ptb, zero_p),
     )
 
 
@@ -530,17 +535,37 @@ def scan_dots(kernel, traced) -> list[ScanDot]:
 
 def scan_runs(kernel, traced, tilings) -> list[ScanDot]:
     """The `scan_dots` the per-core path runs on their weights' `tilings` (ParamTilings by parameter index):
-    those `per_core_kind` runs as "dense" on a weight tiled as a plain matrix, all uses of a weight with the same
-    rows and dtypes as its first (the partition rule charges one shape per weight: `Features.p_trips`)."""
-    out, first = [], {}
+    those `per_core_kind` runs as "dense" on the weight as tiled (the matrix [K, N] of its first use,
+    `kernel_views`: either operand, transposed or not), all uses of a weight with the same rows and dtypes as its
+    first (the partition rule charges one shape per weight: `Features.p_trips`), and whose results' dtype class is
+    the first run's (the kernel's one class of adds, `Features.acc_class`). A dot with batch dimensions on its
+    weight is never one (as for an anchor, `per_core_kind`)."""
+    out, first, acc = [], {}, None
     for d in scan_dots(kernel, traced):
         tiling = tilings.get(d.widx)
-        if tiling is None or tiling.axes is not None or per_core_kind(d.dot, tiling, d.pos, d.perm) != "dense":
+        if tiling is None or per_core_kind(d.dot, tiling, d.pos, d.perm) != "dense":
             continue
         sig = (split_rows(d.dot, "dense", d.pos), *scan_dot_itemsizes(d))
-        if first.setdefault(d.widx, sig) == sig:
+        cls = scan_dot_class(d)
+        if first.setdefault(d.widx, sig) == sig and (acc := acc or cls) == cls:
             out.append(d)
     return out
+
+
+def scan_dot_class(d: ScanDot) -> str:
+    """The dtype class of a scan weight dot's partial sums, which its reductions add (`wkernel.dtype_class`)."""
+    return wkernel.dtype_class(d.dot.outvars[0].aval.dtype)
+
+
+def kernel_views(kernel, traced) -> dict:
+    """{parameter index: the matrix view its tiles cut (`weight_axes`, None for its plain layout)} of the weights
+    a kernel multiplies as a dense matrix: its anchor's (`anchor_operand`), and each weight a scan's body multiplies
+    (`scan_dots`), as its first use does (`x @ W.T` contracts W's last axis: W is tiled as [K, N] = W.T)."""
+    eqn, widx, pos, perm = anchor_operand(kernel, traced)
+    views = {widx: weight_axes(eqn, pos, perm)} if widx is not None else {}
+    for d in scan_dots(kernel, traced):
+        views.setdefault(d.widx, weight_axes(d.dot, d.pos, d.perm))
+    return views
 
 
 def scan_dot_itemsizes(d: ScanDot) -> tuple[int, int]:
@@ -810,7 +835,7 @@ def partition(graph, placement, feats: ft.Features, spec) -> dict[str, KernelPla
     plans = {}
     for i, (kernel, rect) in enumerate(zip(graph.kernels, rects)):
         eqn, widx, opos, perm = anchor_operand(kernel, traced)
-        view = {widx: weight_axes(eqn, opos, perm)} if widx is not None else {}
+        view = kernel_views(kernel, traced)
         tilings = [
             tile_param(j, traced.param_paths[j], traced.param_avals[j], rect, view.get(j)) for j in kernel.params
         ]

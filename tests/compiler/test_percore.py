@@ -223,7 +223,9 @@ def test_recurrent_weight_gradients_through_per_core_equal_native(name):
 def test_scan_traffic_by_hand():
     """h <- tanh(x Wx + h Wh) over 3 steps, batch 1, Wx [2, 4] and Wh [4, 4] on a 2x2 rectangle (tiles [1, 2] and
     [2, 2]): each step, Wx's rows send their 1-element chunk east (2 x 1 words) and its columns their 2-word partial
-    south (2 x 2); Wh's the same with 2-element chunks (2 x 2 east, 2 x 2 south). Three steps: 3 x that."""
+    south (2 x 2); Wh's the same with 2-element chunks (2 x 2 east, 2 x 2 south). Three steps: 3 x that.
+    Adds: each step, each dot's bottom row adds the 2-element partial it receives: 3 x (2 + 2) elements at the
+    ALU's fp32 element rate (1 cycle on the mini wafer), in compute."""
     spec = SPECS["6x6"]
 
     def fn(p, xs):
@@ -239,6 +241,9 @@ def test_scan_traffic_by_hand():
     want[2, 0, 0:2] = 3 * (2 + 2)  # S: both partials down each column
     np.testing.assert_array_equal(links, want)
     assert fig["scan_comm"] > 0
+    assert fig["scan_adds"] == 3 * (2 + 2) * wafer.cost.element_cycles(spec, "alu", "fp32", 4, 4, 1.0) == 12.0
+    exe = compiler.compile(fn, params, _rand(42, (3, 1, 2)), spec=spec, placement={"scan_0": (0, 0, 2, 2)})
+    assert fig["compute"] == _counts_cycles(exe.schedule, "scan_0", "counts") + 12.0
 
 
 def test_scan_backward_traffic_and_cycles_by_hand():
@@ -247,7 +252,9 @@ def test_scan_backward_traffic_and_cycles_by_hand():
     words north) and reduces its input's cotangent partials along the rows to the west edge (Wx's 1 word, Wh's 2: 2 x
     (1 + 2) words west). Three steps: 3 x that, in the kernel's backward record, which the step's counters hold.
     Cycles: a 1-hop multicast of b words is b words + 1 hop; a 2-core chain reduction b words + 1 hop + a stage
-    (2 ramp latencies + 1): per step 7 words + 4 hops + 2 stages, 3 x (7 + 4 + 2 x 5) = 63 on the mini wafer."""
+    (2 ramp latencies + 1): per step 7 words + 4 hops + 2 stages, 3 x (7 + 4 + 2 x 5) = 63 on the mini wafer. Adds:
+    each step, each west core adds the input cotangent partial it receives, 3 x (1 + 2) elements at 1 cycle, in the
+    backward's compute; the forward's, 3 x (2 + 2), in its compute (`test_scan_traffic_by_hand`)."""
     spec = wafer.WaferSpec.mini(8, 8)
 
     def fn(p, xs):
@@ -272,12 +279,22 @@ def test_scan_backward_traffic_and_cycles_by_hand():
     fig = tx.schedule.kernel("scan_0")
     assert fig["scan_bwd_comm"] == by_hand and fig["bwd_comm"] == by_hand
     assert fig["backward"] == max(fig["bwd_compute"], by_hand)
+    assert fig["scan_bwd_adds"] == 3 * (1 + 2) and fig["scan_adds"] == 3 * (2 + 2)
+    assert fig["bwd_compute"] == _counts_cycles(tx.schedule, "scan_0", "bwd_counts") + 9.0
+    assert fig["compute"] == _counts_cycles(tx.schedule, "scan_0", "counts") + 12.0
     state, _ = tx.step(tx.init(params), xs)
     np.testing.assert_array_equal(
         np.asarray(state.wafer.links), compiler.schedule.link_words(tx.plan).astype(np.float32)
     )
     assert float(state.wafer.clock) == pytest.approx(tx.schedule.step_cycles, rel=1e-6)
     assert compiler.estimate(tx).to_dict() == tx.report.to_dict()
+
+
+def _counts_cycles(sched, name, which):
+    """A kernel's compute of its per-core `counts` or `bwd_counts` alone (no anchor, no reduction adds)."""
+    i, f = sched.plan.features.index(name), sched.plan.features
+    counts = np.asarray(sched.kernels[which])[i]
+    return float(wafer.cost.compute_cycles(sched.spec, {key: counts[j] for j, key in enumerate(f.keys)}))
 
 
 # ---- charge rules by hand count ------------------------------------------------------------------------------
