@@ -491,7 +491,9 @@ def _resolve(w, views, perm):
 class ScanDot:
     """A `dot_general` in a scan's body whose operand `pos` is (a cast or transpose, `perm`, of) the kernel's
     parameter `widx`, passed into the scan as a constant: the per-core path runs it on the weight's tiles at every
-    one of the scan's `trips` iterations (compiler/run/percore.py)."""
+    one of its `trips` iterations (compiler/run/percore.py). `scan` is the kernel's (top-level) scan; `nest` the
+    scans between its body and the dot's, outermost first (a scan in a scan's body, its weight passed down as a
+    constant at every level), and `trips` the product of all their lengths."""
 
     scan: object
     dot: object
@@ -499,38 +501,60 @@ class ScanDot:
     pos: int
     perm: tuple[int, ...] | None
     trips: int
+    nest: tuple = ()
+
+    @property
+    def path(self) -> tuple:
+        """The scans from the kernel's to the one whose body holds the dot."""
+        return (self.scan, *self.nest)
 
 
 def scan_dots(kernel, traced) -> list[ScanDot]:
     """The weight dots of every scan at the top level of `kernel` (`ScanDot`), in program order: a recurrent cell's
-    matmuls by its weights (Flax `nn.RNN` of an LSTMCell, GRUCell or SimpleCell, or a hand-written `lax.scan`).
-    Scans nested in a body are not looked into (they run on the assembled weights)."""
+    matmuls by its weights (Flax `nn.RNN` of an LSTMCell, GRUCell or SimpleCell, or a hand-written `lax.scan`),
+    those of scans nested in its body included (their weight a constant of every scan down to it)."""
     param_vars = {v: i for i, v in enumerate(traced.jaxpr.invars[: traced.n_params])}
     outer = _weight_views(kernel.eqns)
+
+    def top(v, perm):  # a kernel-level var -> (parameter index, perm) when it is (a view of) a kernel parameter
+        w, perm = _resolve(v, outer, perm)
+        if isinstance(w, jcore.Var) and w in param_vars and param_vars[w] in kernel.params:
+            return param_vars[w], perm
+        return None
+
     out = []
     for eqn in kernel.eqns:
-        if eqn.primitive.name != "scan":
-            continue
-        body = eqn.params["jaxpr"].jaxpr
-        nc = eqn.params["num_consts"]
-        consts = dict(zip(body.invars[:nc], eqn.invars[:nc]))
-        inner = _weight_views(body.eqns)
-        for dot in body.eqns:
-            if dot.primitive.name != "dot_general" or len(dot.invars) != 2:
-                continue
-            for pos in (1, 0):
-                w = dot.invars[pos]
-                if not isinstance(w, jcore.Var):
-                    continue
-                w, perm = _resolve(w, inner, list(range(w.aval.ndim)))
-                if w not in consts:
-                    continue
-                w, perm = _resolve(consts[w], outer, perm)
-                if isinstance(w, jcore.Var) and w in param_vars and param_vars[w] in kernel.params:
-                    perm = None if perm == sorted(perm) else tuple(perm)
-                    out.append(ScanDot(eqn, dot, param_vars[w], pos, perm, int(eqn.params["length"])))
-                    break
+        if eqn.primitive.name == "scan":
+            _body_dots(eqn, eqn, (), int(eqn.params["length"]), top, out)
     return out
+
+
+def _body_dots(scan, eqn, nest, trips, resolve, out):
+    """Append to `out` the weight dots of the body of `eqn` (a scan `nest` deep in the kernel's `scan`, run `trips`
+    times in all) and of the scans in it; `resolve` maps a var of the enclosing level to its parameter."""
+    body, nc = eqn.params["jaxpr"].jaxpr, eqn.params["num_consts"]
+    consts = dict(zip(body.invars[:nc], eqn.invars[:nc]))
+    inner = _weight_views(body.eqns)
+
+    def here(v, perm):
+        v, perm = _resolve(v, inner, perm)
+        if not isinstance(v, jcore.Var) or v not in consts or not isinstance(consts[v], jcore.Var):
+            return None
+        return resolve(consts[v], perm)
+
+    for e in body.eqns:
+        if e.primitive.name == "scan":
+            _body_dots(scan, e, (*nest, e), trips * int(e.params["length"]), here, out)
+        if e.primitive.name != "dot_general" or len(e.invars) != 2:
+            continue
+        for pos in (1, 0):
+            w = e.invars[pos]
+            hit = here(w, list(range(w.aval.ndim))) if isinstance(w, jcore.Var) else None
+            if hit is not None:
+                widx, perm = hit
+                perm = None if perm == sorted(perm) else tuple(perm)
+                out.append(ScanDot(scan, e, widx, pos, perm, trips, nest))
+                break
 
 
 def scan_runs(kernel, traced, tilings) -> list[ScanDot]:
@@ -538,18 +562,41 @@ def scan_runs(kernel, traced, tilings) -> list[ScanDot]:
     those `per_core_kind` runs as "dense" on the weight as tiled (the matrix [K, N] of its first use,
     `kernel_views`: either operand, transposed or not), all uses of a weight with the same rows and dtypes as its
     first (the partition rule charges one shape per weight: `Features.p_trips`), and whose results' dtype class is
-    the first run's (the kernel's one class of adds, `Features.acc_class`). A dot with batch dimensions on its
-    weight is never one (as for an anchor, `per_core_kind`)."""
-    out, first, acc = [], {}, None
+    the first run's (the kernel's one class of adds, `Features.acc_class`). The others, and why, are
+    `scan_left_off`'s."""
+    return _scan_split(kernel, traced, tilings)[0]
+
+
+def scan_left_off(kernel, traced, tilings) -> list[tuple[ScanDot, str]]:
+    """The `scan_dots` by a weight tiled as a matrix that the per-core path does not run on its tiles (they run
+    on the assembled weight, uncharged), each with the reason (`scan_runs`)."""
+    return _scan_split(kernel, traced, tilings)[1]
+
+
+def _scan_split(kernel, traced, tilings):
+    runs, left, first, acc = [], [], {}, None
     for d in scan_dots(kernel, traced):
         tiling = tilings.get(d.widx)
-        if tiling is None or per_core_kind(d.dot, tiling, d.pos, d.perm) != "dense":
+        if tiling is None or tiling.layout != "matrix":  # one element or a vector: nothing to tile
+            continue
+        if per_core_kind(d.dot, tiling, d.pos, d.perm) != "dense":
+            (lb, rb) = d.dot.params["dimension_numbers"][1]
+            if lb or rb:
+                # a batched weight has no per-core rule, in a scan or as an anchor (kept TILED): its batch axis
+                # would be a tile grid per batch entry, or a leading tile axis the dense program does not move
+                left.append((d, "batch dimensions (a batched weight: no per-core rule, as for an anchor)"))
+            else:
+                left.append((d, f"multiplied as another matrix than the one it is tiled as {tiling.axes}"))
             continue
         sig = (split_rows(d.dot, "dense", d.pos), *scan_dot_itemsizes(d))
         cls = scan_dot_class(d)
-        if first.setdefault(d.widx, sig) == sig and (acc := acc or cls) == cls:
-            out.append(d)
-    return out
+        if first.setdefault(d.widx, sig) != sig:
+            left.append((d, f"rows and dtypes {sig} unlike its first use's {first[d.widx]} (one shape per weight)"))
+        elif (acc := acc or cls) != cls:
+            left.append((d, f"partial sums of class {cls}, the kernel's first dot's being {acc}"))
+        else:
+            runs.append(d)
+    return runs, left
 
 
 def scan_dot_class(d: ScanDot) -> str:

@@ -243,17 +243,20 @@ def _conv_per_core(x, tiles, tiling, eqn, pattern="chain", pos=1):
     return y.astype(out_aval.dtype), traffic
 
 
-def _scan_per_core(eqn, invals, runs, tiles, tilings):
+def _scan_per_core(eqn, invals, runs, tiles, tilings, depth=0):
     """A `lax.scan` whose body's weight dots (`partition.scan_runs`, those of this scan in `runs`) run per core at
     every iteration (`_dense_per_core` on the weights' `tiles`, one copy of each tile grid, chained reductions), the
-    rest of the body on the assembled values; returns (outputs, traffic of all iterations).
+    rest of the body on the assembled values; returns (outputs, traffic of all iterations). `eqn` is `depth` scans
+    deep in its kernel's (`ScanDot.path`): a scan in its body that holds weight dots runs the same way.
 
     The traffic of an iteration is static (wafer.Traffic): the body's trace records it once, and the scan's is that
     iteration's, `length` times over, one after another (what `partition.scan_traffic` records)."""
     p = eqn.params
     closed = p["jaxpr"]
     body, nc, ncarry = closed.jaxpr, p["num_consts"], p["num_carry"]
-    mine = {d.dot: d for d in runs if d.scan is eqn}
+    below = [d for d in runs if len(d.path) > depth and d.path[depth] is eqn]
+    mine = {d.dot: d for d in below if len(d.path) == depth + 1}
+    nested = {d.path[depth + 1] for d in below if len(d.path) > depth + 1}
     consts, init, xs = invals[:nc], invals[nc : nc + ncarry], invals[nc + ncarry :]
     seen = []
 
@@ -265,7 +268,10 @@ def _scan_per_core(eqn, invals, runs, tiles, tilings):
         for e in body.eqns:
             ins = [read(a) for a in e.invars]
             d = mine.get(e)
-            if d is None:
+            if e in nested:
+                outs, t = _scan_per_core(e, ins, below, tiles, tilings, depth + 1)
+                traffic = traffic + t
+            elif d is None:
                 outs = _eval_eqn(e, ins)
             else:
                 # a weight the body casts is cast by each core on its tile, as for an anchor

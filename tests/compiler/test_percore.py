@@ -18,6 +18,7 @@ import pytest
 
 import compiler
 import wafer
+from compiler import fuzz
 from compiler.plan import partition as part
 from compiler.run.infer import read_leaves
 from compiler.run.percore import run_per_core
@@ -175,11 +176,43 @@ def _check_weight_gradients(fn, params, inputs, *, nonzero: bool):
 
 # ---- recurrent cells: a scan's weight dots per core at every iteration ------------------------------------------
 
+
+def _transposed_cell():
+    """h <- tanh(x Wx^T + (Wh h^T)^T): a transposed weight (`x @ W.T`) and a weight as the left operand contracting
+    its last axis, both tiled as the matrix [K, N] they multiply (`partition.kernel_views`)."""
+
+    def fn(p, xs):
+        def cell(h, x):
+            h = jnp.tanh(x @ p["wx"].T + jax.lax.dot_general(p["wh"], h, (((1,), (1,)), ((), ()))).T)
+            return h, h
+
+        return jax.lax.scan(cell, jnp.zeros((2, 5)), xs)[0]
+
+    return fn, {"wx": _rand(33, (5, 3)), "wh": _rand(34, (5, 5))}, (_rand(35, (4, 2, 3)),)
+
+
+def _nested_cell():
+    """Each step, two inner steps g <- tanh(g Wh^T + x Wx) of a scan in the cell's body: Wh's dot runs 2 x 3
+    times, on its tiles, its weight passed down as a constant of both scans."""
+
+    def fn(p, xs):
+        def cell(h, x):
+            u = x @ p["wx"]
+            h, _ = jax.lax.scan(lambda g, _: (jnp.tanh(g @ p["wh"].T + u), None), h, None, length=2)
+            return h, h
+
+        return jax.lax.scan(cell, jnp.zeros((1, 4)), xs)[0]
+
+    return fn, {"wx": _rand(36, (3, 4)), "wh": _rand(37, (4, 4))}, (_rand(38, (3, 1, 3)),)
+
+
 # name -> (fn, params, inputs), the weights the cell's body multiplies by (every one runs per core)
 CELLS = {
     "simple": lambda: _linen(nn.RNN(nn.SimpleCell(5)), _rand(30, (2, 4, 3))),
     "gru": lambda: _linen(nn.RNN(nn.GRUCell(4)), _rand(31, (3, 3, 5))),
     "lstm": lambda: _linen(nn.RNN(nn.LSTMCell(3)), _rand(32, (1, 5, 2))),
+    "transposed": _transposed_cell,
+    "nested": _nested_cell,
 }
 
 
@@ -204,8 +237,34 @@ def test_recurrent_cells_run_per_core_and_equal_native(name, spec):
     (kernel,) = [k for k in exe.graph.kernels if k.kind == "scan"]
     matrices = {t.index for t in exe.plans[kernel.name].params if t.layout == "matrix"}
     assert dots and {d.widx for d in dots} == matrices
+    assert fuzz.per_core_kinds(exe)[kernel.name] == "scan"
     plan, fig = exe.plans[kernel.name], exe.schedule.kernel(kernel.name)
     assert plan.traffic.words > 0 and fig["scan_comm"] > 0 and fig["comm"] >= fig["scan_comm"]
+
+
+def test_scan_views_and_nesting_are_what_the_dots_multiply():
+    """The transposed cell's weights are tiled as the matrices they multiply ([3, 5] of Wx [5, 3], [5, 5] of Wh read
+    along its columns), the nested cell's inner dot runs 2 x 3 times, and a batched weight in a body is reported
+    as not run per core, with its reason."""
+    spec = SPECS["9x13"]
+    exe = compiler.compile(*_flat(_transposed_cell()), spec=spec)
+    assert {t.path: t.axes for t in exe.plans["scan_0"].params} == {"wx": ((1,), (0,)), "wh": ((1,), (0,))}
+    exe = compiler.compile(*_flat(_nested_cell()), spec=spec)
+    (dots,) = _scan_dots(exe).values()
+    assert sorted((d.trips, len(d.nest)) for d in dots) == [(3, 0), (6, 1)]
+
+    def batched(p, xs):  # h[b, n] <- tanh(sum_k h[b, k] W[b, k, n]): the weight batched over the samples
+        cell = lambda h, x: (jnp.tanh(jnp.einsum("bk,bkn->bn", h, p["w"]) + x),) * 2  # noqa: E731
+        return jax.lax.scan(cell, jnp.zeros((2, 3)), xs)[0]
+
+    exe = compiler.compile(batched, {"w": _rand(39, (2, 3, 3))}, _rand(40, (4, 2, 3)), spec=spec)
+    with pytest.raises(AssertionError, match="batch dimensions"):
+        fuzz.per_core_kinds(exe)
+
+
+def _flat(case):
+    fn, params, inputs = case
+    return fn, params, *inputs
 
 
 @pytest.mark.parametrize("policy", ["bf16", "fp16"])
