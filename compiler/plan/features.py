@@ -119,7 +119,8 @@ class Features:
       n_out, out_full [n]: a core's partial result is n_out * rows * tb elements, rows = mt, or out_full when
         out_full > 0 (an anchor whose rows cannot be split).
       isz_in, isz_out, isz_w [n]: element bytes of its input, output and weight.
-      fmac_class, acc_class (static, per kernel): the dtype classes of its FMACs and of its partial sums' adds.
+      fmac_class, acc_class (static, per kernel): the dtype classes of its FMACs and of its partial sums' adds (a
+        scan kernel's: its weight dots' partial sums, `partition.scan_runs`).
       dx [n]: 1.0 when its input carries a gradient, so that training's backward computes the input's cotangent
         (not for a first layer reading the program's data).
       psr [n]: rows of m per sample (a dense anchor's rows hold the batch: m / batch); 0 when every row holds every
@@ -134,8 +135,10 @@ class Features:
       p_layout: NONE, SCALAR, VECTOR or MATRIX; p_a, p_b: MATRIX dims -2, -1 (VECTOR: p_a elements); p_lead:
       elements per (a, b) entry; p_isz: element bytes; p_anchor: 1.0 for the anchor's weight.
     A scan's weight dots (`partition.scan_runs`: a recurrent cell's matmuls, run per core at every iteration on the
-    weight's own tile grid, `param_grid`, one copy), per parameter [n, P] (zeros for others):
-      p_trips: runs per call (iterations x uses); p_rows: rows of x per run (x[M, K], M not split);
+    weight's own tile grid, `param_grid`, one copy; p_a, p_b the matrix its first dot multiplies,
+    `partition.kernel_views`), per parameter [n, P] (zeros for others):
+      p_trips: runs per call (iterations x uses; a nested scan's, the product of the lengths); p_rows: rows of x
+        per run (x[M, K], M not split);
       p_sin, p_sout: element bytes of x and of the result.
     Training (zeros in inference):
       upd_alpha [n, P, K], upd_beta [n, K]: a core's optimizer update on its tiles counts

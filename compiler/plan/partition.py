@@ -5,8 +5,9 @@ Weights (parameter leaves) are tiled over a grid of `gh x gw` cores at the kerne
              [ceil(K/gh), ceil(N/gw)]; a conv kernel [kh, kw, Cin, Cout] tiles Cin x Cout and keeps the window
              whole; an embedding table [V, D] tiles V x D). gh = min(h, dim -2), gw = min(w, dim -1): a grid
              never has empty rows or columns of tiles. A dense anchor's weight that is not a plain [K, N]
-             (DenseGeneral's [d, heads, head_dim], an einsum's, a transposed one) is tiled as the matrix [K, N] of
-             its contracted and free axes (`weight_axes`), a view of the stored leaf.
+             (DenseGeneral's [d, heads, head_dim], an einsum's, a transposed one), and a weight a scan's body
+             multiplies so (its first dot's, `kernel_views`), is tiled as the matrix [K, N] of its contracted and
+             free axes (`weight_axes`), a view of the stored leaf.
   rank 1     split flat over up to h x w cores in row-major order (a bias of N values on N cores or fewer).
   one value  one word on the kernel's first core.
 Uneven shapes are zero-padded to whole tiles; the padding is counted in SRAM and in the per-core work.

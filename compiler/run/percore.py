@@ -23,13 +23,26 @@ data (x's rows, lookups, output rows of a convolution) split over the copies of 
 traffic this generates is what the partition recorded (`partition.anchor_traffic`); the caller checks it.
 
 A scan (a recurrent cell: Flax `nn.RNN` of an LSTMCell, GRUCell or SimpleCell, or a hand-written `lax.scan`) runs
-as a `lax.scan` whose body's weight dots (`partition.scan_runs`: a dot_general by a parameter, or a cast of one,
-passed into the scan as a constant and tiled as a plain [K, N] matrix) run as `dense` above at every iteration, each
-on its weight's own tile grid at the kernel's corner (one copy, x's rows not split, chained reductions), the rest of
-the body on the assembled values. An iteration's traffic is static: the scan's is the body's, once per iteration,
-one after another (`partition.scan_traffic`, the record; the schedule charges the same, `scan_comm`). Training's
-backward of a scan runs on the assembled weights; its traffic is that of the same dots' backward on the tiles
-(`partition.scan_backward_traffic`, the record the step charges; the schedule's `scan_bwd_comm`).
+as a `lax.scan` whose body's weight dots (`partition.scan_runs`: a dot_general by a parameter, or a cast or transpose
+of one, passed into the scan as a constant) run as `dense` above at every iteration, each on its weight's own tile
+grid at the kernel's corner (one copy, x's rows not split, chained reductions), the rest of the body on the
+assembled values. A weight is tiled as the matrix [K, N] its first dot multiplies (`partition.kernel_views`, as an
+anchor's: `x @ W.T` and `W @ h` contracting W's last axis included). A scan in the body runs the same way, its dots
+at each of its iterations of each outer one (`ScanDot.nest`; the weight a constant of every scan down to it). An
+iteration's traffic is static: the scan's is the body's, once per iteration, one after another
+(`partition.scan_traffic`, the record; the schedule charges the same, `scan_comm`, and the reductions' adds on the
+busiest core, `scan_adds`, as compute like a WEIGHT anchor's). Training's backward of a scan runs on the assembled
+weights; its traffic is that of the same dots' backward on the tiles (`partition.scan_backward_traffic`, the record
+the step charges; the schedule's `scan_bwd_comm`, and `scan_bwd_adds` for the input cotangent's reductions' adds).
+
+Left on the assembled weights (`partition.scan_left_off` says which and why; `compiler.fuzz.per_core_kinds` raises
+on them): a dot with batch dimensions on its weight (a batched weight, `einsum("bk,bkn->bn", h, W)`), which has no
+per-core rule here nor as an anchor (kept TILED): the dense program moves an x chunk along rows and partials down
+columns of one [K, N] grid, and a batch axis would need either a tile grid per batch entry (as many copies of the
+multicast and reduction, and a placement rule for them) or a leading tile axis that the program's shapes, records
+and charges (`_anchor_shapes`, `Features.p_rows`) do not carry; and a second use of a weight as another matrix, with
+other rows or dtypes, or with partial sums of another dtype class than the kernel's first dot (the partition charges
+one shape per weight and one class of adds per kernel).
 
 The rest of a kernel (epilogues, norms, a positional table added, weightless kernels) runs on the assembled
 activations, reading its parameters from SRAM whole. A tied weight is read by each kernel from its own copy.
