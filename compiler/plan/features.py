@@ -356,7 +356,7 @@ def _anchor_facts(kernel, traced, batch: int = 1) -> dict:
 
     f = dict(anchor=SPREAD, a=1, b=1, lead=1, window=1, m=1, n_in=0, in_s1=0, in_s0=0, in_full=0, n_out=0, out_full=0)
     f.update(isz_in=4, isz_out=4, isz_w=4, fmac_class="fp32", acc_class="fp32", eqn=None, psr=0.0)
-    f.update(in_groups=1, gather=0, axes=None)
+    f.update(in_groups=1, gather=0, axes=None, x_pos=0)
     eqn, widx, pos, perm = part.anchor_operand(kernel, traced)
     if widx is None:
         return f | dict(widx=None)
@@ -374,7 +374,8 @@ def _anchor_facts(kernel, traced, batch: int = 1) -> dict:
     x = eqn.invars[1 if kind == "gather" else 1 - pos].aval
     out = eqn.outvars[0].aval
     m = part.split_rows(eqn, kind, pos)
-    f.update(anchor=WEIGHT, widx=widx, m=m, lead=lead, eqn=eqn)
+    # the data operand: a dot's other one (the weight may be the left, `W @ x`), a lookup's indices
+    f.update(anchor=WEIGHT, widx=widx, m=m, lead=lead, eqn=eqn, x_pos=1 if kind == "gather" else 1 - pos)
     f.update(isz_in=x.dtype.itemsize, isz_out=out.dtype.itemsize, isz_w=np.dtype(aval.dtype).itemsize)
     f.update(fmac_class=wkernel.dtype_class(x.dtype, out.dtype), acc_class=wkernel.dtype_class(out.dtype))
     if kind == "gather":
@@ -461,10 +462,11 @@ def _backward_count(jaxpr: jcore.Jaxpr, consts, diff) -> Counter:
     return Counter(wkernel.count_jaxpr(_jaxpr(keep, [], outs), where="compiler (backward)"))
 
 
-def kernel_counts(kernel, traced, anchor_eqn=None, *, backward: bool = False) -> tuple[Counter, float]:
+def kernel_counts(kernel, traced, anchor_eqn=None, *, backward: bool = False, x_pos: int = 0) -> tuple[Counter, float]:
     """(counts, dx) of a kernel's forward program per batch (`backward`: of its backward program), its WEIGHT
     anchor's equation `anchor_eqn` left out (the partition rule counts that on each core's tiles); dx: 1.0 when the
-    anchor's input carries a gradient (its backward computes the input's cotangent), else 0.0."""
+    anchor's input (its operand `x_pos`: the one that is not the weight) carries a gradient (its backward computes
+    the input's cotangent), else 0.0."""
     keep = [e for e in kernel.eqns if e is not anchor_eqn]
     if not backward:
         jaxpr = _jaxpr(keep, [], kernel.outputs)
@@ -480,7 +482,7 @@ def kernel_counts(kernel, traced, anchor_eqn=None, *, backward: bool = False) ->
     a_in = list(dict.fromkeys(v for v in anchor_eqn.invars if isinstance(v, jcore.Var)))
     a_diff = [v in diff_vars for v in a_in]
     anchor = _backward_count(_jaxpr([anchor_eqn], a_in, anchor_eqn.outvars), [], a_diff)
-    x = anchor_eqn.invars[0]
+    x = anchor_eqn.invars[x_pos]
     return counts - anchor, float(isinstance(x, jcore.Var) and x in diff_vars)
 
 
@@ -600,7 +602,7 @@ def features(
         fwd.append(counts)
         dx = 0.0
         if training:
-            counts, dx = kernel_counts(k, traced, facts["eqn"], backward=True)
+            counts, dx = kernel_counts(k, traced, facts["eqn"], backward=True, x_pos=facts["x_pos"])
             counts[wkernel.TASKS] = 1
             bwd.append(counts)
         else:
