@@ -11,8 +11,9 @@ mini wafers, with the automatic placement under random `PlacementParams` or a ra
 
 The properties `check` holds every case to:
   forward    both paths (fast and per-core) equal native `apply_policy(fn, policy)` within the policy's tolerance;
-  literal    every weight kernel's anchor (dense, attention projection, conv, grouped or depthwise conv, embedding
-             lookup, a tied weight's every use) runs per core on its tiles, not on reassembled weights;
+  literal    every weight kernel's anchor (dense, attention projection, per-head einsum, conv, grouped, depthwise
+             or batch-grouped conv, embedding lookup, a one-row embedding's broadcast, a tied weight's every use) runs
+             per core on its tiles, not on reassembled weights;
   params     `read_params(load(p))` equals p leaf for leaf, shapes and dtypes included (under a 16-bit policy, p
              rounded to the storage format);
   sram       the report's peak SRAM per core equals the allocations' occupancy, and every kernel's fullest core holds
@@ -358,18 +359,23 @@ def _check_counters_and_sram(exe, state):
 
 
 def per_core_kinds(exe) -> dict:
-    """{kernel: how the per-core path runs its anchor ("dense", "conv", "gather")} for every kernel with a weight
-    anchor (compiler.plan.partition.anchor_operand). Raises AssertionError naming one that would run on reassembled
+    """{kernel: how the per-core path runs its anchor ("dense", "batched", "conv", "gather")} for every kernel with a
+    weight anchor (compiler.plan.partition.anchor_operand), and "broadcast" for a kernel broadcasting a one-row weight
+    (`partition.row_broadcasts`: Flax's Embed(1, D)). Raises AssertionError naming one that would run on reassembled
     weights."""
+    part = compiler.plan.partition
     out = {}
     for kernel in exe.graph.kernels:
-        eqn, widx, pos, perm = compiler.plan.partition.anchor_operand(kernel, exe.traced)
+        eqn, widx, pos, perm = part.anchor_operand(kernel, exe.traced)
         if eqn is None:
+            tilings = {t.index: t for t in exe.plans[kernel.name].params}
+            if part.row_broadcasts(kernel, exe.traced, tilings):
+                out[kernel.name] = "broadcast"
             continue
         tiling = next(t for t in exe.plans[kernel.name].params if t.index == widx)
         if tiling.layout != "matrix":  # a one-element or vector weight: one word on a core, nothing to tile
             continue
-        kind = compiler.plan.partition.per_core_kind(eqn, tiling, pos, perm)
+        kind = part.per_core_kind(eqn, tiling, pos, perm)
         assert kind is not None, f"{kernel.name} ({eqn.primitive.name}) does not run per core"
         out[kernel.name] = kind
     return out
