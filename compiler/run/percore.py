@@ -8,12 +8,17 @@ zero), as the partitioner tiled and charged it (`partition.per_core_kind`):
           [d, heads, head_dim] and out [heads, head_dim, d]), einsums with weights, a tied embedding's `attend`.
           W is tiled as the matrix [K, N] of its contracted and free axes (`partition.weight_axes`: a view of the
           stored tensor); x's free axes are flattened into rows M and its contracted axes, ordered as W's, into K.
-  conv    conv_general_dilated(x, W), W [*window, in, out] per feature group: plain, grouped and depthwise.
+  batched dot_general(x, W) with batch dimensions, W [*batch, K, N] (its leading axes the dot's batch axes: per-head
+          or per-expert einsums, `bhd,hde->bhe`): every core holds its tile of every batch slice, receives its chunk
+          of x's rows of every slice and multiplies slice by slice (a batched matmul), as `dense` otherwise.
+  conv    conv_general_dilated(x, W), W [*window, in, out] per feature group: plain, grouped and depthwise; and
+          batch-grouped (batch_group_count G): every row receives the whole batch, and a core picks for each of its
+          output channels the N / G samples of that channel's group.
   gather  an embedding lookup table[ids] of a table [V, D] (Flax Embed): core (i, j) holds rows i*ta.. of the
           table's columns j*tb..; it looks up every index, giving the row where the index falls in its rows and
           zeros elsewhere.
 
-All three are the same fabric program: x's contracted axis is cut into gh chunks (zero-padded; a gather's chunk is
+All four are the same fabric program: x's contracted axis is cut into gh chunks (zero-padded; a gather's chunk is
 the indices themselves, a grouped convolution's is tk input channels of every group), chunk i enters row i at its
 west edge and is multicast along the row (`wafer.multicast`); core (i, j) runs the matmul / conv / lookup of its
 chunk with its SRAM tile W[i, j] (`wafer.map_cores`; a grouped convolution's core first picks the channels of its
@@ -30,6 +35,10 @@ the body on the assembled values. An iteration's traffic is static: the scan's i
 one after another (`partition.scan_traffic`, the record; the schedule charges the same, `scan_comm`). Training's
 backward of a scan runs on the assembled weights; its traffic is that of the same dots' backward on the tiles
 (`partition.scan_backward_traffic`, the record the step charges; the schedule's `scan_bwd_comm`).
+
+Flax's `nn.Embed(1, D)` looks nothing up: it broadcasts its one row [1, D], a matrix on one row of cores. Each of them
+broadcasts its own tile to its columns of the output (`partition.row_broadcasts`): nothing crosses the fabric, as
+recorded (nothing) and charged (no comm).
 
 The rest of a kernel (epilogues, norms, a positional table added, weightless kernels) runs on the assembled
 activations, reading its parameters from SRAM whole. A tied weight is read by each kernel from its own copy.
@@ -191,7 +200,9 @@ def _conv_per_core(x, tiles, tiling, eqn, pattern="chain", pos=1):
 
     With G feature groups (grouped, depthwise), W is [*window, Cin / G, Cout] and the tiles cut its Cin / G and Cout:
     row i of the grid receives channels i*tk.. of every group (G x tk channels), and core (i, j) picks, for each of
-    its tn output channels, the tk of that channel's group, a convolution of tn groups of tk channels each."""
+    its tn output channels, the tk of that channel's group, a convolution of tn groups of tk channels each. With G
+    batch groups, every row receives the whole batch and core (i, j) picks, for each of its tn output channels, the
+    N / G samples of that channel's group: a convolution of tn batch groups."""
     p = eqn.params
     dn = p["dimension_numbers"]
     gh, gw = tiling.grid
