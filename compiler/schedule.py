@@ -259,7 +259,7 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
     dx = f.dx * weight
     dw = runs * matmul_cycles(spec, f.fmac_class, k["mm_d"], k["mm_c"], k["mm_p"], f.isz_in, f.isz_out, f.isz_w, mx)
     dxm = runs * matmul_cycles(
-        spec, f.fmac_class, k["mm_pin"], k["ta"], k["mm_c"] * f.lead, f.isz_out, f.isz_w, f.isz_in, mx
+        spec, f.fmac_class, k["mm_pin"], k["ta"], k["mm_c"] * f.window, f.isz_out, f.isz_w, f.isz_in, mx
     )
     in_elems = f.n_in * k["rows_in"] * k["in_chunk"]
     b_multicast = relax.where(

@@ -7,20 +7,23 @@ Weights (parameter leaves) are tiled over a grid of `gh x gw` cores at the kerne
              never has empty rows or columns of tiles. A dense anchor's weight that is not a plain [K, N]
              (DenseGeneral's [d, heads, head_dim], an einsum's, a transposed one), and a weight a scan's body
              multiplies so (its first dot's, `kernel_views`), is tiled as the matrix [K, N] of its contracted and
-             free axes (`weight_axes`), a view of the stored leaf.
+             free axes (`weight_axes`), a view of the stored leaf. One whose leading axes are the dot's batch axes
+             (a per-head or per-expert einsum's [*batch, K, N]) keeps them whole: every core holds its tile of
+             every batch slice.
   rank 1     split flat over up to h x w cores in row-major order (a bias of N values on N cores or fewer).
   one value  one word on the kernel's first core.
 Uneven shapes are zero-padded to whole tiles; the padding is counted in SRAM and in the per-core work.
 
 The dense partitioning (DESIGN.md): the input's K axis is split into gh chunks, chunk i multicast along row i;
-core (i, j) multiplies it by tile W[i, j]; the partial sums are reduced along each column to the bottom row.
-Convolutions split input channels over rows and output channels over columns the same way (a grouped one: each row
-receives tk channels of every group). An embedding lookup is the same program with the indices as every row's
-input: each core looks up the indices in its rows of the table, the column sums are the rows looked up. Rows of
-data (x's rows for dense, lookups, output rows for conv) are split over as many copies of the tile grid as the
-rectangle holds, each copy with its own weights (`grid_copies`). Other kernels (elementwise epilogues, norms,
-softmax, attention score matmuls) follow their producer's layout: their work is spread evenly over the kernel's
-cores.
+core (i, j) multiplies it by tile W[i, j]; the partial sums are reduced along each column to the bottom row (a
+batched weight: the same for every batch slice at once, its chunks and partials B times as many). Convolutions
+split input channels over rows and output channels over columns the same way (a grouped one: each row receives tk
+channels of every group; a batch-grouped one: the whole batch, each output channel reading its group's samples).
+An embedding lookup is the same program with the indices as every row's input: each core looks up the indices in
+its rows of the table, the column sums are the rows looked up. Rows of data (x's rows for dense, lookups, output
+rows for conv) are split over as many copies of the tile grid as the rectangle holds, each copy with its own
+weights (`grid_copies`). Other kernels (elementwise epilogues, norms, softmax, attention score matmuls) follow their
+producer's layout: their work is spread evenly over the kernel's cores.
 
 Per-core SRAM = weight tiles (x `weight_copies` in training: gradient and optimizer slots) + activation buffers
 (the kernel's input and output for one batch, spread over its cores, x `act_copies`). It is checked against the
@@ -130,8 +133,8 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
       counts, bwd_counts: per-core counts of the kernel's forward and backward programs per call, its WEIGHT anchor
         apart (`per_core_counts`);
       mm_p, mm_c, mm_d: one run of a WEIGHT anchor on a core: out[mm_p, mm_c] += in[mm_p, mm_d] W[mm_d, mm_c]
-        (a sample's rows x positions, the weight tile's columns, its rows x the window; 1 for an embedding lookup,
-        a masked copy of a table row per index), padding included; mm_pin:
+        (a sample's rows x positions (x a batched weight's slices), the weight tile's columns, its rows x the
+        window; 1 for an embedding lookup, a masked copy of a table row per index), padding included; mm_pin:
         the input positions a run's input cotangent covers (training: in[mm_pin, ta] from out[., tb] W^T);
       weight_bytes, act_bytes: SRAM bytes per core (the fullest core: the first, which holds a tile of every
         parameter; a WEIGHT kernel's cores each hold their input chunk and their partial result; per-sample
@@ -230,7 +233,7 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
         bwd_counts=per_core_counts(f, f.bwd_counts, cores, runs),
         mm_p=R.maximum(f.n_out * rows_out, 1.0) / samples,
         mm_c=tb,
-        mm_d=R.where(f.gather > 0, 1.0, ta * f.lead),
+        mm_d=R.where(f.gather > 0, 1.0, ta * f.window),
         mm_pin=R.maximum(f.n_in * rows_in, 1.0) / samples,
         weight_bytes=f.weight_copies * single,
         act_bytes=4.0 * act_words,
@@ -649,6 +652,30 @@ def scan_backward_traffic(runs: list[ScanDot], tilings) -> wafer.Traffic:
     return out
 
 
+def row_broadcasts(kernel, traced, tilings) -> dict:
+    """{eqn: flat parameter index} of the broadcasts in `kernel` of (a cast of) a one-row weight [1, D] tiled as the
+    matrix [1, D] on one row of cores (`tilings`: {parameter index: ParamTiling}), with D the output's last axis:
+    Flax's `nn.Embed(1, D)`, which broadcasts its single row for every index and looks nothing up. The per-core path
+    has each core of that row broadcast its own tile (compiler/run/percore.py): no input reaches the kernel's cores
+    and nothing is summed, so nothing crosses the fabric (no record, no schedule charge)."""
+    param_vars = {v: i for i, v in enumerate(traced.jaxpr.invars[: traced.n_params])}
+    views = _weight_views(kernel.eqns)
+    out = {}
+    for eqn in kernel.eqns:
+        if eqn.primitive.name != "broadcast_in_dim" or not isinstance(eqn.invars[0], jcore.Var):
+            continue
+        w = eqn.invars[0]
+        nd_out = eqn.outvars[0].aval.ndim
+        if w.aval.ndim != 2 or w.aval.shape[0] != 1 or tuple(eqn.params["broadcast_dimensions"])[-1] != nd_out - 1:
+            continue
+        w, perm = _resolve(w, views, [0, 1])
+        idx = param_vars.get(w) if isinstance(w, jcore.Var) else None
+        tiling = tilings.get(idx)
+        if perm == [0, 1] and tiling is not None and tiling.layout == "matrix" and tiling.axes is None:
+            out[eqn] = idx
+    return out
+
+
 def anchor_weight(kernel, traced):
     """(anchor eqn, flat param index of its weight) of a weight kernel (`anchor_operand`), else (None, None)."""
     return anchor_operand(kernel, traced)[:2]
@@ -674,27 +701,41 @@ def weight_axes(eqn, pos: int, perm=None):
     return None if (nd == 2 and rows == (0,) and cols == (1,)) else (rows, cols)
 
 
+def batch_dims(eqn, pos: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(the weight operand `pos`'s batch axes, the data operand's) of a dot_general, pairwise in the dot's order."""
+    _, (lb, rb) = eqn.params["dimension_numbers"]
+    return (tuple(rb), tuple(lb)) if pos == 1 else (tuple(lb), tuple(rb))
+
+
 def per_core_kind(eqn, tiling, pos: int | None = None, perm=None) -> str | None:
     """How the per-core path runs this anchor literally on its weight (operand `pos`; default: the right operand of
-    a dot or conv, the table of a gather; transposed by `perm`, `anchor_operand`) tiles: "dense", "conv" or
-    "gather"; None when it cannot (the weight not tiled as the matrix it multiplies, batch dimensions, a
-    batch-grouped convolution, a transposed convolution kernel or table).
+    a dot or conv, the table of a gather; transposed by `perm`, `anchor_operand`) tiles: "dense", "batched", "conv"
+    or "gather"; None when it cannot (the weight not tiled as the matrix it multiplies, a batched weight whose batch
+    axes do not lead or whose matrix is not its last two axes [K, N], a transposed convolution kernel or table).
 
-      dense   dot_general(x, W) with no batch dimensions, W tiled as the matrix [K, N] of its contracted and free
-              axes (`weight_axes`; Flax Dense and DenseGeneral, einsums with weights, either operand);
-      conv    conv_general_dilated(x, W), W [*window, in, out] per group (feature groups included: grouped and
-              depthwise convolutions);
-      gather  an embedding lookup of rows of W [V, D] (`embedding_gather`).
+      dense    dot_general(x, W) with no batch dimensions, W tiled as the matrix [K, N] of its contracted and free
+               axes (`weight_axes`; Flax Dense and DenseGeneral, einsums with weights, either operand);
+      batched  dot_general(x, W) with batch dimensions, W [*batch, K, N] (per-head or per-expert einsums,
+               `bhd,hde->bhe`): its leading axes are the dot's batch axes in order, then one contracted and one free
+               axis; tiled as a stack of [K, N] matrices (every core holds its tile of every batch slice, the
+               matrix layout's leading axes whole);
+      conv     conv_general_dilated(x, W), W [*window, in, out] per group (feature groups: grouped and depthwise
+               convolutions; batch groups: each output channel reads its group's slice of the batch);
+      gather   an embedding lookup of rows of W [V, D] (`embedding_gather`).
     """
     if eqn is None or tiling is None or tiling.layout != "matrix":
         return None
     name = eqn.primitive.name
     pos = (0 if name == "gather" else 1) if pos is None else pos
     if name == "dot_general":
-        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        (lc, rc), _ = eqn.params["dimension_numbers"]
+        wb, _ = batch_dims(eqn, pos)
         nd = eqn.invars[pos].aval.ndim
         wc = rc if pos == 1 else lc
-        if lb or rb or not wc or len(wc) == nd:
+        if wb:
+            plain = tuple(wb) == tuple(range(len(wb))) and tuple(wc) == (nd - 2,) and nd == len(wb) + 2
+            return "batched" if plain and perm is None and tiling.axes is None else None
+        if not wc or len(wc) == nd:
             return None
         axes = weight_axes(eqn, pos, perm)
         if tiling.axes == axes and (axes is not None or len(tiling.shape) == 2):
@@ -702,7 +743,7 @@ def per_core_kind(eqn, tiling, pos: int | None = None, perm=None) -> str | None:
         return None
     if perm is not None:
         return None
-    if name == "conv_general_dilated" and pos == 1 and eqn.params["batch_group_count"] == 1:
+    if name == "conv_general_dilated" and pos == 1:
         dn = eqn.params["dimension_numbers"]
         nd = len(tiling.shape)
         if (
@@ -717,14 +758,15 @@ def per_core_kind(eqn, tiling, pos: int | None = None, perm=None) -> str | None:
 
 
 def split_rows(eqn, kind, pos: int = 1) -> int:
-    """Rows of data an anchor can split over groups of cores: the rows of x for dense (x's free axes, flattened:
-    x[M, K]), the lookups of a gather, the output's first spatial axis for conv (input rows with their window halo
-    go to each group); 1 if not splittable."""
-    if kind == "dense":
+    """Rows of data an anchor can split over groups of cores: the rows of x for dense and batched (x's free axes,
+    flattened: x[M, K], of every batch slice), the lookups of a gather, the output's first spatial axis for conv
+    (input rows with their window halo go to each group); 1 if not splittable."""
+    if kind in ("dense", "batched"):
         (lc, rc), _ = eqn.params["dimension_numbers"]
         x = eqn.invars[1 - pos].aval
         xc = lc if pos == 1 else rc
-        return math.prod(d for a, d in enumerate(x.shape) if a not in xc)
+        _, xb = batch_dims(eqn, pos)
+        return math.prod(d for a, d in enumerate(x.shape) if a not in xc and a not in xb)
     if kind == "gather":
         return math.prod(eqn.invars[1].aval.shape[:-1])
     if kind == "conv" and all(d == 1 for d in eqn.params["lhs_dilation"]) and len(eqn.params["padding"]):
@@ -749,7 +791,8 @@ def group_offsets(tiling: ParamTiling):
 
 def _anchor_shapes(eqn, tiling: ParamTiling, rows_in: int, rows_out: int, pos: int | None = None, perm=None):
     """Per-core (input chunk, partial result) ShapeDtypeStructs of a per-core anchor on its grid [gh, gw, ...]:
-    dense, rows of x's K chunk and of the partial [rows, tn]; gather, the indices (one per row) and the partial
+    dense, rows of x's K chunk and of the partial [rows, tn]; batched, the same for each of the weight's B batch
+    slices, [B, rows, tk] and [B, rows, tn]; gather, the indices (one per row) and the partial
     [rows, tn]; conv, the image with its tk input channels of every feature group (G x tk) and the partial with tn
     output channels."""
     kind = per_core_kind(eqn, tiling, pos, perm)
@@ -759,6 +802,10 @@ def _anchor_shapes(eqn, tiling: ParamTiling, rows_in: int, rows_out: int, pos: i
     if kind == "dense":
         lhs = eqn.invars[0 if pos == 1 or pos is None else 1].aval
         in_shape, out_shape = (rows_in, tk), (rows_out, tn)
+    elif kind == "batched":
+        lhs = eqn.invars[0 if pos == 1 or pos is None else 1].aval
+        nb = math.prod(tiling.shape[:-2])
+        in_shape, out_shape = (nb, rows_in, tk), (nb, rows_out, tn)
     elif kind == "gather":
         lhs = eqn.invars[1].aval
         in_shape, out_shape = (rows_in,), (rows_out, tn)

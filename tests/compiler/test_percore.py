@@ -76,6 +76,32 @@ class _Take(nn.Module):
         return jnp.take(table, ids, axis=0, mode=self.mode)
 
 
+class _Heads(nn.Module):
+    """A per-head einsum y[b, h, e] = sum_d x[b, h, d] W[h, d, e]: h is a batch axis of the dot (`lhs`: W the left
+    operand, y[h, e, b])."""
+
+    lhs: bool = False
+    features: int = 5
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", nn.initializers.normal(), (x.shape[1], x.shape[2], self.features))
+        if self.lhs:
+            return jax.lax.dot_general(w, x, (((1,), (2,)), ((0,), (1,))))
+        return jnp.einsum("bhd,hde->bhe", x, w)
+
+
+class _BatchGrouped(nn.Module):
+    """A convolution with batch_group_count 2 (as the weight gradient of a grouped convolution has): output channels
+    0-2 read the first half of the batch, 3-5 the second."""
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", nn.initializers.normal(), (3, 2, x.shape[-1], 6))
+        dn = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn, batch_group_count=2)
+
+
 # name -> (fn, params, inputs), the per-core kind its anchor must run as
 CASES = {
     "qkv": (lambda: _linen(nn.DenseGeneral((3, 5)), _rand(1, (2, 3, 7))), "dense"),
@@ -96,16 +122,23 @@ CASES = {
     "take_v1": (lambda: _linen(_Take("clip", vocab=1, width=4), jnp.array([[0, 2, 0]], jnp.int32)), "gather"),
     "take_fill": (lambda: _linen(_Take("fill"), jnp.array([[0, 11, 3], [15, 10, 2]], jnp.int32)), "gather"),
     "take_clip": (lambda: _linen(_Take("clip"), jnp.array([[0, 11, 3], [-4, 10, 2]], jnp.int32)), "gather"),
+    "heads": (lambda: _linen(_Heads(), _rand(12, (4, 3, 7))), "batched"),
+    "heads_lhs": (lambda: _linen(_Heads(lhs=True), _rand(13, (2, 3, 7))), "batched"),
+    "batch_grouped": (lambda: _linen(_BatchGrouped(), _rand(14, (4, 5, 3, 3))), "conv"),
+    # Flax's Embed of one row: no lookup, each core of the row broadcasts its tile (partition.row_broadcasts)
+    "embed_v1": (lambda: _linen(nn.Embed(1, 7), jnp.zeros((2, 3), jnp.int32)), "broadcast"),
 }
 
 
 def _kinds(exe):
-    """The per-core kind of every kernel's anchor ({kernel: kind or None})."""
+    """The per-core kind of every kernel's anchor ({kernel: kind or None}; "broadcast" for a one-row weight's)."""
     out = {}
     for kernel in exe.graph.kernels:
         eqn, widx, pos, perm = part.anchor_operand(kernel, exe.traced)
-        tiling = next((t for t in exe.plans[kernel.name].params if t.index == widx), None)
-        out[kernel.name] = part.per_core_kind(eqn, tiling, pos, perm)
+        tilings = {t.index: t for t in exe.plans[kernel.name].params}
+        out[kernel.name] = part.per_core_kind(eqn, tilings.get(widx), pos, perm)
+        if eqn is None and part.row_broadcasts(kernel, exe.traced, tilings):
+            out[kernel.name] = "broadcast"
     return out
 
 
@@ -139,7 +172,9 @@ def test_every_kind_runs_per_core_and_equals_native(name, spec):
 
 
 @pytest.mark.parametrize("policy", ["bf16", "fp16"])
-@pytest.mark.parametrize("name", ["qkv", "out_proj", "weight_lhs", "attend", "grouped", "depthwise_x2", "embed"])
+@pytest.mark.parametrize(
+    "name", ["qkv", "out_proj", "weight_lhs", "attend", "grouped", "depthwise_x2", "embed", "heads"]
+)
 def test_every_kind_per_core_under_16_bit_policy(name, policy):
     build, kind = CASES[name]
     fn, params, inputs = build()
@@ -147,7 +182,9 @@ def test_every_kind_per_core_under_16_bit_policy(name, policy):
     assert list(_kinds(exe).values()) == [kind]
 
 
-@pytest.mark.parametrize("name", ["qkv", "out_proj", "weight_lhs", "attend", "grouped", "embed"])
+@pytest.mark.parametrize(
+    "name", ["qkv", "out_proj", "weight_lhs", "attend", "grouped", "embed", "heads", "batch_grouped", "embed_v1"]
+)
 def test_weight_gradients_through_per_core_equal_native(name):
     """The gradient of a loss with respect to the weights' SRAM allocations, taken through the per-core path, is
     the native gradient (summed over a tied weight's copies)."""
@@ -385,6 +422,39 @@ def test_dense_general_traffic_by_hand():
     assert fig["in_words"] == 1 and fig["out_words"] == 2 and fig["mm_d"] == 1 and fig["mm_c"] == 2
 
 
+def test_batched_traffic_by_hand():
+    """y = einsum("bhd,hde->bhe") of x [3, 2, 2] by W [2, 2, 2] (2 heads of [2, 2]) on a 2x2 rectangle of the 8x8
+    mini wafer: tiles [2, 1, 1] (every core its tile of both heads), one copy. Each row's west core sends its chunk,
+    3 rows x 1 element of both heads, east (2 x 6 words); each column its 6-word partial one hop south (2 x 6). A
+    core's matmul per sample: 2 rows (one per head) x 1 x 1. Training: each column's bottom core sends the 6-word
+    output cotangent north (x is the program's input: no input cotangent); the step's counters and clock are the
+    schedule's."""
+    spec = wafer.WaferSpec.mini(8, 8)
+    fn, params, inputs = _linen(_Heads(features=2), _rand(24, (3, 2, 2)))
+    plan, fig = _one_kernel(fn, params, inputs, "dense_0", (0, 0, 2, 2), spec)
+    (t,) = plan.params
+    assert t.grid == (2, 2) and t.tile == (2, 1, 1) and t.replicas == (1, 1) and t.axes is None
+    links = _words(plan.traffic, spec)
+    want = np.zeros_like(links)
+    want[1, 0:2, 0] = 6  # E: both heads' chunks along each row
+    want[2, 0, 0:2] = 6  # S: both heads' partials down each column
+    np.testing.assert_array_equal(links, want)
+    assert fig["in_words"] == 6 and fig["out_words"] == 6 and fig["comm"] > 0
+    assert (fig["mm_p"], fig["mm_c"], fig["mm_d"]) == (2, 1, 1)
+    loss = lambda p, b: jnp.sum(fn(p, b) ** 2)  # noqa: E731
+    rects = {"dense_0": (0, 0, 2, 2)}
+    tx = compiler.compile_train(loss, params, inputs[0], optax.sgd(0.1), spec=spec, mode="pipelined", placement=rects)
+    links = _words(tx.plan.kernels["dense_0"].backward_traffic, spec)
+    want = np.zeros_like(links)
+    want[0, 1, 0:2] = 6  # N: the output cotangent up each column
+    np.testing.assert_array_equal(links, want)
+    state, _ = tx.step(tx.init(params), inputs[0])
+    np.testing.assert_array_equal(
+        np.asarray(state.wafer.links), compiler.schedule.link_words(tx.plan).astype(np.float32)
+    )
+    assert float(state.wafer.clock) == pytest.approx(tx.schedule.step_cycles, rel=1e-6)
+
+
 def test_embedding_traffic_by_hand():
     """Lookups of 3 indices in a table [4, 2] on a 2x2 rectangle (tiles [2, 1]): each row receives the 3 indices
     and sends them east (2 x 3 words); each column sends its 3-word partial (a row or zeros per index) one hop
@@ -400,6 +470,14 @@ def test_embedding_traffic_by_hand():
     want[2, 0, 0:2] = 3
     np.testing.assert_array_equal(links, want)
     assert fig["in_words"] == 3 and fig["out_words"] == 3 and fig["mm_d"] == 1 and fig["mm_p"] == 1
+    # training: the indices carry no gradient, so the backward only multicasts the output cotangent up the columns
+    loss = lambda p, b: jnp.sum(fn(p, b) ** 2)  # noqa: E731
+    tx = compiler.compile_train(loss, params, inputs[0], optax.sgd(0.1), spec=spec, placement={"embed_0": (0, 0, 2, 2)})
+    assert tx.plan.features.dx.tolist() == [0.0]
+    links = _words(tx.plan.kernels["embed_0"].backward_traffic, spec)
+    want = np.zeros_like(links)
+    want[0, 1, 0:2] = 3
+    np.testing.assert_array_equal(links, want)
 
 
 def test_depthwise_traffic_by_hand():
