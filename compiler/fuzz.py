@@ -11,8 +11,10 @@ mini wafers, with the automatic placement under random `PlacementParams` or a ra
 
 The properties `check` holds every case to:
   forward    both paths (fast and per-core) equal native `apply_policy(fn, policy)` within the policy's tolerance;
-  literal    every weight kernel's anchor (dense, attention projection, conv, grouped or depthwise conv, embedding
-             lookup, a tied weight's every use) runs per core on its tiles, not on reassembled weights;
+  literal    every weight kernel's anchor (dense, attention projection, per-head einsum, conv, grouped, depthwise
+             or batch-grouped conv, embedding lookup, a one-row embedding's broadcast, a tied weight's every use) and
+             every weight dot of a recurrent cell's scan runs per core on its tiles, not on reassembled weights
+             (`per_core_kinds`);
   params     `read_params(load(p))` equals p leaf for leaf, shapes and dtypes included (under a 16-bit policy, p
              rounded to the storage format);
   sram       the report's peak SRAM per core equals the allocations' occupancy, and every kernel's fullest core holds
@@ -358,20 +360,32 @@ def _check_counters_and_sram(exe, state):
 
 
 def per_core_kinds(exe) -> dict:
-    """{kernel: how the per-core path runs its anchor ("dense", "conv", "gather")} for every kernel with a weight
-    anchor (compiler.plan.partition.anchor_operand). Raises AssertionError naming one that would run on reassembled
-    weights."""
+    """{kernel: how the per-core path runs its weights} for every kernel with a weight anchor
+    (compiler.plan.partition.anchor_operand: "dense", "batched", "conv", "gather"), "broadcast" for a kernel
+    broadcasting a one-row weight (`partition.row_broadcasts`: Flax's Embed(1, D)), and "scan" for a kernel whose
+    scan's body multiplies by a weight (each such dot runs as dense on its weight's tiles at every iteration,
+    `partition.scan_runs`). Raises AssertionError naming one that would run on reassembled weights (an anchor
+    without a per-core rule; a scan's dot in `partition.scan_left_off`, with its reason, or in a kernel whose anchor
+    is not run per core)."""
+    part = compiler.plan.partition
     out = {}
     for kernel in exe.graph.kernels:
-        eqn, widx, pos, perm = compiler.plan.partition.anchor_operand(kernel, exe.traced)
-        if eqn is None:
-            continue
-        tiling = next(t for t in exe.plans[kernel.name].params if t.index == widx)
-        if tiling.layout != "matrix":  # a one-element or vector weight: one word on a core, nothing to tile
-            continue
-        kind = compiler.plan.partition.per_core_kind(eqn, tiling, pos, perm)
-        assert kind is not None, f"{kernel.name} ({eqn.primitive.name}) does not run per core"
-        out[kernel.name] = kind
+        plan = exe.plans[kernel.name]
+        tilings = {t.index: t for t in plan.params}
+        eqn, widx, pos, perm = part.anchor_operand(kernel, exe.traced)
+        runs, left = part.scan_runs(kernel, exe.traced, tilings), part.scan_left_off(kernel, exe.traced, tilings)
+        for d, why in left:
+            name = exe.traced.param_paths[d.widx]
+            raise AssertionError(f"{kernel.name}: a scan's dot by {name} runs on the assembled weight: {why}")
+        if eqn is not None and tilings[widx].layout == "matrix":  # (a one-element or vector weight: one word)
+            kind = part.per_core_kind(eqn, tilings[widx], pos, perm)
+            assert kind is not None, f"{kernel.name} ({eqn.primitive.name}) does not run per core"
+            assert not runs, f"{kernel.name}: a scan's weight dots beside an anchor run on the assembled weights"
+            out[kernel.name] = kind
+        elif runs:
+            out[kernel.name] = "scan"
+        elif eqn is None and part.row_broadcasts(kernel, exe.traced, tilings):
+            out[kernel.name] = "broadcast"
     return out
 
 

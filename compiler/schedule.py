@@ -20,7 +20,8 @@ Per kernel (cycles per call's batch, of its busiest core; wafer/cost.py's rates)
   compute   the per-core counts of its program (`partition.per_core_counts`: elements divided over its cores,
             every operation issued once per sample the core holds, a task per sample) x `cost.unit_cycles`, plus a
             WEIGHT anchor's matmul on the core's tiles per sample (`matmul_cycles`: wafer/kernel.py's loop rule) and
-            the adds of its reduction;
+            the adds of its reduction; a scan kernel's: the adds of its weight dots' chained reductions, every
+            iteration (`scan_adds`, the same rule);
   comm      a WEIGHT kernel's multicast of input chunks along its rows and the reduction of its partial sums down
             its columns, in the cheapest of `PATTERNS` for its shape (`reduction`: wafer/fabric.py's closed forms);
             a scan kernel's: every iteration's multicast and chained reduction of each weight dot of its body on
@@ -28,7 +29,8 @@ Per kernel (cycles per call's batch, of its busiest core; wafer/cost.py's rates)
   cycles    max(compute, comm) when the spec overlaps them, else their sum.
 Training adds each kernel's backward (counted from its VJP's jaxpr; the anchor's weight and input cotangents on the
 tiles; the output cotangent multicast up the columns, the input cotangent's partials reduced along the rows; a scan
-kernel's: the same two for each weight dot of its body on that weight's tile grid, every iteration) and its
+kernel's: the same two for each weight dot of its body on that weight's tile grid, every iteration, and the adds
+of the input cotangent's chained reduction, `scan_bwd_adds`, as compute) and its
 update (the optimizer on every core's tiles, after the weight gradient's sum over the tile grid's copies).
 
 Pipelines (B samples per call, kernel i costing s_i cycles per sample, L the longest route's hops x hop latency):
@@ -163,6 +165,22 @@ def reduction(spec, f, n, words, elements, itemsize, *, to: str, compute=0.0, co
     return take(comm), take(adds), pick
 
 
+def _scan_adds(spec, f: ft.Features, n, elements, itemsize, *, to: str):
+    """Cycles [n] a scan kernel's busiest core spends adding partial sums over all its iterations: per weight dot
+    (parameter p, [n, P]), `p_trips` chained reductions along `n` cores of `elements` elements of `itemsize` bytes
+    per core to core `to` (`fabric.reduce_adds_cycles`, as `reduction` charges a WEIGHT anchor's), in the kernel's
+    class of adds (`Features.acc_class`, the dots' partial sums' under `partition.scan_runs`)."""
+
+    def per_class(c):
+        return fabric.reduce_adds_cycles(n, elements, spec, dtype_class=c, itemsize=itemsize, pattern="chain", to=to)
+
+    kinds = sorted(set(f.acc_class)) or ["fp32"]
+    per = per_class(kinds[0])
+    for c in kinds[1:]:  # (`_by_class` with the kernels' mask against the [n, P] figures)
+        per = relax.where(np.array([x == c for x in f.acc_class])[:, None], per_class(c), per)
+    return relax.xp(per).sum(f.p_trips * per, axis=1)
+
+
 def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
     """Every kernel's partition and cycles on its rectangle ([n] arrays; module docstring).
 
@@ -171,9 +189,11 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
       anchor, adds, multicast, reduction, reduce_pattern (index into PATTERNS): a WEIGHT kernel's matmul on its
         tiles, its reduction's adds, the multicast of its input chunks and the reduction of its partial sums;
       scan_comm: a scan kernel's weight dots' multicasts and reductions over all its iterations (in comm);
+      scan_adds: the adds of those reductions on the busiest core (`_scan_adds`; in compute, as `adds`);
       sram_bytes (per core);
     in training: forward (= cycles), backward, bwd_compute, bwd_comm, bwd_pattern, scan_bwd_comm (a scan kernel's
-    weight dots' backward multicasts and reductions over all its iterations, in bwd_comm), grad_sum (the sum of the
+    weight dots' backward multicasts and reductions over all its iterations, in bwd_comm), scan_bwd_adds (the adds
+    of those reductions along the rows, in bwd_compute), grad_sum (the sum of the
     weight gradient over the tile grid's copies), update (per step: the gradient sum and the optimizer's update;
     weight streaming: the gradient sum is the backward's), io (weight streaming: weights in, per pass).
     """
@@ -205,15 +225,17 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
     zero = 0.0 * k["cores"]
     anchor, adds = relax.where(weight, anchor, zero), relax.where(weight, adds, zero)
     multicast, red = relax.where(weight, multicast, zero), relax.where(weight, red, zero)
-    compute = rest + anchor + adds
-    comm = multicast + red
     # a scan's weight dots (partition.scan_runs): at every iteration, each one's multicast of input chunks along its
-    # weight's rows and chained reduction of partial sums down its columns, one after another
+    # weight's rows and chained reduction of partial sums down its columns, one after another; the reduction's adds
+    # (the busiest core's, `reduction`'s rule for a WEIGHT anchor's, in the chain pattern) are compute, as a WEIGHT
+    # anchor's are: the cores that add are the kernel's, between its other work
     col = lambda x: x[:, None] if getattr(x, "ndim", 0) else x  # noqa: E731
     scan_runs = fabric.multicast_cycles(k["s_gw"], k["s_in_words"], spec, src="first", extra_hops=col(xr))
     scan_runs = scan_runs + fabric.reduce_cycles(k["s_gh"], k["s_out_words"], spec, to="last", extra_hops=col(xc))
     scan_comm = relax.xp(scan_runs).sum(f.p_trips * scan_runs, axis=1)
-    comm = comm + scan_comm
+    scan_adds = _scan_adds(spec, f, k["s_gh"], k["s_out_elems"], f.p_sout, to="last")
+    compute = rest + anchor + adds + scan_adds
+    comm = multicast + red + scan_comm
     cycles = cost.superstep_cycles(spec, compute, comm, maximum=mx)
     k.update(
         compute=compute,
@@ -225,6 +247,7 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
         reduction=red,
         reduce_pattern=pattern,
         scan_comm=scan_comm,
+        scan_adds=scan_adds,
         sram_bytes=k["weight_bytes"] + k["act_bytes"],
         extra_hops=relax.where(weight, relax.maximum(xr + zero, xc + zero), zero),
     )
@@ -236,7 +259,7 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
     dx = f.dx * weight
     dw = runs * matmul_cycles(spec, f.fmac_class, k["mm_d"], k["mm_c"], k["mm_p"], f.isz_in, f.isz_out, f.isz_w, mx)
     dxm = runs * matmul_cycles(
-        spec, f.fmac_class, k["mm_pin"], k["ta"], k["mm_c"] * f.lead, f.isz_out, f.isz_w, f.isz_in, mx
+        spec, f.fmac_class, k["mm_pin"], k["ta"], k["mm_c"] * f.window, f.isz_out, f.isz_w, f.isz_in, mx
     )
     in_elems = f.n_in * k["rows_in"] * k["in_chunk"]
     b_multicast = relax.where(
@@ -263,7 +286,8 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
     scan_bwd = fabric.multicast_cycles(k["s_gh"], k["s_out_words"], spec, src="last", extra_hops=col(xc))
     scan_bwd = scan_bwd + fabric.reduce_cycles(k["s_gw"], k["s_in_words"], spec, to="first", extra_hops=col(xr))
     scan_bwd_comm = relax.xp(scan_bwd).sum(f.p_trips * scan_bwd, axis=1)
-    b_compute = b_rest + dx * (dxm + b_adds)
+    scan_bwd_adds = _scan_adds(spec, f, k["s_gw"], k["s_in_elems"], f.p_sin, to="first")
+    b_compute = b_rest + dx * (dxm + b_adds) + scan_bwd_adds
     b_comm = b_multicast + dx * b_red + scan_bwd_comm
     backward = cost.superstep_cycles(spec, b_compute, b_comm, maximum=mx)
     # the weight gradient summed over the copies of the tile grid (chains between copies, then back): every copy
@@ -285,6 +309,7 @@ def kernel_figures(f: ft.Features, lay: Layout, spec, tau=0.0) -> dict:
         bwd_comm=b_comm,
         bwd_pattern=b_pattern,
         scan_bwd_comm=scan_bwd_comm,
+        scan_bwd_adds=scan_bwd_adds,
         grad_sum=grad_sum,
         update=optimizer if streaming else optimizer + grad_sum,
         io=cost.io_cycles(spec, f.stream_bytes),

@@ -36,7 +36,7 @@ INSTR, OPS, TASK = wkernel.INSTRUCTIONS, wkernel.OPS, wkernel.TASKS
 # Anchor kinds (`Features.anchor`).
 SPREAD = 0  # no weight anchor: the work spreads over the rectangle, at most one output word per core
 WEIGHT = 1  # a dense, convolution or embedding anchor run on its weight's tile grid, rows split over grid copies
-TILED = 2  # an anchor whose weight is a tiled matrix the per-core path cannot run (batch dimensions, batch groups)
+TILED = 2  # an anchor whose weight is a tiled matrix the per-core path cannot run (partition.per_core_kind)
 
 # Parameter layouts (`Features.p_layout`), as partition.tile_param stores them.
 NONE, SCALAR, VECTOR, MATRIX = -1, 0, 1, 2
@@ -50,6 +50,7 @@ _PER_KERNEL = (
     "a",
     "b",
     "lead",
+    "window",
     "m",
     "n_in",
     "in_groups",
@@ -108,10 +109,14 @@ class Features:
       flops [n]: FLOPs of the whole kernel's forward per batch (an FMAC is two).
     The anchor's weight (anchor WEIGHT or TILED; 1 elsewhere):
       anchor [n]: SPREAD, WEIGHT or TILED.
-      a, b [n]: its tiled dims (axes -2 and -1); lead [n]: elements per (a, b) entry (a convolution's window).
+      a, b [n]: its tiled dims (axes -2 and -1); lead [n]: elements per (a, b) entry (a convolution's window, a
+        batched weight's batch slices).
+      window [n]: elements its contraction runs over per row of the matrix (a convolution's window, its lead; 1 for
+        dense, batched and gather anchors: a batched weight's slices are each its own matrix, contracted apart).
       m [n]: rows of data its grid copies can split (x's rows for dense, output rows for conv).
       n_in, in_s1, in_s0, in_full [n]: a core receives n_in * rows * ta input elements, rows = in_s1 * mt + in_s0
-        when the rows are split over copies, in_full otherwise (x in_groups; n_in * rows for a gather).
+        when the rows are split over copies, in_full otherwise (x in_groups; n_in * rows for a gather; n_in the
+        batch slices of a batched anchor, the other positions of a convolution).
       in_groups [n]: a grouped convolution's feature groups G: a core receives ta input channels of each (its
         columns' output channels may belong to any group); 1 elsewhere.
       gather [n]: 1.0 for an embedding lookup: its input is the indices, one per row of data, and a core's lookup
@@ -119,7 +124,8 @@ class Features:
       n_out, out_full [n]: a core's partial result is n_out * rows * tb elements, rows = mt, or out_full when
         out_full > 0 (an anchor whose rows cannot be split).
       isz_in, isz_out, isz_w [n]: element bytes of its input, output and weight.
-      fmac_class, acc_class (static, per kernel): the dtype classes of its FMACs and of its partial sums' adds.
+      fmac_class, acc_class (static, per kernel): the dtype classes of its FMACs and of its partial sums' adds (a
+        scan kernel's: its weight dots' partial sums, `partition.scan_runs`).
       dx [n]: 1.0 when its input carries a gradient, so that training's backward computes the input's cotangent
         (not for a first layer reading the program's data).
       psr [n]: rows of m per sample (a dense anchor's rows hold the batch: m / batch); 0 when every row holds every
@@ -134,8 +140,10 @@ class Features:
       p_layout: NONE, SCALAR, VECTOR or MATRIX; p_a, p_b: MATRIX dims -2, -1 (VECTOR: p_a elements); p_lead:
       elements per (a, b) entry; p_isz: element bytes; p_anchor: 1.0 for the anchor's weight.
     A scan's weight dots (`partition.scan_runs`: a recurrent cell's matmuls, run per core at every iteration on the
-    weight's own tile grid, `param_grid`, one copy), per parameter [n, P] (zeros for others):
-      p_trips: runs per call (iterations x uses); p_rows: rows of x per run (x[M, K], M not split);
+    weight's own tile grid, `param_grid`, one copy; p_a, p_b the matrix its first dot multiplies,
+    `partition.kernel_views`), per parameter [n, P] (zeros for others):
+      p_trips: runs per call (iterations x uses; a nested scan's, the product of the lengths); p_rows: rows of x
+        per run (x[M, K], M not split);
       p_sin, p_sout: element bytes of x and of the result.
     Training (zeros in inference):
       upd_alpha [n, P, K], upd_beta [n, K]: a core's optimizer update on its tiles counts
@@ -170,6 +178,7 @@ class Features:
     a: jax.Array
     b: jax.Array
     lead: jax.Array
+    window: jax.Array
     m: jax.Array
     n_in: jax.Array
     in_groups: jax.Array
@@ -349,9 +358,9 @@ def _anchor_facts(kernel, traced, batch: int = 1) -> dict:
     `partition.weight_axes`)."""
     from compiler.plan import partition as part
 
-    f = dict(anchor=SPREAD, a=1, b=1, lead=1, m=1, n_in=0, in_s1=0, in_s0=0, in_full=0, n_out=0, out_full=0)
+    f = dict(anchor=SPREAD, a=1, b=1, lead=1, window=1, m=1, n_in=0, in_s1=0, in_s0=0, in_full=0, n_out=0, out_full=0)
     f.update(isz_in=4, isz_out=4, isz_w=4, fmac_class="fp32", acc_class="fp32", eqn=None, psr=0.0)
-    f.update(in_groups=1, gather=0, axes=None)
+    f.update(in_groups=1, gather=0, axes=None, x_pos=0)
     eqn, widx, pos, perm = part.anchor_operand(kernel, traced)
     if widx is None:
         return f | dict(widx=None)
@@ -369,14 +378,17 @@ def _anchor_facts(kernel, traced, batch: int = 1) -> dict:
     x = eqn.invars[1 if kind == "gather" else 1 - pos].aval
     out = eqn.outvars[0].aval
     m = part.split_rows(eqn, kind, pos)
-    f.update(anchor=WEIGHT, widx=widx, m=m, lead=lead, eqn=eqn)
+    # the data operand: a dot's other one (the weight may be the left, `W @ x`), a lookup's indices
+    f.update(anchor=WEIGHT, widx=widx, m=m, lead=lead, eqn=eqn, x_pos=1 if kind == "gather" else 1 - pos)
     f.update(isz_in=x.dtype.itemsize, isz_out=out.dtype.itemsize, isz_w=np.dtype(aval.dtype).itemsize)
     f.update(fmac_class=wkernel.dtype_class(x.dtype, out.dtype), acc_class=wkernel.dtype_class(out.dtype))
     if kind == "gather":
         # the lookup copies table rows (a multiply-add's class of the table's dtype), the indices are words
         f.update(fmac_class=wkernel.dtype_class(aval.dtype, out.dtype), gather=1)
-    if kind in ("dense", "gather"):
-        return f | dict(n_in=1, in_s1=1, in_s0=0, in_full=m, n_out=1, out_full=0, psr=m / max(batch, 1))
+    if kind in ("dense", "batched", "gather"):
+        # a batched anchor's core receives and produces its rows of every batch slice (partition._anchor_shapes)
+        nb = lead if kind == "batched" else 1
+        return f | dict(n_in=nb, in_s1=1, in_s0=0, in_full=m, n_out=nb, out_full=0, psr=m / max(batch, 1))
     dn = eqn.params["dimension_numbers"]
     c_in, sp_in = dn.lhs_spec[1], dn.lhs_spec[2]
     c_out, sp_out = dn.out_spec[1], dn.out_spec[2]
@@ -386,7 +398,7 @@ def _anchor_facts(kernel, traced, batch: int = 1) -> dict:
     stride, dil = eqn.params["window_strides"][0], eqn.params["rhs_dilation"][0]
     # a group of mt output rows reads (mt - 1) * stride + (k - 1) * dil + 1 input rows (partition.conv_rows_span)
     f.update(n_in=n_in, in_s1=stride, in_s0=(k - 1) * dil + 1 - stride, in_full=x.shape[sp_in], n_out=n_out)
-    f.update(in_groups=eqn.params["feature_group_count"])
+    f.update(in_groups=eqn.params["feature_group_count"], window=lead)
     if m == 1:  # rows not splittable: a core produces every output row
         f.update(out_full=out.shape[sp_out])
     return f
@@ -454,10 +466,11 @@ def _backward_count(jaxpr: jcore.Jaxpr, consts, diff) -> Counter:
     return Counter(wkernel.count_jaxpr(_jaxpr(keep, [], outs), where="compiler (backward)"))
 
 
-def kernel_counts(kernel, traced, anchor_eqn=None, *, backward: bool = False) -> tuple[Counter, float]:
+def kernel_counts(kernel, traced, anchor_eqn=None, *, backward: bool = False, x_pos: int = 0) -> tuple[Counter, float]:
     """(counts, dx) of a kernel's forward program per batch (`backward`: of its backward program), its WEIGHT
     anchor's equation `anchor_eqn` left out (the partition rule counts that on each core's tiles); dx: 1.0 when the
-    anchor's input carries a gradient (its backward computes the input's cotangent), else 0.0."""
+    anchor's input (its operand `x_pos`: the one that is not the weight) carries a gradient (its backward computes
+    the input's cotangent), else 0.0."""
     keep = [e for e in kernel.eqns if e is not anchor_eqn]
     if not backward:
         jaxpr = _jaxpr(keep, [], kernel.outputs)
@@ -473,7 +486,7 @@ def kernel_counts(kernel, traced, anchor_eqn=None, *, backward: bool = False) ->
     a_in = list(dict.fromkeys(v for v in anchor_eqn.invars if isinstance(v, jcore.Var)))
     a_diff = [v in diff_vars for v in a_in]
     anchor = _backward_count(_jaxpr([anchor_eqn], a_in, anchor_eqn.outvars), [], a_diff)
-    x = anchor_eqn.invars[0]
+    x = anchor_eqn.invars[x_pos]
     return counts - anchor, float(isinstance(x, jcore.Var) and x in diff_vars)
 
 
@@ -560,7 +573,21 @@ def features(
     kernels = graph.kernels
     n = len(kernels)
     P = max((len(k.params) for k in kernels), default=0) or 1
-    names = ("anchor", "a", "b", "lead", "m", "n_in", "in_groups", "gather", "in_s1", "in_s0", "in_full", "n_out")
+    names = (
+        "anchor",
+        "a",
+        "b",
+        "lead",
+        "window",
+        "m",
+        "n_in",
+        "in_groups",
+        "gather",
+        "in_s1",
+        "in_s0",
+        "in_full",
+        "n_out",
+    )
     names = (*names, "out_full")
     rows = {key: [] for key in (*names, "isz_in", "isz_out", "isz_w", "dx", "psr")}
     fmac_class, acc_class = [], []
@@ -579,7 +606,7 @@ def features(
         fwd.append(counts)
         dx = 0.0
         if training:
-            counts, dx = kernel_counts(k, traced, facts["eqn"], backward=True)
+            counts, dx = kernel_counts(k, traced, facts["eqn"], backward=True, x_pos=facts["x_pos"])
             counts[wkernel.TASKS] = 1
             bwd.append(counts)
         else:
@@ -591,6 +618,7 @@ def features(
         acc_class.append(facts["acc_class"])
         in_b[i], out_b[i] = act_bytes(k.inputs, act_itemsize), act_bytes(k.outputs, act_itemsize)
         upd_params = []
+        views = part.kernel_views(k, traced)
         for j, idx in enumerate(k.params):
             aval = traced.param_avals[idx]
             shape, itemsize = tuple(aval.shape), np.dtype(aval.dtype).itemsize
@@ -599,8 +627,8 @@ def features(
             p_arrays["p_isz"][i, j] = itemsize
             p_arrays["p_anchor"][i, j] = float(idx == facts["widx"])
             if layout == MATRIX:
-                # the anchor's weight as the matrix its tiles cut (partition.tile_param)
-                lead, a, b = part.matrix_dims(shape, facts["axes"] if idx == facts["widx"] else None)
+                # the weight as the matrix its tiles cut (partition.tile_param): the anchor's or a scan's view
+                lead, a, b = part.matrix_dims(shape, views.get(idx))
                 p_arrays["p_a"][i, j], p_arrays["p_b"][i, j], p_arrays["p_lead"][i, j] = a, b, lead
             elif layout == VECTOR:
                 p_arrays["p_a"][i, j], p_arrays["p_b"][i, j], p_arrays["p_lead"][i, j] = shape[0], 1, 1
@@ -610,8 +638,13 @@ def features(
             stream[i] += math.prod(shape) * isz
         if facts["anchor"] == SPREAD:
             # a scan's weight dots run on their weights' tiles (partition.scan_runs), one shape per weight
-            views = {idx: part.tile_param(idx, "", traced.param_avals[idx], Rect(0, 0, 1, 1)) for idx in k.params}
-            for d in part.scan_runs(k, traced, views):
+            tilings = {
+                idx: part.tile_param(idx, "", traced.param_avals[idx], Rect(0, 0, 1, 1), views.get(idx))
+                for idx in k.params
+            }
+            for d in part.scan_runs(k, traced, tilings):
+                # its partial sums' adds are of the runs' one class (partition.scan_runs)
+                acc_class[-1] = part.scan_dot_class(d)
                 j = k.params.index(d.widx)
                 sin, sout = part.scan_dot_itemsizes(d)
                 p_arrays["p_trips"][i, j] += d.trips

@@ -5,21 +5,25 @@ Weights (parameter leaves) are tiled over a grid of `gh x gw` cores at the kerne
              [ceil(K/gh), ceil(N/gw)]; a conv kernel [kh, kw, Cin, Cout] tiles Cin x Cout and keeps the window
              whole; an embedding table [V, D] tiles V x D). gh = min(h, dim -2), gw = min(w, dim -1): a grid
              never has empty rows or columns of tiles. A dense anchor's weight that is not a plain [K, N]
-             (DenseGeneral's [d, heads, head_dim], an einsum's, a transposed one) is tiled as the matrix [K, N] of
-             its contracted and free axes (`weight_axes`), a view of the stored leaf.
+             (DenseGeneral's [d, heads, head_dim], an einsum's, a transposed one), and a weight a scan's body
+             multiplies so (its first dot's, `kernel_views`), is tiled as the matrix [K, N] of its contracted and
+             free axes (`weight_axes`), a view of the stored leaf. One whose leading axes are the dot's batch axes
+             (a per-head or per-expert einsum's [*batch, K, N]) keeps them whole: every core holds its tile of
+             every batch slice.
   rank 1     split flat over up to h x w cores in row-major order (a bias of N values on N cores or fewer).
   one value  one word on the kernel's first core.
 Uneven shapes are zero-padded to whole tiles; the padding is counted in SRAM and in the per-core work.
 
 The dense partitioning (DESIGN.md): the input's K axis is split into gh chunks, chunk i multicast along row i;
-core (i, j) multiplies it by tile W[i, j]; the partial sums are reduced along each column to the bottom row.
-Convolutions split input channels over rows and output channels over columns the same way (a grouped one: each row
-receives tk channels of every group). An embedding lookup is the same program with the indices as every row's
-input: each core looks up the indices in its rows of the table, the column sums are the rows looked up. Rows of
-data (x's rows for dense, lookups, output rows for conv) are split over as many copies of the tile grid as the
-rectangle holds, each copy with its own weights (`grid_copies`). Other kernels (elementwise epilogues, norms,
-softmax, attention score matmuls) follow their producer's layout: their work is spread evenly over the kernel's
-cores.
+core (i, j) multiplies it by tile W[i, j]; the partial sums are reduced along each column to the bottom row (a
+batched weight: the same for every batch slice at once, its chunks and partials B times as many). Convolutions
+split input channels over rows and output channels over columns the same way (a grouped one: each row receives tk
+channels of every group; a batch-grouped one: the whole batch, each output channel reading its group's samples).
+An embedding lookup is the same program with the indices as every row's input: each core looks up the indices in
+its rows of the table, the column sums are the rows looked up. Rows of data (x's rows for dense, lookups, output
+rows for conv) are split over as many copies of the tile grid as the rectangle holds, each copy with its own
+weights (`grid_copies`). Other kernels (elementwise epilogues, norms, softmax, attention score matmuls) follow their
+producer's layout: their work is spread evenly over the kernel's cores.
 
 Per-core SRAM = weight tiles (x `weight_copies` in training: gradient and optimizer slots) + activation buffers
 (the kernel's input and output for one batch, spread over its cores, x `act_copies`). It is checked against the
@@ -44,6 +48,7 @@ from jax.extend import core as jcore
 import wafer
 from compiler import relax
 from compiler.plan import features as ft
+from wafer import kernel as wkernel
 from wafer.memory import Rect, SramCapacityError
 
 
@@ -143,8 +148,8 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
       counts, bwd_counts: per-core counts of the kernel's forward and backward programs per call, its WEIGHT anchor
         apart (`per_core_counts`);
       mm_p, mm_c, mm_d: one run of a WEIGHT anchor on a core: out[mm_p, mm_c] += in[mm_p, mm_d] W[mm_d, mm_c]
-        (a sample's rows x positions, the weight tile's columns, its rows x the window; 1 for an embedding lookup,
-        a masked copy of a table row per index), padding included; mm_pin:
+        (a sample's rows x positions (x a batched weight's slices), the weight tile's columns, its rows x the
+        window; 1 for an embedding lookup, a masked copy of a table row per index), padding included; mm_pin:
         the input positions a run's input cotangent covers (training: in[mm_pin, ta] from out[., tb] W^T);
       weight_bytes, act_bytes: SRAM bytes per core (the fullest core: the first, which holds a tile of every
         parameter; a WEIGHT kernel's cores each hold their input chunk and their partial result; per-sample
@@ -157,9 +162,11 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
         for an embedding lookup);
       out_elems, tile_words: elements of a core's partial result (its reduction's adds), words of its weight tile
         (the gradient summed over grid copies in training);
-      s_gh, s_gw, s_in_words, s_out_words [n, P]: a scan's weight dot on parameter p's tile grid (`scan_runs`;
-        one core and no words for other parameters): the grid, the words per core of one run's multicast along rows
-        and of its reduction down columns (the kernel's grid covers every such grid).
+      s_gh, s_gw, s_in_words, s_out_words, s_in_elems, s_out_elems [n, P]: a scan's weight dot on parameter p's
+        tile grid (`scan_runs`; one core and no words for other parameters): the grid, the words per core of one
+        run's multicast along rows and of its reduction down columns, and the elements of a core's input chunk and
+        partial result (what the reductions' adds add: down the columns forward, along the rows backward) (the
+        kernel's grid covers every such grid).
     """
     R = relax
     ns = relax.xp(f.counts, h, w)
@@ -241,7 +248,7 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
         bwd_counts=per_core_counts(f, f.bwd_counts, cores, runs),
         mm_p=R.maximum(f.n_out * rows_out, 1.0) / samples,
         mm_c=tb,
-        mm_d=R.where(f.gather > 0, 1.0, ta * f.lead),
+        mm_d=R.where(f.gather > 0, 1.0, ta * f.window),
         mm_pin=R.maximum(f.n_in * rows_in, 1.0) / samples,
         weight_bytes=f.weight_copies * single,
         act_bytes=4.0 * act_words,
@@ -257,6 +264,8 @@ def kernel_shape(f: ft.Features, h, w) -> dict:
         s_gw=R.where(scan, pgw, 1.0 + zero_p),
         s_in_words=R.where(scan, R.ceil(f.p_rows * pta * f.p_sin / 4.0), zero_p),
         s_out_words=R.where(scan, R.ceil(f.p_rows * ptb * f.p_sout / 4.0), zero_p),
+        s_in_elems=R.where(scan, f.p_rows * pta, zero_p),
+        s_out_elems=R.where(scan, f.p_rows * ptb, zero_p),
     )
 
 
@@ -501,7 +510,9 @@ def _resolve(w, views, perm):
 class ScanDot:
     """A `dot_general` in a scan's body whose operand `pos` is (a cast or transpose, `perm`, of) the kernel's
     parameter `widx`, passed into the scan as a constant: the per-core path runs it on the weight's tiles at every
-    one of the scan's `trips` iterations (compiler/run/percore.py)."""
+    one of its `trips` iterations (compiler/run/percore.py). `scan` is the kernel's (top-level) scan; `nest` the
+    scans between its body and the dot's, outermost first (a scan in a scan's body, its weight passed down as a
+    constant at every level), and `trips` the product of all their lengths."""
 
     scan: object
     dot: object
@@ -509,53 +520,118 @@ class ScanDot:
     pos: int
     perm: tuple[int, ...] | None
     trips: int
+    nest: tuple = ()
+
+    @property
+    def path(self) -> tuple:
+        """The scans from the kernel's to the one whose body holds the dot."""
+        return (self.scan, *self.nest)
 
 
 def scan_dots(kernel, traced) -> list[ScanDot]:
     """The weight dots of every scan at the top level of `kernel` (`ScanDot`), in program order: a recurrent cell's
-    matmuls by its weights (Flax `nn.RNN` of an LSTMCell, GRUCell or SimpleCell, or a hand-written `lax.scan`).
-    Scans nested in a body are not looked into (they run on the assembled weights)."""
+    matmuls by its weights (Flax `nn.RNN` of an LSTMCell, GRUCell or SimpleCell, or a hand-written `lax.scan`),
+    those of scans nested in its body included (their weight a constant of every scan down to it)."""
     param_vars = traced.param_index
     outer = _weight_views(kernel.eqns)
+
+    def top(v, perm):  # a kernel-level var -> (parameter index, perm) when it is (a view of) a kernel parameter
+        w, perm = _resolve(v, outer, perm)
+        if isinstance(w, jcore.Var) and w in param_vars and param_vars[w] in kernel.params:
+            return param_vars[w], perm
+        return None
+
     out = []
     for eqn in kernel.eqns:
-        if eqn.primitive.name != "scan":
-            continue
-        body = eqn.params["jaxpr"].jaxpr
-        nc = eqn.params["num_consts"]
-        consts = dict(zip(body.invars[:nc], eqn.invars[:nc]))
-        inner = _weight_views(body.eqns)
-        for dot in body.eqns:
-            if dot.primitive.name != "dot_general" or len(dot.invars) != 2:
-                continue
-            for pos in (1, 0):
-                w = dot.invars[pos]
-                if not isinstance(w, jcore.Var):
-                    continue
-                w, perm = _resolve(w, inner, list(range(w.aval.ndim)))
-                if w not in consts:
-                    continue
-                w, perm = _resolve(consts[w], outer, perm)
-                if isinstance(w, jcore.Var) and w in param_vars and param_vars[w] in kernel.params:
-                    perm = None if perm == sorted(perm) else tuple(perm)
-                    out.append(ScanDot(eqn, dot, param_vars[w], pos, perm, int(eqn.params["length"])))
-                    break
+        if eqn.primitive.name == "scan":
+            _body_dots(eqn, eqn, (), int(eqn.params["length"]), top, out)
     return out
+
+
+def _body_dots(scan, eqn, nest, trips, resolve, out):
+    """Append to `out` the weight dots of the body of `eqn` (a scan `nest` deep in the kernel's `scan`, run `trips`
+    times in all) and of the scans in it; `resolve` maps a var of the enclosing level to its parameter."""
+    body, nc = eqn.params["jaxpr"].jaxpr, eqn.params["num_consts"]
+    consts = dict(zip(body.invars[:nc], eqn.invars[:nc]))
+    inner = _weight_views(body.eqns)
+
+    def here(v, perm):
+        v, perm = _resolve(v, inner, perm)
+        if not isinstance(v, jcore.Var) or v not in consts or not isinstance(consts[v], jcore.Var):
+            return None
+        return resolve(consts[v], perm)
+
+    for e in body.eqns:
+        if e.primitive.name == "scan":
+            _body_dots(scan, e, (*nest, e), trips * int(e.params["length"]), here, out)
+        if e.primitive.name != "dot_general" or len(e.invars) != 2:
+            continue
+        for pos in (1, 0):
+            w = e.invars[pos]
+            hit = here(w, list(range(w.aval.ndim))) if isinstance(w, jcore.Var) else None
+            if hit is not None:
+                widx, perm = hit
+                perm = None if perm == sorted(perm) else tuple(perm)
+                out.append(ScanDot(scan, e, widx, pos, perm, trips, nest))
+                break
 
 
 def scan_runs(kernel, traced, tilings) -> list[ScanDot]:
     """The `scan_dots` the per-core path runs on their weights' `tilings` (ParamTilings by parameter index):
-    those `per_core_kind` runs as "dense" on a weight tiled as a plain matrix, all uses of a weight with the same
-    rows and dtypes as its first (the partition rule charges one shape per weight: `Features.p_trips`)."""
-    out, first = [], {}
+    those `per_core_kind` runs as "dense" on the weight as tiled (the matrix [K, N] of its first use,
+    `kernel_views`: either operand, transposed or not), all uses of a weight with the same rows and dtypes as its
+    first (the partition rule charges one shape per weight: `Features.p_trips`), and whose results' dtype class is
+    the first run's (the kernel's one class of adds, `Features.acc_class`). The others, and why, are
+    `scan_left_off`'s."""
+    return _scan_split(kernel, traced, tilings)[0]
+
+
+def scan_left_off(kernel, traced, tilings) -> list[tuple[ScanDot, str]]:
+    """The `scan_dots` by a weight tiled as a matrix that the per-core path does not run on its tiles (they run
+    on the assembled weight, uncharged), each with the reason (`scan_runs`)."""
+    return _scan_split(kernel, traced, tilings)[1]
+
+
+def _scan_split(kernel, traced, tilings):
+    runs, left, first, acc = [], [], {}, None
     for d in scan_dots(kernel, traced):
         tiling = tilings.get(d.widx)
-        if tiling is None or tiling.axes is not None or per_core_kind(d.dot, tiling, d.pos, d.perm) != "dense":
+        if tiling is None or tiling.layout != "matrix":  # one element or a vector: nothing to tile
+            continue
+        if per_core_kind(d.dot, tiling, d.pos, d.perm) != "dense":
+            (lb, rb) = d.dot.params["dimension_numbers"][1]
+            if lb or rb:
+                # a batched weight has no per-core rule, in a scan or as an anchor (kept TILED): its batch axis
+                # would be a tile grid per batch entry, or a leading tile axis the dense program does not move
+                left.append((d, "batch dimensions (a batched weight: no per-core rule, as for an anchor)"))
+            else:
+                left.append((d, f"multiplied as another matrix than the one it is tiled as {tiling.axes}"))
             continue
         sig = (split_rows(d.dot, "dense", d.pos), *scan_dot_itemsizes(d))
-        if first.setdefault(d.widx, sig) == sig:
-            out.append(d)
-    return out
+        cls = scan_dot_class(d)
+        if first.setdefault(d.widx, sig) != sig:
+            left.append((d, f"rows and dtypes {sig} unlike its first use's {first[d.widx]} (one shape per weight)"))
+        elif (acc := acc or cls) != cls:
+            left.append((d, f"partial sums of class {cls}, the kernel's first dot's being {acc}"))
+        else:
+            runs.append(d)
+    return runs, left
+
+
+def scan_dot_class(d: ScanDot) -> str:
+    """The dtype class of a scan weight dot's partial sums, which its reductions add (`wkernel.dtype_class`)."""
+    return wkernel.dtype_class(d.dot.outvars[0].aval.dtype)
+
+
+def kernel_views(kernel, traced) -> dict:
+    """{parameter index: the matrix view its tiles cut (`weight_axes`, None for its plain layout)} of the weights
+    a kernel multiplies as a dense matrix: its anchor's (`anchor_operand`), and each weight a scan's body multiplies
+    (`scan_dots`), as its first use does (`x @ W.T` contracts W's last axis: W is tiled as [K, N] = W.T)."""
+    eqn, widx, pos, perm = anchor_operand(kernel, traced)
+    views = {widx: weight_axes(eqn, pos, perm)} if widx is not None else {}
+    for d in scan_dots(kernel, traced):
+        views.setdefault(d.widx, weight_axes(d.dot, d.pos, d.perm))
+    return views
 
 
 def scan_dot_itemsizes(d: ScanDot) -> tuple[int, int]:
@@ -591,6 +667,30 @@ def scan_backward_traffic(runs: list[ScanDot], tilings) -> wafer.Traffic:
     return out
 
 
+def row_broadcasts(kernel, traced, tilings) -> dict:
+    """{eqn: flat parameter index} of the broadcasts in `kernel` of (a cast of) a one-row weight [1, D] tiled as the
+    matrix [1, D] on one row of cores (`tilings`: {parameter index: ParamTiling}), with D the output's last axis:
+    Flax's `nn.Embed(1, D)`, which broadcasts its single row for every index and looks nothing up. The per-core path
+    has each core of that row broadcast its own tile (compiler/run/percore.py): no input reaches the kernel's cores
+    and nothing is summed, so nothing crosses the fabric (no record, no schedule charge)."""
+    param_vars = traced.param_index
+    views = _weight_views(kernel.eqns)
+    out = {}
+    for eqn in kernel.eqns:
+        if eqn.primitive.name != "broadcast_in_dim" or not isinstance(eqn.invars[0], jcore.Var):
+            continue
+        w = eqn.invars[0]
+        nd_out = eqn.outvars[0].aval.ndim
+        if w.aval.ndim != 2 or w.aval.shape[0] != 1 or tuple(eqn.params["broadcast_dimensions"])[-1] != nd_out - 1:
+            continue
+        w, perm = _resolve(w, views, [0, 1])
+        idx = param_vars.get(w) if isinstance(w, jcore.Var) else None
+        tiling = tilings.get(idx)
+        if perm == [0, 1] and tiling is not None and tiling.layout == "matrix" and tiling.axes is None:
+            out[eqn] = idx
+    return out
+
+
 def anchor_weight(kernel, traced):
     """(anchor eqn, flat param index of its weight) of a weight kernel (`anchor_operand`), else (None, None)."""
     return anchor_operand(kernel, traced)[:2]
@@ -616,27 +716,41 @@ def weight_axes(eqn, pos: int, perm=None):
     return None if (nd == 2 and rows == (0,) and cols == (1,)) else (rows, cols)
 
 
+def batch_dims(eqn, pos: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(the weight operand `pos`'s batch axes, the data operand's) of a dot_general, pairwise in the dot's order."""
+    _, (lb, rb) = eqn.params["dimension_numbers"]
+    return (tuple(rb), tuple(lb)) if pos == 1 else (tuple(lb), tuple(rb))
+
+
 def per_core_kind(eqn, tiling, pos: int | None = None, perm=None) -> str | None:
     """How the per-core path runs this anchor literally on its weight (operand `pos`; default: the right operand of
-    a dot or conv, the table of a gather; transposed by `perm`, `anchor_operand`) tiles: "dense", "conv" or
-    "gather"; None when it cannot (the weight not tiled as the matrix it multiplies, batch dimensions, a
-    batch-grouped convolution, a transposed convolution kernel or table).
+    a dot or conv, the table of a gather; transposed by `perm`, `anchor_operand`) tiles: "dense", "batched", "conv"
+    or "gather"; None when it cannot (the weight not tiled as the matrix it multiplies, a batched weight whose batch
+    axes do not lead or whose matrix is not its last two axes [K, N], a transposed convolution kernel or table).
 
-      dense   dot_general(x, W) with no batch dimensions, W tiled as the matrix [K, N] of its contracted and free
-              axes (`weight_axes`; Flax Dense and DenseGeneral, einsums with weights, either operand);
-      conv    conv_general_dilated(x, W), W [*window, in, out] per group (feature groups included: grouped and
-              depthwise convolutions);
-      gather  an embedding lookup of rows of W [V, D] (`embedding_gather`).
+      dense    dot_general(x, W) with no batch dimensions, W tiled as the matrix [K, N] of its contracted and free
+               axes (`weight_axes`; Flax Dense and DenseGeneral, einsums with weights, either operand);
+      batched  dot_general(x, W) with batch dimensions, W [*batch, K, N] (per-head or per-expert einsums,
+               `bhd,hde->bhe`): its leading axes are the dot's batch axes in order, then one contracted and one free
+               axis; tiled as a stack of [K, N] matrices (every core holds its tile of every batch slice, the
+               matrix layout's leading axes whole);
+      conv     conv_general_dilated(x, W), W [*window, in, out] per group (feature groups: grouped and depthwise
+               convolutions; batch groups: each output channel reads its group's slice of the batch);
+      gather   an embedding lookup of rows of W [V, D] (`embedding_gather`).
     """
     if eqn is None or tiling is None or tiling.layout != "matrix":
         return None
     name = eqn.primitive.name
     pos = (0 if name == "gather" else 1) if pos is None else pos
     if name == "dot_general":
-        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        (lc, rc), _ = eqn.params["dimension_numbers"]
+        wb, _ = batch_dims(eqn, pos)
         nd = eqn.invars[pos].aval.ndim
         wc = rc if pos == 1 else lc
-        if lb or rb or not wc or len(wc) == nd:
+        if wb:
+            plain = tuple(wb) == tuple(range(len(wb))) and tuple(wc) == (nd - 2,) and nd == len(wb) + 2
+            return "batched" if plain and perm is None and tiling.axes is None else None
+        if not wc or len(wc) == nd:
             return None
         axes = weight_axes(eqn, pos, perm)
         if tiling.axes == axes and (axes is not None or len(tiling.shape) == 2):
@@ -644,7 +758,7 @@ def per_core_kind(eqn, tiling, pos: int | None = None, perm=None) -> str | None:
         return None
     if perm is not None:
         return None
-    if name == "conv_general_dilated" and pos == 1 and eqn.params["batch_group_count"] == 1:
+    if name == "conv_general_dilated" and pos == 1:
         dn = eqn.params["dimension_numbers"]
         nd = len(tiling.shape)
         if (
@@ -659,14 +773,15 @@ def per_core_kind(eqn, tiling, pos: int | None = None, perm=None) -> str | None:
 
 
 def split_rows(eqn, kind, pos: int = 1) -> int:
-    """Rows of data an anchor can split over groups of cores: the rows of x for dense (x's free axes, flattened:
-    x[M, K]), the lookups of a gather, the output's first spatial axis for conv (input rows with their window halo
-    go to each group); 1 if not splittable."""
-    if kind == "dense":
+    """Rows of data an anchor can split over groups of cores: the rows of x for dense and batched (x's free axes,
+    flattened: x[M, K], of every batch slice), the lookups of a gather, the output's first spatial axis for conv
+    (input rows with their window halo go to each group); 1 if not splittable."""
+    if kind in ("dense", "batched"):
         (lc, rc), _ = eqn.params["dimension_numbers"]
         x = eqn.invars[1 - pos].aval
         xc = lc if pos == 1 else rc
-        return math.prod(d for a, d in enumerate(x.shape) if a not in xc)
+        _, xb = batch_dims(eqn, pos)
+        return math.prod(d for a, d in enumerate(x.shape) if a not in xc and a not in xb)
     if kind == "gather":
         return math.prod(eqn.invars[1].aval.shape[:-1])
     if kind == "conv" and all(d == 1 for d in eqn.params["lhs_dilation"]) and len(eqn.params["padding"]):
@@ -691,7 +806,8 @@ def group_offsets(tiling: ParamTiling):
 
 def _anchor_shapes(eqn, tiling: ParamTiling, rows_in: int, rows_out: int, pos: int | None = None, perm=None):
     """Per-core (input chunk, partial result) ShapeDtypeStructs of a per-core anchor on its grid [gh, gw, ...]:
-    dense, rows of x's K chunk and of the partial [rows, tn]; gather, the indices (one per row) and the partial
+    dense, rows of x's K chunk and of the partial [rows, tn]; batched, the same for each of the weight's B batch
+    slices, [B, rows, tk] and [B, rows, tn]; gather, the indices (one per row) and the partial
     [rows, tn]; conv, the image with its tk input channels of every feature group (G x tk) and the partial with tn
     output channels."""
     kind = per_core_kind(eqn, tiling, pos, perm)
@@ -701,6 +817,10 @@ def _anchor_shapes(eqn, tiling: ParamTiling, rows_in: int, rows_out: int, pos: i
     if kind == "dense":
         lhs = eqn.invars[0 if pos == 1 or pos is None else 1].aval
         in_shape, out_shape = (rows_in, tk), (rows_out, tn)
+    elif kind == "batched":
+        lhs = eqn.invars[0 if pos == 1 or pos is None else 1].aval
+        nb = math.prod(tiling.shape[:-2])
+        in_shape, out_shape = (nb, rows_in, tk), (nb, rows_out, tn)
     elif kind == "gather":
         lhs = eqn.invars[1].aval
         in_shape, out_shape = (rows_in,), (rows_out, tn)
@@ -825,7 +945,7 @@ def partition(graph, placement, feats: ft.Features, spec) -> dict[str, KernelPla
     plans = {}
     for i, (kernel, rect) in enumerate(zip(graph.kernels, rects)):
         eqn, widx, opos, perm = anchor_operand(kernel, traced)
-        view = {widx: weight_axes(eqn, opos, perm)} if widx is not None else {}
+        view = kernel_views(kernel, traced)
         tilings = [
             tile_param(j, traced.param_paths[j], traced.param_avals[j], rect, view.get(j)) for j in kernel.params
         ]

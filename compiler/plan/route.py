@@ -102,10 +102,16 @@ def _lane_path(r0: int, c0: int, r1: int, c1: int) -> list[tuple[int, int]]:
     return path
 
 
+def spread_fraction(i, n, size):
+    """(i + 1/2) * size / n: where lane i of n lies past the start of a side of `size` cores, before `spread` takes
+    its floor. Array-generic (compiler/relax.py)."""
+    return (2 * i + 1) * size / (2 * n)
+
+
 def spread(i, n, start, size):
     """Offset of lane i of n spread evenly over [start, start + size): start + floor((i + 1/2) * size / n).
     Array-generic (compiler/relax.py)."""
-    return start + relax.floor((2 * i + 1) * size / (2 * n))
+    return start + relax.floor(spread_fraction(i, n, size))
 
 
 def _spread(n: int, start: int, size: int) -> np.ndarray:
@@ -187,8 +193,10 @@ def flow_hops(sr, sc, sh, sw, dr, dc, dh, dw, *, cols=None):
     n = R.minimum(sh, dw)
     one = n == 1  # a single corner lane runs through the middle row and column
     # the farthest lanes: going east the destination's last column (west: its first), going south the source's
-    # first row (north: its last); the lane index is chosen before `spread` so that it is evaluated once per axis
-    lane = lambda i, start, size: R.where(one, start + R.floor((size - 1) / 2), spread(i, n, start, size))  # noqa: E731
+    # first row (north: its last). A lane's offset is start + floor(middle or `spread_fraction`): the lane index and
+    # the single lane's middle are chosen before the one floor, so that each axis takes one floor (a floor with its
+    # ulp snap is ~10 operations per flow and placement in batched sweeps; the values are `spread`'s)
+    lane = lambda i, start, size: start + R.floor(R.where(one, (size - 1) / 2, spread_fraction(i, n, size)))  # noqa: E731
     x_lane = lane(R.where(east, n - 1, 0.0), dc, dw)
     y_lane = lane(R.where(south, 0.0, n - 1), sr, sh)
     x_far = R.where(east, x_lane - cs, cs - x_lane)

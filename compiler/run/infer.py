@@ -9,8 +9,9 @@ Two execution paths, one answer (DESIGN.md):
             (i, j) owning block (i, j)), so with no copy, and runs the user's own function the way XLA runs best;
             charges the schedule's cost of a call.
   per_core  walks the kernel graph; every weight kernel runs literally on the per-core view of its weights
-            (tiles [gh, gw, *tile], padding zero): dense (DenseGeneral and einsums with weights included),
-            convolution (grouped and depthwise included) and embedding-lookup kernels multicast their input
+            (tiles [gh, gw, *tile], padding zero): dense (DenseGeneral and einsums with weights included, per-head
+            ones with batch dimensions too), convolution (grouped, depthwise and batch-grouped included) and
+            embedding-lookup kernels multicast their input
             chunks (or indices) along rows, run a vmapped per-core matmul / conv / lookup on each core's tile and
             reduce the partial results along columns with the wafer's fabric primitives; epilogues and weightless
             kernels run on the assembled activations (compiler/run/percore.py). It checks the partitioning (tiling,

@@ -18,6 +18,7 @@ import pytest
 
 import compiler
 import wafer
+from compiler import fuzz
 from compiler.plan import partition as part
 from compiler.run.infer import read_leaves
 from compiler.run.percore import run_per_core
@@ -75,6 +76,32 @@ class _Take(nn.Module):
         return jnp.take(table, ids, axis=0, mode=self.mode)
 
 
+class _Heads(nn.Module):
+    """A per-head einsum y[b, h, e] = sum_d x[b, h, d] W[h, d, e]: h is a batch axis of the dot (`lhs`: W the left
+    operand, y[h, e, b])."""
+
+    lhs: bool = False
+    features: int = 5
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", nn.initializers.normal(), (x.shape[1], x.shape[2], self.features))
+        if self.lhs:
+            return jax.lax.dot_general(w, x, (((1,), (2,)), ((0,), (1,))))
+        return jnp.einsum("bhd,hde->bhe", x, w)
+
+
+class _BatchGrouped(nn.Module):
+    """A convolution with batch_group_count 2 (as the weight gradient of a grouped convolution has): output channels
+    0-2 read the first half of the batch, 3-5 the second."""
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", nn.initializers.normal(), (3, 2, x.shape[-1], 6))
+        dn = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn, batch_group_count=2)
+
+
 # name -> (fn, params, inputs), the per-core kind its anchor must run as
 CASES = {
     "qkv": (lambda: _linen(nn.DenseGeneral((3, 5)), _rand(1, (2, 3, 7))), "dense"),
@@ -95,16 +122,23 @@ CASES = {
     "take_v1": (lambda: _linen(_Take("clip", vocab=1, width=4), jnp.array([[0, 2, 0]], jnp.int32)), "gather"),
     "take_fill": (lambda: _linen(_Take("fill"), jnp.array([[0, 11, 3], [15, 10, 2]], jnp.int32)), "gather"),
     "take_clip": (lambda: _linen(_Take("clip"), jnp.array([[0, 11, 3], [-4, 10, 2]], jnp.int32)), "gather"),
+    "heads": (lambda: _linen(_Heads(), _rand(12, (4, 3, 7))), "batched"),
+    "heads_lhs": (lambda: _linen(_Heads(lhs=True), _rand(13, (2, 3, 7))), "batched"),
+    "batch_grouped": (lambda: _linen(_BatchGrouped(), _rand(14, (4, 5, 3, 3))), "conv"),
+    # Flax's Embed of one row: no lookup, each core of the row broadcasts its tile (partition.row_broadcasts)
+    "embed_v1": (lambda: _linen(nn.Embed(1, 7), jnp.zeros((2, 3), jnp.int32)), "broadcast"),
 }
 
 
 def _kinds(exe):
-    """The per-core kind of every kernel's anchor ({kernel: kind or None})."""
+    """The per-core kind of every kernel's anchor ({kernel: kind or None}; "broadcast" for a one-row weight's)."""
     out = {}
     for kernel in exe.graph.kernels:
         eqn, widx, pos, perm = part.anchor_operand(kernel, exe.traced)
-        tiling = next((t for t in exe.plans[kernel.name].params if t.index == widx), None)
-        out[kernel.name] = part.per_core_kind(eqn, tiling, pos, perm)
+        tilings = {t.index: t for t in exe.plans[kernel.name].params}
+        out[kernel.name] = part.per_core_kind(eqn, tilings.get(widx), pos, perm)
+        if eqn is None and part.row_broadcasts(kernel, exe.traced, tilings):
+            out[kernel.name] = "broadcast"
     return out
 
 
@@ -138,7 +172,9 @@ def test_every_kind_runs_per_core_and_equals_native(name, spec):
 
 
 @pytest.mark.parametrize("policy", ["bf16", "fp16"])
-@pytest.mark.parametrize("name", ["qkv", "out_proj", "weight_lhs", "attend", "grouped", "depthwise_x2", "embed"])
+@pytest.mark.parametrize(
+    "name", ["qkv", "out_proj", "weight_lhs", "attend", "grouped", "depthwise_x2", "embed", "heads"]
+)
 def test_every_kind_per_core_under_16_bit_policy(name, policy):
     build, kind = CASES[name]
     fn, params, inputs = build()
@@ -146,7 +182,9 @@ def test_every_kind_per_core_under_16_bit_policy(name, policy):
     assert list(_kinds(exe).values()) == [kind]
 
 
-@pytest.mark.parametrize("name", ["qkv", "out_proj", "weight_lhs", "attend", "grouped", "embed"])
+@pytest.mark.parametrize(
+    "name", ["qkv", "out_proj", "weight_lhs", "attend", "grouped", "embed", "heads", "batch_grouped", "embed_v1"]
+)
 def test_weight_gradients_through_per_core_equal_native(name):
     """The gradient of a loss with respect to the weights' SRAM allocations, taken through the per-core path, is
     the native gradient (summed over a tied weight's copies)."""
@@ -175,11 +213,43 @@ def _check_weight_gradients(fn, params, inputs, *, nonzero: bool):
 
 # ---- recurrent cells: a scan's weight dots per core at every iteration ------------------------------------------
 
+
+def _transposed_cell():
+    """h <- tanh(x Wx^T + (Wh h^T)^T): a transposed weight (`x @ W.T`) and a weight as the left operand contracting
+    its last axis, both tiled as the matrix [K, N] they multiply (`partition.kernel_views`)."""
+
+    def fn(p, xs):
+        def cell(h, x):
+            h = jnp.tanh(x @ p["wx"].T + jax.lax.dot_general(p["wh"], h, (((1,), (1,)), ((), ()))).T)
+            return h, h
+
+        return jax.lax.scan(cell, jnp.zeros((2, 5)), xs)[0]
+
+    return fn, {"wx": _rand(33, (5, 3)), "wh": _rand(34, (5, 5))}, (_rand(35, (4, 2, 3)),)
+
+
+def _nested_cell():
+    """Each step, two inner steps g <- tanh(g Wh^T + x Wx) of a scan in the cell's body: Wh's dot runs 2 x 3
+    times, on its tiles, its weight passed down as a constant of both scans."""
+
+    def fn(p, xs):
+        def cell(h, x):
+            u = x @ p["wx"]
+            h, _ = jax.lax.scan(lambda g, _: (jnp.tanh(g @ p["wh"].T + u), None), h, None, length=2)
+            return h, h
+
+        return jax.lax.scan(cell, jnp.zeros((1, 4)), xs)[0]
+
+    return fn, {"wx": _rand(36, (3, 4)), "wh": _rand(37, (4, 4))}, (_rand(38, (3, 1, 3)),)
+
+
 # name -> (fn, params, inputs), the weights the cell's body multiplies by (every one runs per core)
 CELLS = {
     "simple": lambda: _linen(nn.RNN(nn.SimpleCell(5)), _rand(30, (2, 4, 3))),
     "gru": lambda: _linen(nn.RNN(nn.GRUCell(4)), _rand(31, (3, 3, 5))),
     "lstm": lambda: _linen(nn.RNN(nn.LSTMCell(3)), _rand(32, (1, 5, 2))),
+    "transposed": _transposed_cell,
+    "nested": _nested_cell,
 }
 
 
@@ -204,8 +274,34 @@ def test_recurrent_cells_run_per_core_and_equal_native(name, spec):
     (kernel,) = [k for k in exe.graph.kernels if k.kind == "scan"]
     matrices = {t.index for t in exe.plans[kernel.name].params if t.layout == "matrix"}
     assert dots and {d.widx for d in dots} == matrices
+    assert fuzz.per_core_kinds(exe)[kernel.name] == "scan"
     plan, fig = exe.plans[kernel.name], exe.schedule.kernel(kernel.name)
     assert plan.traffic.words > 0 and fig["scan_comm"] > 0 and fig["comm"] >= fig["scan_comm"]
+
+
+def test_scan_views_and_nesting_are_what_the_dots_multiply():
+    """The transposed cell's weights are tiled as the matrices they multiply ([3, 5] of Wx [5, 3], [5, 5] of Wh read
+    along its columns), the nested cell's inner dot runs 2 x 3 times, and a batched weight in a body is reported
+    as not run per core, with its reason."""
+    spec = SPECS["9x13"]
+    exe = compiler.compile(*_flat(_transposed_cell()), spec=spec)
+    assert {t.path: t.axes for t in exe.plans["scan_0"].params} == {"wx": ((1,), (0,)), "wh": ((1,), (0,))}
+    exe = compiler.compile(*_flat(_nested_cell()), spec=spec)
+    (dots,) = _scan_dots(exe).values()
+    assert sorted((d.trips, len(d.nest)) for d in dots) == [(3, 0), (6, 1)]
+
+    def batched(p, xs):  # h[b, n] <- tanh(sum_k h[b, k] W[b, k, n]): the weight batched over the samples
+        cell = lambda h, x: (jnp.tanh(jnp.einsum("bk,bkn->bn", h, p["w"]) + x),) * 2  # noqa: E731
+        return jax.lax.scan(cell, jnp.zeros((2, 3)), xs)[0]
+
+    exe = compiler.compile(batched, {"w": _rand(39, (2, 3, 3))}, _rand(40, (4, 2, 3)), spec=spec)
+    with pytest.raises(AssertionError, match="batch dimensions"):
+        fuzz.per_core_kinds(exe)
+
+
+def _flat(case):
+    fn, params, inputs = case
+    return fn, params, *inputs
 
 
 @pytest.mark.parametrize("policy", ["bf16", "fp16"])
@@ -223,7 +319,9 @@ def test_recurrent_weight_gradients_through_per_core_equal_native(name):
 def test_scan_traffic_by_hand():
     """h <- tanh(x Wx + h Wh) over 3 steps, batch 1, Wx [2, 4] and Wh [4, 4] on a 2x2 rectangle (tiles [1, 2] and
     [2, 2]): each step, Wx's rows send their 1-element chunk east (2 x 1 words) and its columns their 2-word partial
-    south (2 x 2); Wh's the same with 2-element chunks (2 x 2 east, 2 x 2 south). Three steps: 3 x that."""
+    south (2 x 2); Wh's the same with 2-element chunks (2 x 2 east, 2 x 2 south). Three steps: 3 x that.
+    Adds: each step, each dot's bottom row adds the 2-element partial it receives: 3 x (2 + 2) elements at the
+    ALU's fp32 element rate (1 cycle on the mini wafer), in compute."""
     spec = SPECS["6x6"]
 
     def fn(p, xs):
@@ -239,6 +337,9 @@ def test_scan_traffic_by_hand():
     want[2, 0, 0:2] = 3 * (2 + 2)  # S: both partials down each column
     np.testing.assert_array_equal(links, want)
     assert fig["scan_comm"] > 0
+    assert fig["scan_adds"] == 3 * (2 + 2) * wafer.cost.element_cycles(spec, "alu", "fp32", 4, 4, 1.0) == 12.0
+    exe = compiler.compile(fn, params, _rand(42, (3, 1, 2)), spec=spec, placement={"scan_0": (0, 0, 2, 2)})
+    assert fig["compute"] == _counts_cycles(exe.schedule, "scan_0", "counts") + 12.0
 
 
 def test_scan_backward_traffic_and_cycles_by_hand():
@@ -247,7 +348,9 @@ def test_scan_backward_traffic_and_cycles_by_hand():
     words north) and reduces its input's cotangent partials along the rows to the west edge (Wx's 1 word, Wh's 2: 2 x
     (1 + 2) words west). Three steps: 3 x that, in the kernel's backward record, which the step's counters hold.
     Cycles: a 1-hop multicast of b words is b words + 1 hop; a 2-core chain reduction b words + 1 hop + a stage
-    (2 ramp latencies + 1): per step 7 words + 4 hops + 2 stages, 3 x (7 + 4 + 2 x 5) = 63 on the mini wafer."""
+    (2 ramp latencies + 1): per step 7 words + 4 hops + 2 stages, 3 x (7 + 4 + 2 x 5) = 63 on the mini wafer. Adds:
+    each step, each west core adds the input cotangent partial it receives, 3 x (1 + 2) elements at 1 cycle, in the
+    backward's compute; the forward's, 3 x (2 + 2), in its compute (`test_scan_traffic_by_hand`)."""
     spec = wafer.WaferSpec.mini(8, 8)
 
     def fn(p, xs):
@@ -272,12 +375,22 @@ def test_scan_backward_traffic_and_cycles_by_hand():
     fig = tx.schedule.kernel("scan_0")
     assert fig["scan_bwd_comm"] == by_hand and fig["bwd_comm"] == by_hand
     assert fig["backward"] == max(fig["bwd_compute"], by_hand)
+    assert fig["scan_bwd_adds"] == 3 * (1 + 2) and fig["scan_adds"] == 3 * (2 + 2)
+    assert fig["bwd_compute"] == _counts_cycles(tx.schedule, "scan_0", "bwd_counts") + 9.0
+    assert fig["compute"] == _counts_cycles(tx.schedule, "scan_0", "counts") + 12.0
     state, _ = tx.step(tx.init(params), xs)
     np.testing.assert_array_equal(
         np.asarray(state.wafer.links), compiler.schedule.link_words(tx.plan).astype(np.float32)
     )
     assert float(state.wafer.clock) == pytest.approx(tx.schedule.step_cycles, rel=1e-6)
     assert compiler.estimate(tx).to_dict() == tx.report.to_dict()
+
+
+def _counts_cycles(sched, name, which):
+    """A kernel's compute of its per-core `counts` or `bwd_counts` alone (no anchor, no reduction adds)."""
+    i, f = sched.plan.features.index(name), sched.plan.features
+    counts = np.asarray(sched.kernels[which])[i]
+    return float(wafer.cost.compute_cycles(sched.spec, {key: counts[j] for j, key in enumerate(f.keys)}))
 
 
 # ---- charge rules by hand count ------------------------------------------------------------------------------
@@ -309,6 +422,39 @@ def test_dense_general_traffic_by_hand():
     assert fig["in_words"] == 1 and fig["out_words"] == 2 and fig["mm_d"] == 1 and fig["mm_c"] == 2
 
 
+def test_batched_traffic_by_hand():
+    """y = einsum("bhd,hde->bhe") of x [3, 2, 2] by W [2, 2, 2] (2 heads of [2, 2]) on a 2x2 rectangle of the 8x8
+    mini wafer: tiles [2, 1, 1] (every core its tile of both heads), one copy. Each row's west core sends its chunk,
+    3 rows x 1 element of both heads, east (2 x 6 words); each column its 6-word partial one hop south (2 x 6). A
+    core's matmul per sample: 2 rows (one per head) x 1 x 1. Training: each column's bottom core sends the 6-word
+    output cotangent north (x is the program's input: no input cotangent); the step's counters and clock are the
+    schedule's."""
+    spec = wafer.WaferSpec.mini(8, 8)
+    fn, params, inputs = _linen(_Heads(features=2), _rand(24, (3, 2, 2)))
+    plan, fig = _one_kernel(fn, params, inputs, "dense_0", (0, 0, 2, 2), spec)
+    (t,) = plan.params
+    assert t.grid == (2, 2) and t.tile == (2, 1, 1) and t.replicas == (1, 1) and t.axes is None
+    links = _words(plan.traffic, spec)
+    want = np.zeros_like(links)
+    want[1, 0:2, 0] = 6  # E: both heads' chunks along each row
+    want[2, 0, 0:2] = 6  # S: both heads' partials down each column
+    np.testing.assert_array_equal(links, want)
+    assert fig["in_words"] == 6 and fig["out_words"] == 6 and fig["comm"] > 0
+    assert (fig["mm_p"], fig["mm_c"], fig["mm_d"]) == (2, 1, 1)
+    loss = lambda p, b: jnp.sum(fn(p, b) ** 2)  # noqa: E731
+    rects = {"dense_0": (0, 0, 2, 2)}
+    tx = compiler.compile_train(loss, params, inputs[0], optax.sgd(0.1), spec=spec, mode="pipelined", placement=rects)
+    links = _words(tx.plan.kernels["dense_0"].backward_traffic, spec)
+    want = np.zeros_like(links)
+    want[0, 1, 0:2] = 6  # N: the output cotangent up each column
+    np.testing.assert_array_equal(links, want)
+    state, _ = tx.step(tx.init(params), inputs[0])
+    np.testing.assert_array_equal(
+        np.asarray(state.wafer.links), compiler.schedule.link_words(tx.plan).astype(np.float32)
+    )
+    assert float(state.wafer.clock) == pytest.approx(tx.schedule.step_cycles, rel=1e-6)
+
+
 def test_embedding_traffic_by_hand():
     """Lookups of 3 indices in a table [4, 2] on a 2x2 rectangle (tiles [2, 1]): each row receives the 3 indices
     and sends them east (2 x 3 words); each column sends its 3-word partial (a row or zeros per index) one hop
@@ -324,6 +470,14 @@ def test_embedding_traffic_by_hand():
     want[2, 0, 0:2] = 3
     np.testing.assert_array_equal(links, want)
     assert fig["in_words"] == 3 and fig["out_words"] == 3 and fig["mm_d"] == 1 and fig["mm_p"] == 1
+    # training: the indices carry no gradient, so the backward only multicasts the output cotangent up the columns
+    loss = lambda p, b: jnp.sum(fn(p, b) ** 2)  # noqa: E731
+    tx = compiler.compile_train(loss, params, inputs[0], optax.sgd(0.1), spec=spec, placement={"embed_0": (0, 0, 2, 2)})
+    assert tx.plan.features.dx.tolist() == [0.0]
+    links = _words(tx.plan.kernels["embed_0"].backward_traffic, spec)
+    want = np.zeros_like(links)
+    want[0, 1, 0:2] = 3
+    np.testing.assert_array_equal(links, want)
 
 
 def test_depthwise_traffic_by_hand():
