@@ -8,8 +8,9 @@
 The passes, in order (`PASSES`), each a function of a plan returning a new one:
   graph_pass      the traced jaxpr grouped into kernels (compiler/frontend/graph.py)
   demands_pass    every kernel's static features (compiler/plan/features.py) and what placement needs of it: its
-                  work on one core (the schedule's cycles per sample on a 1 x 1 rectangle), its fewest cores (SRAM)
-                  and most useful cores
+                  work on one core (the schedule's cycles per sample on a 1 x 1 rectangle, in training its update's
+                  share of a step included: `step_share_cycles` / batch), its fewest cores (SRAM) and most useful
+                  cores
   place_pass      a rectangle per kernel: the banded floorplan (compiler/plan/place.py) with the plan's
                   PlacementParams, or its hand placement, validated; in weight streaming every kernel in turn on the
                   whole usable wafer
@@ -243,7 +244,9 @@ def area_scan(feats: ft.Features, spec, *, within: float = USEFUL_WITHIN) -> tup
 
 
 def demands_pass(plan: Plan) -> Plan:
-    """The kernels' features, and what placement needs of each: work on one core (cycles per sample), fewest cores
+    """The kernels' features, and what placement needs of each: work on one core (cycles per sample: in training its
+    forward, backward and the update's share of a step, `step_share_cycles` / batch, so that a kernel whose
+    optimizer update outweighs its per-sample work, an embedding table's, is not starved of cores), fewest cores
     (SRAM) and most useful cores (the fewer of the tiles and rows it can split, and `useful_cores`)."""
     from compiler.schedule import Layout, kernel_figures
 
@@ -262,7 +265,7 @@ def demands_pass(plan: Plan) -> Plan:
     n = feats.n
     one = Layout(np.ones(n), np.ones(n), np.zeros(n), np.zeros(n))
     k1 = kernel_figures(feats, one, plan.spec)
-    work = np.asarray(per_sample_cycles(plan.task, k1)) / float(feats.batch)
+    work = np.asarray(step_share_cycles(plan.task, k1)) / float(feats.batch)
     fewest, useful = area_scan(feats, plan.spec) if plan.mode == "pipelined" else (np.ones(n), np.full(n, np.inf))
     traced, copies = plan.traced, dict(weight_copies=st.weight_copies, act_copies=st.act_copies)
     demands = []
