@@ -171,26 +171,30 @@ class _Holder:
         return isinstance(other, _Holder)
 
 
-@functools.partial(jax.jit, static_argnames=("dense", "chunk"))
-def _run(feats, spec, figures, layouts: Layout, index, start, *, dense: tuple | None, chunk: int):
-    """OUTPUTS [chunk] of placements [start, start + chunk) of layouts [n, points] (a start past points - chunk is
-    clamped to it: XLA's dynamic_slice), their kernel figures read from the table `figures` at the pairs `index`
-    [n, points] (sparse) or at (h - 1) * W + (w - 1) (dense: (H, W)). The features and the spec are arguments, as
-    in `jax.vmap(costmodel.predict)`'s program: constants would let XLA fold and reassociate the pipeline's
-    arithmetic differently (an ulp of samples/s)."""
-    n = feats.anchor.shape[0]
-    lay = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1), layouts)
-    h, w = lay.height, lay.width
-    pairs = figures[next(iter(figures))].shape[0] // n - 1  # the last pair is the NaN sentinel
+@functools.partial(jax.jit, static_argnames=("pairs", "dense"))
+def _flat_index(height, width, index, *, pairs: int, dense: tuple | None):
+    """Where each kernel's figures lie in the table's flat arrays, [n, points]: at the pairs `index` (sparse) or at
+    (h - 1) * W + (w - 1) (dense: (H, W)); the NaN pair `pairs` where a side is not in the table. One call for the
+    whole batch, apart from `_run`: computed in each chunk's program it cost ~1 ms more per 65,536 placements (~5%)."""
+    n = height.shape[0]
     if index is None:
         H, W = dense
-        hi, wi = h.astype(jnp.int32), w.astype(jnp.int32)
-        ok = (h == hi) & (w == wi) & (hi >= 1) & (wi >= 1) & (hi <= H) & (wi <= W)
+        hi, wi = height.astype(jnp.int32), width.astype(jnp.int32)
+        ok = (height == hi) & (width == wi) & (hi >= 1) & (wi >= 1) & (hi <= H) & (wi <= W)
         index = jnp.where(ok, (hi - 1) * W + (wi - 1), pairs)
     else:
-        index = jax.lax.dynamic_slice_in_dim(index, start, chunk, axis=1)
         index = jnp.where(index >= 0, index, pairs)
-    flat = index * n + jnp.arange(n, dtype=jnp.int32)[:, None]
+    return index * n + jnp.arange(n, dtype=jnp.int32)[:, None]
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _run(feats, spec, figures, layouts: Layout, flat, start, *, chunk: int):
+    """OUTPUTS [chunk] of placements [start, start + chunk) of layouts [n, points] (a start past points - chunk is
+    clamped to it: XLA's dynamic_slice), their kernel figures read from the table `figures` at `flat` [n, points]
+    (`_flat_index`). The features and the spec are arguments, as in `jax.vmap(costmodel.predict)`'s program:
+    constants would let XLA fold and reassociate the pipeline's arithmetic differently (an ulp of samples/s)."""
+    lay = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1), layouts)
+    flat = jax.lax.dynamic_slice_in_dim(flat, start, chunk, axis=1)
     # gathered once and kept (else XLA repeats the gathers in every fusion that reads them: ~20% slower)
     k = jax.lax.optimization_barrier({key: v.at[flat].get(mode="promise_in_bounds") for key, v in figures.items()})
     return _compose(feats, spec, k, lay)
@@ -283,8 +287,10 @@ def evaluate(feats: ft.Features, layouts: Layout, spec, *, chunk: int = 8192, ke
     feats_j, spec_j = _on_device(key, _Holder(feats_np), _Holder(spec_np))
     # on the device once: a NumPy argument is converted again by every call (measured ~1 ms a call at 65,536)
     lays, index = jax.device_put((lays, index))
+    pairs = table.figures[next(iter(table.figures))].shape[0] // n - 1  # the last pair is the NaN sentinel
+    flat = _flat_index(lays.height, lays.width, index, pairs=pairs, dense=table.dense)
     starts = list(range(0, size, chunk))
-    run = functools.partial(_run, feats_j, spec_j, table.figures, lays, index, dense=table.dense, chunk=chunk)
+    run = functools.partial(_run, feats_j, spec_j, table.figures, lays, flat, chunk=chunk)
     outs = jax.device_get([run(np.int32(start)) for start in starts])
     # the last call's start was clamped to size - chunk: keep its placements past the previous call's
     parts = {k: [] for k in OUTPUTS}
