@@ -573,22 +573,8 @@ def features(
     kernels = graph.kernels
     n = len(kernels)
     P = max((len(k.params) for k in kernels), default=0) or 1
-    names = (
-        "anchor",
-        "a",
-        "b",
-        "lead",
-        "window",
-        "m",
-        "n_in",
-        "in_groups",
-        "gather",
-        "in_s1",
-        "in_s0",
-        "in_full",
-        "n_out",
-    )
-    names = (*names, "out_full")
+    # the anchor's facts, as `_PER_KERNEL` lists them ("anchor" .. "out_full")
+    names = _PER_KERNEL[_PER_KERNEL.index("anchor") : _PER_KERNEL.index("out_full") + 1]
     rows = {key: [] for key in (*names, "isz_in", "isz_out", "isz_w", "dx", "psr")}
     fmac_class, acc_class = [], []
     # padding entries (and scalars) get sides 1, so that no rule divides by zero (a NaN would poison gradients)
