@@ -119,13 +119,16 @@ def _smooth_max(tau):
 
 
 def _by_class(classes, fn):
-    """fn(dtype class) per kernel, [n]: each kernel's own static class (`Features.fmac_class`, `acc_class`)."""
+    """fn(dtype class) per kernel, [n] (or [n, ...]: a kernel's row of per-parameter figures): each kernel's own
+    static class (`Features.fmac_class`, `acc_class`)."""
     kinds = sorted(set(classes))
     if len(kinds) <= 1:
         return fn(kinds[0] if kinds else "fp32")
     out = 0.0
     for c in kinds:
-        out = out + relax.where(np.array([x == c for x in classes]), fn(c), 0.0)
+        v = fn(c)
+        mask = np.array([x == c for x in classes])
+        out = out + relax.where(mask.reshape(mask.shape + (1,) * (np.ndim(v) - 1)), v, 0.0)
     return out
 
 
@@ -174,10 +177,7 @@ def _scan_adds(spec, f: ft.Features, n, elements, itemsize, *, to: str):
     def per_class(c):
         return fabric.reduce_adds_cycles(n, elements, spec, dtype_class=c, itemsize=itemsize, pattern="chain", to=to)
 
-    kinds = sorted(set(f.acc_class)) or ["fp32"]
-    per = per_class(kinds[0])
-    for c in kinds[1:]:  # (`_by_class` with the kernels' mask against the [n, P] figures)
-        per = relax.where(np.array([x == c for x in f.acc_class])[:, None], per_class(c), per)
+    per = _by_class(f.acc_class, per_class)
     return relax.xp(per).sum(f.p_trips * per, axis=1)
 
 

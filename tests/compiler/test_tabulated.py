@@ -47,14 +47,20 @@ def _no_fallback(monkeypatch):
     monkeypatch.setattr(sweep, "_predict_placements", refuse)
 
 
-def _check(feats, spec, monkeypatch, *, points=300, max_side=9, seed=0):
-    lays = random_layouts(feats.n, spec, points, seed=seed, max_side=max_side, kernels_first=True)
+def _table_equals_predict(feats, lays, spec, monkeypatch, *, chunk):
+    """The side table's figures of layouts [kernels, points] equal vmap(predict)'s bit for bit; returns them."""
     ref = _reference(feats, lays, spec)
     with monkeypatch.context() as m:
         _no_fallback(m)
-        out = evaluate_placements(feats, lays, spec, chunk=128, kernels_first=True)
+        out = evaluate_placements(feats, lays, spec, chunk=chunk, kernels_first=True)
     for k in OUTPUTS:
         np.testing.assert_array_equal(out[k], ref[k], err_msg=k)
+    return out
+
+
+def _check(feats, spec, monkeypatch, *, points=300, max_side=9, seed=0):
+    lays = random_layouts(feats.n, spec, points, seed=seed, max_side=max_side, kernels_first=True)
+    out = _table_equals_predict(feats, lays, spec, monkeypatch, chunk=128)
     assert np.all(np.isfinite(out["samples_per_s"])) and np.all(out["samples_per_s"] > 0)
 
 
@@ -120,12 +126,7 @@ def test_dense_and_sparse_tables_agree(lenet, monkeypatch):
     )
     assert tabulated.table_sides(23, 23)[0] ** 2 > 40 and len(tabulated.distinct_pairs(few.height, few.width)[0]) <= 16
     for lays in (dense, few):
-        ref = _reference(lenet, lays, BASE)
-        with monkeypatch.context() as m:
-            _no_fallback(m)
-            out = evaluate_placements(lenet, lays, BASE, chunk=1024, kernels_first=True)
-        for k in OUTPUTS:
-            np.testing.assert_array_equal(out[k], ref[k], err_msg=k)
+        _table_equals_predict(lenet, lays, BASE, monkeypatch, chunk=1024)
 
 
 def test_points_first_layouts_and_one_placement(lenet, monkeypatch):
