@@ -601,9 +601,9 @@ def _scan_split(kernel, traced, tilings):
         if per_core_kind(d.dot, tiling, d.pos, d.perm) != "dense":
             (lb, rb) = d.dot.params["dimension_numbers"][1]
             if lb or rb:
-                # a batched weight has no per-core rule, in a scan or as an anchor (kept TILED): its batch axis
-                # would be a tile grid per batch entry, or a leading tile axis the dense program does not move
-                left.append((d, "batch dimensions (a batched weight: no per-core rule, as for an anchor)"))
+                # an anchor's batched rule runs such a weight per core, but the scan program, its record and its
+                # charges carry one [K, N] tile grid per weight (compiler/run/percore.py)
+                left.append((d, "batch dimensions (a batched weight: the scan program has one [K, N] grid per weight)"))
             else:
                 left.append((d, f"multiplied as another matrix than the one it is tiled as {tiling.axes}"))
             continue
